@@ -1,0 +1,1 @@
+"""GLUE tsv -> binarized fairseq data."""

@@ -1,0 +1,7 @@
+"""The umbrella fairseq user dir: `--user-dir robustft` registers the components of all four methods,
+so one run can combine them (e.g. HyPe perturbation + the R3F criterion + the adamax_pats optimizer)."""
+import robustft_common  # noqa: F401
+import rxf_src  # noqa: F401
+import hype_src  # noqa: F401
+import pats_src  # noqa: F401
+import hyperdecoder_src  # noqa: F401

@@ -1,0 +1,2 @@
+"""rxf_src: fairseq user dir (`--user-dir rxf_src`). Importing it registers its components."""
+import robustft_common  # noqa: F401  (fairseq check + checkpoint safe globals)

@@ -1,0 +1,111 @@
+"""Shared test utilities: tiny binarized datasets and real `fairseq-train` runs in subprocesses."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+
+# 2 layers, dim 64: the tiny RoBERTa every end-to-end test trains.
+TINY_ROBERTA = [
+    "--arch", "roberta_base", "--encoder-layers", "2", "--encoder-embed-dim", "64",
+    "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2", "--max-positions", "64",
+]
+
+
+def _write_split(path: Path, rows):
+    path.write_text("".join(r + "\n" for r in rows))
+
+
+def make_sentence_prediction_data(
+    root: Path, n_train=96, n_valid=32, regression=False, two_inputs=True, seed=0
+) -> Path:
+    """Binarize a learnable toy task in fairseq's RoBERTa GLUE layout (input0/, input1/, label/).
+
+    Class = whether the first sentence starts with a word from the "positive" half of the vocab;
+    the regression target is the fraction of positive words (in [0, 1], like STS-B / 5).
+    """
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(40)]
+    raw = root / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        s0, s1, labels = [], [], []
+        for _ in range(n):
+            a = [rng.choice(words) for _ in range(rng.randint(3, 10))]
+            b = [rng.choice(words) for _ in range(rng.randint(3, 10))]
+            s0.append(" ".join(a))
+            s1.append(" ".join(b))
+            pos = [int(w[1:]) < 20 for w in a]
+            if regression:
+                labels.append(f"{sum(pos) / len(pos):.4f}")
+            else:
+                labels.append("pos" if pos[0] else "neg")
+        _write_split(raw / f"{split}.input0", s0)
+        _write_split(raw / f"{split}.input1", s1)
+        _write_split(raw / f"{split}.label", labels)
+    out = root / "bin"
+    inputs = ["input0", "input1"] if two_inputs else ["input0"]
+    for name in inputs:
+        run_tool("fairseq-preprocess", "--only-source", "--trainpref", raw / f"train.{name}",
+                 "--validpref", raw / f"valid.{name}", "--destdir", out / name, "--workers", "1")
+    if regression:
+        (out / "label").mkdir(parents=True, exist_ok=True)
+        for split in ("train", "valid"):
+            (out / "label" / f"{split}.label").write_text((raw / f"{split}.label").read_text())
+    else:
+        run_tool("fairseq-preprocess", "--only-source", "--trainpref", raw / "train.label",
+                 "--validpref", raw / "valid.label", "--destdir", out / "label", "--workers", "1")
+    return out
+
+
+def run_tool(tool: str, *args, env=None, check=True, cwd=None) -> subprocess.CompletedProcess:
+    """Run a console script of the venv (fairseq-train, fairseq-preprocess, ...) and capture output."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [str(BIN / tool), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{tool} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
+            f"\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def sentence_prediction_args(
+    data: Path, save_dir: Path, *extra, criterion="sentence_prediction", num_classes=2, max_update=8
+):
+    """Common flags of a tiny CPU `fairseq-train --task sentence_prediction` run with json logs."""
+    return [
+        data, "--cpu", "--user-dir", REPO / "robustft", "--task", "sentence_prediction",
+        "--criterion", criterion, "--num-classes", num_classes, "--init-token", "0", "--separator-token", "2",
+        *TINY_ROBERTA, "--batch-size", "16", "--required-batch-size-multiple", "1",
+        "--max-update", max_update, "--lr", "1e-3", "--optimizer", "adam",
+        "--save-dir", save_dir, "--log-format", "json", "--log-interval", "1",
+        "--seed", "1", "--num-workers", "0", "--no-epoch-checkpoints", "--ddp-backend", "legacy_ddp",
+        *extra,
+    ]
+
+
+def json_logs(output: str, prefix: str | None = None):
+    """Parse fairseq's json log lines; `prefix` keeps only records containing keys like 'valid_'."""
+    records = []
+    for line in output.splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            rec = json.loads(line[start:])
+        except json.JSONDecodeError:
+            continue
+        if prefix is None or any(k.startswith(prefix) for k in rec):
+            records.append(rec)
+    return records
