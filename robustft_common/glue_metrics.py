@@ -1,0 +1,90 @@
+"""GLUE metrics, once: from arrays (evaluation scripts) and from summable counts (training logs).
+
+Count-based forms exist because fairseq sums logging outputs across data-parallel workers before
+`reduce_metrics`; a confusion matrix and the moments (n, Σx, Σy, Σx², Σy², Σxy) sum correctly where
+lists of predictions do not (fairseq's stock criterion crashes there with >1 process).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Sequence
+
+import numpy as np
+from scipy.stats import spearmanr
+
+
+def accuracy(preds: Sequence, targets: Sequence) -> float:
+    preds, targets = np.asarray(preds), np.asarray(targets)
+    return float((preds == targets).mean()) if len(targets) else float("nan")
+
+
+def confusion_counts(preds: Sequence, targets: Sequence, positive=1) -> Dict[str, int]:
+    preds, targets = np.asarray(preds) == positive, np.asarray(targets) == positive
+    return {
+        "tp": int((preds & targets).sum()), "fp": int((preds & ~targets).sum()),
+        "fn": int((~preds & targets).sum()), "tn": int((~preds & ~targets).sum()),
+    }
+
+
+def f1_from_counts(tp, fp, fn, tn=0) -> float:
+    denom = 2 * tp + fp + fn
+    return 2 * tp / denom if denom else 0.0
+
+
+def mcc_from_counts(tp, fp, fn, tn) -> float:
+    """Binary Matthews correlation; 0 when a margin is empty (sklearn's convention)."""
+    denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return (tp * tn - fp * fn) / denom if denom else 0.0
+
+
+def f1(preds, targets, positive=1) -> float:
+    return f1_from_counts(**confusion_counts(preds, targets, positive))
+
+
+def matthews_corr(preds, targets, positive=1) -> float:
+    return mcc_from_counts(**confusion_counts(preds, targets, positive))
+
+
+def pearson_from_moments(n, sx, sy, sxx, syy, sxy) -> float:
+    if n < 2:
+        return float("nan")
+    cov = sxy - sx * sy / n
+    var_x, var_y = sxx - sx * sx / n, syy - sy * sy / n
+    if var_x <= 0 or var_y <= 0:
+        return float("nan")
+    return cov / math.sqrt(var_x * var_y)
+
+
+def moments(preds, targets) -> Dict[str, float]:
+    x, y = np.asarray(preds, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    return {"n": len(x), "sx": x.sum(), "sy": y.sum(), "sxx": (x * x).sum(), "syy": (y * y).sum(),
+            "sxy": (x * y).sum()}
+
+
+def pearson(preds, targets) -> float:
+    return pearson_from_moments(**moments(preds, targets))
+
+
+def spearman(preds, targets) -> float:
+    if len(preds) < 2:
+        return float("nan")
+    return float(spearmanr(preds, targets)[0])
+
+
+# GLUE's official metric(s) per task, in the order papers report them.
+TASK_METRICS = {
+    "cola": ("mcc",), "sst-2": ("accuracy",), "sst2": ("accuracy",), "mrpc": ("f1", "accuracy"),
+    "qqp": ("f1", "accuracy"), "sts-b": ("pearson", "spearman"), "stsb": ("pearson", "spearman"),
+    "mnli": ("accuracy",), "mnli-m": ("accuracy",), "mnli-mm": ("accuracy",), "qnli": ("accuracy",),
+    "rte": ("accuracy",), "wnli": ("accuracy",), "ax": ("mcc",),
+}
+
+
+def task_scores(task: str, preds, targets, positive=1) -> Dict[str, float]:
+    """All official metrics of a GLUE task, as percentages (x100), e.g. {'f1': 88.1, 'accuracy': 84.0}."""
+    fns = {"accuracy": accuracy, "mcc": lambda p, t: matthews_corr(p, t, positive),
+           "f1": lambda p, t: f1(p, t, positive), "pearson": pearson, "spearman": spearman}
+    names = TASK_METRICS.get(task.lower())
+    if names is None:
+        raise ValueError(f"unknown GLUE task {task!r}; expected one of {', '.join(sorted(TASK_METRICS))}")
+    return {name: 100.0 * fns[name](preds, targets) for name in names}
