@@ -1,0 +1,39 @@
+"""`--criterion hype_sentence_prediction`: the stock sentence-prediction loss under HyPe noise.
+
+Loss and metrics are those of `RobustSentencePredictionCriterion` (fairseq's `sentence_prediction`,
+DDP-safe); the only addition is the HyPe perturbation of every encoder layer's input while training
+(`robustft_common.hype`), plus the logged ratio `hype_noise_effective`. Unlike the `HypeConfig` mixin
+(default `none`, for criterions that merely compose with HyPe), this criterion defaults to
+`--hype-type normal` (HyPe-N, the paper's best average on GLUE); `--hype-type none` makes it vanilla.
+"""
+from dataclasses import dataclass, field
+
+from fairseq.criterions import register_criterion
+from fairseq.criterions.sentence_prediction import SentencePredictionConfig
+from fairseq.dataclass import ChoiceEnum
+
+from robustft_common.hype import HYPE_TYPES, HypeConfig, attach_hype, hype_logging_output, validate_hype_config
+from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
+
+
+@dataclass
+class HypeSentencePredictionConfig(SentencePredictionConfig, HypeConfig):
+    hype_type: ChoiceEnum(list(HYPE_TYPES)) = field(
+        default="normal", metadata={"help": "HyPe noise on every Transformer layer's input while training: "
+                                            "normal N(0, eps^2) (default), uniform (see --hype-uniform), "
+                                            "none (vanilla fine-tuning)"})
+
+
+@register_criterion("hype_sentence_prediction", dataclass=HypeSentencePredictionConfig)
+class HypeSentencePredictionCriterion(RobustSentencePredictionCriterion):
+    def __init__(self, cfg: HypeSentencePredictionConfig, task):
+        super().__init__(cfg, task)
+        validate_hype_config(cfg)  # bad --hype-* values fail at startup, before any data is read
+        self.hype_cfg = cfg
+
+    def forward(self, model, sample, reduce=True):
+        attach_hype(model, self.hype_cfg)
+        return super().forward(model, sample, reduce=reduce)
+
+    def extra_terms(self, model, sample, logits, targets):
+        return None, hype_logging_output(model)
