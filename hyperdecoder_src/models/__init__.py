@@ -1,0 +1,2 @@
+"""Models of the hyperdecoder user dir (fairseq also auto-imports this folder)."""
+from . import hyperdecoder_bart  # noqa: F401
