@@ -1,0 +1,101 @@
+"""Put R3F's noise into a fairseq Transformer encoder's token embeddings for exactly one forward pass.
+
+Why hooks and not `token_embeddings=`: RoBERTa's encoder forward drops `token_embeddings`
+(`RobertaEncoder.forward` -> `extract_features` without it), so fairseq's reference noisy pass is a clean
+pass. A forward hook on a module of the encoder works for RoBERTa/XLM-R, BART (classification and
+seq2seq) and the plain transformer alike, and only ever touches the encoder (BART's decoder has its own
+`layernorm_embedding`; a shared `embed_tokens` is only noised for this call's `src_tokens`).
+
+Where: fairseq's `forward_embedding` computes `layernorm_embedding(embed_scale * E + positions)`.
+Noise z on E is the same as `embed_scale * z` on the layer norm's input, so when the encoder has
+`layernorm_embedding` (RoBERTa, XLM-R, BART) the noise is added there, in fp32, and the layer norm is run
+in fp32 too: the sum is only rounded to the model's dtype after the layer norm, where the values are
+O(1). Without `layernorm_embedding` the noise is added to the embedding lookup (fp32 add, cast back).
+Either way the fraction of non-pad entries that really changed at that point is counted.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from robustft_common.noise import add_noise, sample_noise
+
+
+def transformer_encoder(model):
+    """The fairseq TransformerEncoder that embeds the source tokens (RoBERTa wraps it)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):  # data-parallel wrappers
+        model = model.module
+    encoder = getattr(model, "encoder", None)
+    encoder = getattr(encoder, "sentence_encoder", encoder)  # RoBERTa / XLM-R
+    if encoder is None or not hasattr(encoder, "embed_tokens") or not hasattr(encoder, "forward_embedding"):
+        raise ValueError(
+            f"R3F needs a model whose encoder is a fairseq TransformerEncoder with `embed_tokens` "
+            f"(RoBERTa, XLM-R, BART, transformer); got {type(model).__name__}")
+    return encoder
+
+
+def _is_layer_norm(module) -> bool:
+    return all(hasattr(module, a) for a in ("normalized_shape", "weight", "bias", "eps"))
+
+
+class EncoderEmbeddingNoise:
+    """Context manager: the first encoder forward inside it sees noised token embeddings.
+
+    After the forward, `changed` / `total` are 0-dim tensors: non-pad embedding entries the noise
+    changed at the point where the model consumes them, and all non-pad entries.
+    """
+
+    def __init__(self, model, src_tokens: torch.Tensor, eps: float, noise_type: str):
+        self.encoder = transformer_encoder(model)
+        self.src_tokens = src_tokens
+        self.eps = eps
+        self.noise_type = noise_type
+        self.changed: Optional[torch.Tensor] = None
+        self.total: Optional[torch.Tensor] = None
+        self._handle = None
+
+    @property
+    def fired(self) -> bool:
+        return self.changed is not None
+
+    def __enter__(self):
+        layer_norm = getattr(self.encoder, "layernorm_embedding", None)
+        if layer_norm is not None and _is_layer_norm(layer_norm):
+            self._handle = layer_norm.register_forward_hook(self._noise_layer_norm_input)
+        else:
+            self._handle = self.encoder.embed_tokens.register_forward_hook(self._noise_lookup)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+    def _count(self, noisy: torch.Tensor, clean: torch.Tensor) -> None:
+        pad = getattr(self.encoder, "padding_idx", None)
+        keep = self.src_tokens.ne(pad) if pad is not None else torch.ones_like(self.src_tokens, dtype=torch.bool)
+        keep = keep.unsqueeze(-1)
+        self.changed = ((noisy != clean) & keep).sum()
+        self.total = keep.sum() * clean.size(-1)
+
+    def _noise_layer_norm_input(self, module, inputs, output):
+        if self.fired:
+            return None
+        x = inputs[0]
+        scale = float(getattr(self.encoder, "embed_scale", 1.0) or 1.0)
+        noisy_input = x.float() + sample_noise(x, self.eps * scale, self.noise_type)
+        weight = None if module.weight is None else module.weight.float()
+        bias = None if module.bias is None else module.bias.float()
+        noisy = F.layer_norm(noisy_input, tuple(module.normalized_shape), weight, bias, module.eps)
+        noisy = noisy.to(output.dtype)
+        self._count(noisy, output)
+        return noisy
+
+    def _noise_lookup(self, module, inputs, output):
+        # a shared embedding table also embeds the decoder's tokens: only noise this source batch
+        if self.fired or inputs[0] is not self.src_tokens:
+            return None
+        noisy, _ = add_noise(output, sample_noise(output, self.eps, self.noise_type))
+        self._count(noisy, output)
+        return noisy
