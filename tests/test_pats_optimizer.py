@@ -1,0 +1,307 @@
+"""Unit tests of the PATS / SAGE / NoisyTune math against independent float64 formulas and fairseq's
+own Adamax (no fairseq-train here; see test_pats_e2e.py)."""
+import copy
+
+import pytest
+import torch
+from fairseq.optim.adamax import Adamax as FairseqAdamaxTorch
+
+from pats_src.sensitivity_adamax import SensitivityAdamax, update_seed
+from robustft_common import param_filters
+
+ADAMAX = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, bias_correction=True)
+
+
+def reference_pats_step(theta, grad, ema, exp_avg, exp_inf, step, z, u, *, lr, betas, eps,
+                        weight_decay, bias_correction, sigma, beta, kappa, pats_eps, prob,
+                        lr_scaled=False, ema_bias_correction=False, max_ratio=0.0):
+    """The PATS update of one tensor written out plainly in float64 (spec pats.md §1.2-1.3)."""
+    theta, grad = theta.double(), grad.double()
+    sensitivity = (theta * grad).abs()
+    ema = beta * ema + (1 - beta) * sensitivity
+    ema_hat = ema / (1 - beta ** step) if ema_bias_correction else ema
+    m = betas[0] * exp_avg + (1 - betas[0]) * grad
+    v = torch.maximum(betas[1] * exp_inf, grad.abs())
+    step_size = lr / (1 - betas[0] ** step) if bias_correction else lr
+    new = theta - weight_decay * lr * theta - step_size * m / (v + eps)
+    ratio = ema_hat.mean() / (ema_hat + pats_eps)
+    keep = (ratio >= kappa) & (u.double() < prob)
+    if max_ratio > 0:
+        ratio = ratio.clamp(max=max_ratio)
+    std = sigma * (lr if lr_scaled else 1.0) * ratio
+    return new + torch.where(keep, z.double() * std, torch.zeros_like(std)), ema, m, v
+
+
+def draws(seed, update, n):
+    """The optimizer's documented draw order for one bucket: z ~ N(0,1)^n, then u ~ U[0,1)^n."""
+    gen = torch.Generator().manual_seed(update_seed(seed, update))
+    return torch.randn(n, generator=gen), torch.rand(n, generator=gen)
+
+
+PATS_CASES = [
+    dict(sigma=1e-2, beta=0.75, kappa=5e-3, pats_eps=1e-12, prob=0.5),
+    dict(sigma=1e-2, beta=0.6, kappa=0.3, pats_eps=1e-6, prob=0.8, lr_scaled=True,
+         ema_bias_correction=True, max_ratio=3.0),
+]
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("case", PATS_CASES)
+def test_pats_steps_on_3x3_match_reference(case, foreach):
+    torch.manual_seed(0)
+    theta0 = torch.randn(3, 3)
+    grads = [torch.randn(3, 3) for _ in range(3)]
+    w = theta0.clone().requires_grad_()
+    opt = SensitivityAdamax([w], sensitive=[True], mode="pats", seed=7, foreach=foreach,
+                            pats_noise=case["sigma"], pats_beta=case["beta"], pats_margin=case["kappa"],
+                            pats_eps=case["pats_eps"], pats_prob=case["prob"],
+                            pats_noise_lr_scaled=case.get("lr_scaled", False),
+                            pats_ema_bias_correction=case.get("ema_bias_correction", False),
+                            pats_max_ratio=case.get("max_ratio", 0.0), **ADAMAX)
+    theta = theta0.double()
+    ema = m = v = torch.zeros(3, 3, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        w.grad = g.clone()
+        opt.step()
+        z, u = draws(7, t, 9)
+        theta, ema, m, v = reference_pats_step(theta, g, ema, m, v, t, z.view(3, 3), u.view(3, 3),
+                                               **case, **ADAMAX)
+        torch.testing.assert_close(w.detach().double(), theta, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(opt.state[w]["sensitivity"].double(), ema, rtol=1e-6, atol=1e-12)
+    assert not torch.equal(w.grad, grads[-1].abs()), "fairseq's adamax quirk (grad.abs_()) not copied"
+
+
+def _noise_of_one_step(sensitivity_pattern, **pats):
+    """Noise the optimizer added in one step, separated from the Adamax update with a twin run."""
+    theta = torch.ones_like(sensitivity_pattern)
+    grad = sensitivity_pattern.clone()  # |theta * g| = pattern
+    noisy = theta.clone().requires_grad_()
+    plain = theta.clone().requires_grad_()
+    opt = SensitivityAdamax([noisy], sensitive=[True], seed=3, **pats, **ADAMAX)
+    ref = SensitivityAdamax([plain], sensitive=[False], seed=3, **ADAMAX)
+    noisy.grad, plain.grad = grad.clone(), grad.clone()
+    opt.step()
+    ref.step()
+    z, _ = draws(3, 1, theta.numel())
+    return (noisy - plain).detach().double(), z.view_as(theta).double()
+
+
+def test_noise_std_inversely_proportional_to_sensitivity():
+    pattern = torch.tensor([1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
+    noise, z = _noise_of_one_step(pattern, pats_noise=1e-1, pats_margin=0.0, pats_prob=1.0,
+                                  pats_eps=1e-12)
+    sigma_j = noise / z
+    assert torch.all(sigma_j[1:] < sigma_j[:-1]), sigma_j
+    # sigma_j * sbar_j is the constant sigma * mean(sbar) (sbar = (1 - beta) * pattern after step 1)
+    sbar = 0.25 * pattern.double()
+    torch.testing.assert_close(sigma_j * sbar, torch.full_like(sbar, 1e-1 * sbar.mean().item()),
+                               rtol=1e-4, atol=0)
+
+
+def test_margin_zeroes_noise_of_the_most_sensitive_entries():
+    pattern = torch.full((50,), 1e-4)
+    pattern[:3] = torch.tensor([1.0, 2.0, 5.0])  # ratio = mean/sbar < kappa for these
+    noise, _ = _noise_of_one_step(pattern, pats_noise=1e-3, pats_margin=0.2, pats_prob=1.0)
+    assert torch.all(noise[:3] == 0)
+    assert torch.all(noise[3:] != 0)
+    # kappa = 0 disables the margin
+    noise, _ = _noise_of_one_step(pattern, pats_noise=1e-3, pats_margin=0.0, pats_prob=1.0)
+    assert torch.all(noise != 0)
+
+
+def test_bernoulli_rate():
+    n, prob = 200_000, 0.3
+    pattern = torch.rand(n) + 0.5
+    noise, _ = _noise_of_one_step(pattern, pats_noise=1e-3, pats_margin=0.0, pats_prob=prob)
+    rate = (noise != 0).double().mean().item()
+    assert abs(rate - prob) < 5 * (prob * (1 - prob) / n) ** 0.5, rate
+
+
+def _fairseq_adamax_trajectory(theta0, grads, **kw):
+    w = theta0.clone().requires_grad_()
+    opt = FairseqAdamaxTorch([w], **kw)
+    for g in grads:
+        w.grad = g.clone()
+        opt.step()
+    return w.detach()
+
+
+@pytest.mark.parametrize("mode", ["pats", "sage"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_excluded_parameters_get_fairseq_adamax_bit_exactly(mode, foreach):
+    torch.manual_seed(1)
+    a0, b0 = torch.randn(4, 5), torch.randn(7)
+    grads = [(torch.randn(4, 5), torch.randn(7)) for _ in range(4)]
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    opt = SensitivityAdamax([a, b], sensitive=[True, False], mode=mode, pats_noise=1e-2,
+                            foreach=foreach, **ADAMAX)
+    for ga, gb in grads:
+        a.grad, b.grad = ga.clone(), gb.clone()
+        opt.step()
+    expected_b = _fairseq_adamax_trajectory(b0, [gb for _, gb in grads], **ADAMAX)
+    assert torch.equal(b.detach(), expected_b)
+    expected_a = _fairseq_adamax_trajectory(a0, [ga for ga, _ in grads], **ADAMAX)
+    assert not torch.equal(a.detach(), expected_a)  # the selected tensor did get PATS / SAGE
+
+
+def test_noise_off_is_fairseq_adamax_bit_exactly():
+    torch.manual_seed(2)
+    a0 = torch.randn(6, 6)
+    grads = [torch.randn(6, 6) for _ in range(3)]
+    a = a0.clone().requires_grad_()
+    opt = SensitivityAdamax([a], sensitive=[True], mode="pats", pats_noise=0.0, **ADAMAX)
+    for g in grads:
+        a.grad = g.clone()
+        opt.step()
+    assert torch.equal(a.detach(), _fairseq_adamax_trajectory(a0, grads, **ADAMAX))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_sage_steps_match_reference(foreach):
+    torch.manual_seed(3)
+    theta0 = torch.randn(3, 3)
+    grads = [torch.randn(3, 3) for _ in range(3)]
+    beta3, e = 0.75, 1e-12
+    w = theta0.clone().requires_grad_()
+    opt = SensitivityAdamax([w], sensitive=[True], mode="sage", sage_beta3=beta3, sage_eps=e,
+                            foreach=foreach, **ADAMAX)
+    theta = theta0.double()
+    ibar = m = v = torch.zeros(3, 3, dtype=torch.float64)
+    (b1, b2), lr, wd = ADAMAX["betas"], ADAMAX["lr"], ADAMAX["weight_decay"]
+    for t, g in enumerate(grads, start=1):
+        w.grad = g.clone()
+        opt.step()
+        g = g.double()
+        i_t = (theta * g).abs()
+        ibar = beta3 * ibar + (1 - beta3) * i_t
+        m = b1 * m + (1 - b1) * g
+        v = torch.maximum(b2 * v, g.abs())
+        direction = m / (v + ADAMAX["eps"]) / (1 - b1 ** t) + wd * theta
+        factor = (i_t - ibar).abs() / (ibar + e)
+        if t == 1:
+            torch.testing.assert_close(factor, torch.full_like(factor, beta3 / (1 - beta3)))
+        theta = theta - lr * factor * direction
+        torch.testing.assert_close(w.detach().double(), theta, rtol=1e-6, atol=1e-7)
+
+
+def test_noisytune_scale_skip_and_reproducibility():
+    torch.manual_seed(4)
+    big, single = torch.randn(300, 20) * 0.05, torch.tensor([0.7])
+    params = [big.clone(), single.clone()]
+    opt = SensitivityAdamax(params, seed=11)
+    report = opt.noisytune_(0.15)
+    assert report == {"perturbed": 1, "skipped_single_element": 1}
+    assert torch.equal(params[1], single)
+    delta = params[0] - big
+    half_width = 0.15 / 2 * big.std().item()
+    assert delta.abs().max().item() <= half_width * (1 + 1e-5)
+    assert delta.abs().max().item() > 0.99 * half_width  # 6000 uniform draws reach the edge
+    gen = torch.Generator().manual_seed(update_seed(11, 0, stream=1))
+    expected = (torch.rand(big.shape, generator=gen) - 0.5) * 0.15 * big.std()
+    torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-7)
+    again = [big.clone(), single.clone()]
+    SensitivityAdamax(again, seed=11).noisytune_(0.15)
+    assert torch.equal(again[0], params[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_params_do_the_math_in_fp32(dtype):
+    """--memory-efficient-fp16 path: fp16/bf16 params, fp32 state; result = fp32 result rounded."""
+    torch.manual_seed(5)
+    theta0 = torch.randn(8, 8).to(dtype).float()
+    grad = torch.randn(8, 8)
+    low = theta0.to(dtype).requires_grad_()
+    full = theta0.clone().requires_grad_()
+    opts = [SensitivityAdamax([p], sensitive=[True], seed=2, pats_noise=1e-2, **ADAMAX)
+            for p in (low, full)]
+    low.grad, full.grad = grad.to(dtype), grad.to(dtype).float()
+    for o in opts:
+        o.step()
+    assert opts[0].state[low]["exp_avg"].dtype == torch.float32
+    assert torch.equal(low.detach(), full.detach().to(dtype))
+    # resume keeps the fp32 moments (torch would cast them to the param dtype)
+    fresh = SensitivityAdamax([low], sensitive=[True], seed=2, pats_noise=1e-2, **ADAMAX)
+    fresh.load_state_dict(copy.deepcopy(opts[0].state_dict()))
+    assert fresh.state[low]["exp_avg"].dtype == torch.float32
+    assert torch.equal(fresh.state[low]["exp_avg"], opts[0].state[low]["exp_avg"])
+
+
+def test_state_dict_resume_is_exact():
+    torch.manual_seed(6)
+    a0, b0 = torch.randn(5, 5), torch.randn(5)
+    grads = [(torch.randn(5, 5), torch.randn(5)) for _ in range(4)]
+
+    def make(a, b):
+        return SensitivityAdamax([a, b], sensitive=[True, True], seed=9, pats_noise=1e-2, **ADAMAX)
+
+    a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    opt = make(a, b)
+    for ga, gb in grads:
+        a.grad, b.grad = ga.clone(), gb.clone()
+        opt.step()
+    a2, b2 = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+    first = make(a2, b2)
+    for ga, gb in grads[:2]:
+        a2.grad, b2.grad = ga.clone(), gb.clone()
+        first.step()
+    saved = copy.deepcopy(first.state_dict())
+    assert saved["robustft"]["updates"] == 2
+    second = make(a2, b2)
+    second.load_state_dict(saved)
+    for ga, gb in grads[2:]:
+        a2.grad, b2.grad = ga.clone(), gb.clone()
+        second.step()
+    assert torch.equal(a.detach(), a2.detach()) and torch.equal(b.detach(), b2.detach())
+
+
+ROBERTA_NAMES = [
+    "encoder.sentence_encoder.embed_tokens.weight",
+    "encoder.sentence_encoder.embed_positions.weight",
+    "encoder.sentence_encoder.layernorm_embedding.weight",
+    "encoder.sentence_encoder.layers.0.self_attn.k_proj.weight",
+    "encoder.sentence_encoder.layers.0.self_attn.k_proj.bias",
+    "encoder.sentence_encoder.layers.0.self_attn.out_proj.weight",
+    "encoder.sentence_encoder.layers.0.self_attn_layer_norm.weight",
+    "encoder.sentence_encoder.layers.11.fc1.weight",
+    "encoder.sentence_encoder.layers.11.fc2.bias",
+    "encoder.sentence_encoder.layers.11.final_layer_norm.bias",
+    "encoder.lm_head.dense.weight",
+    "encoder.lm_head.layer_norm.weight",
+    "classification_heads.sentence_classification_head.dense.weight",
+    "classification_heads.sentence_classification_head.out_proj.bias",
+]
+EXPECTED_DEFAULT = {
+    "encoder.sentence_encoder.layers.0.self_attn.k_proj.weight",
+    "encoder.sentence_encoder.layers.0.self_attn.k_proj.bias",
+    "encoder.sentence_encoder.layers.0.self_attn.out_proj.weight",
+    "encoder.sentence_encoder.layers.11.fc1.weight",
+    "encoder.sentence_encoder.layers.11.fc2.bias",
+}
+
+
+def test_default_filter_is_encoder_layers_without_layer_norm():
+    mask = param_filters.select(ROBERTA_NAMES, param_filters.ENCODER_LAYERS, param_filters.LAYER_NORM,
+                                "--pats-param-include", "--pats-param-exclude")
+    assert {n for n, m in zip(ROBERTA_NAMES, mask) if m} == EXPECTED_DEFAULT
+    bart = ["encoder.layers.3.fc1.weight", "encoder.layers.3.self_attn_layer_norm.bias",
+            "decoder.layers.0.fc1.weight", "encoder.embed_tokens.weight"]
+    mask = param_filters.select(bart, param_filters.ENCODER_LAYERS, param_filters.LAYER_NORM, "--a", "--b")
+    assert mask == [True, False, False, False]
+
+
+def test_filter_matching_nothing_names_the_flag():
+    with pytest.raises(ValueError, match="--sage-param-include"):
+        param_filters.select(ROBERTA_NAMES, r"decoder\.", "", "--sage-param-include", "--sage-param-exclude")
+    with pytest.raises(ValueError, match="--pats-param-exclude: not a valid regular expression"):
+        param_filters.select(ROBERTA_NAMES, ".*", "(", "--pats-param-include", "--pats-param-exclude")
+
+
+def test_names_recovered_by_tags_or_published_list():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
+    copies = [p.detach().clone() for p in model.parameters()]  # like FP16Optimizer's fp32 copies
+    assert param_filters.names_for_params(copies) is None
+    with param_filters.publish_param_names(model.named_parameters()):
+        assert param_filters.names_for_params(copies) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+        assert param_filters.names_for_params(copies[:1]) is None  # a flat buffer: no names
+    param_filters.tag_parameter_names(model, prefixes=["m."])
+    assert param_filters.names_for_params(list(model.parameters()))[0] == "m.0.weight"
