@@ -24,7 +24,8 @@ def _write_split(path: Path, rows):
 
 
 def make_sentence_prediction_data(
-    root: Path, n_train=96, n_valid=32, regression=False, two_inputs=True, seed=0
+    root: Path, n_train=96, n_valid=32, regression=False, two_inputs=True, seed=0,
+    label_names=("neg", "pos"),
 ) -> Path:
     """Binarize a learnable toy task in fairseq's RoBERTa GLUE layout (input0/, input1/, label/).
 
@@ -46,7 +47,7 @@ def make_sentence_prediction_data(
             if regression:
                 labels.append(f"{sum(pos) / len(pos):.4f}")
             else:
-                labels.append("pos" if pos[0] else "neg")
+                labels.append(label_names[1] if pos[0] else label_names[0])
         _write_split(raw / f"{split}.input0", s0)
         _write_split(raw / f"{split}.input1", s1)
         _write_split(raw / f"{split}.label", labels)

@@ -436,3 +436,42 @@ def test_rte_end_to_end_fairseq_train(rte_gpt2, tmp_path):
     assert valid, proc.stdout[-3000:]
     acc = valid[-1]["valid_accuracy"]
     assert 0.0 <= float(acc) <= 100.0
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. --srcdict (ids must match a pretrained checkpoint's dictionary) and the console script
+
+
+@needs_glue
+def test_srcdict_is_used_for_both_inputs_and_text2text(tmp_path, gpt2_files):
+    from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
+
+    bpe = get_encoder(str(gpt2_files[0]), str(gpt2_files[1]))
+    n_bpe = len(json.loads(gpt2_files[0].read_text()))
+    order = list(range(n_bpe))[::-1]  # any order a pretrained dict.txt may have
+    srcdict = tmp_path / "dict.txt"
+    srcdict.write_text("".join(f"{i} {1000 - k}\n" for k, i in enumerate(order)))
+    index = {str(i): 4 + k for k, i in enumerate(order)}  # fairseq: 4 specials, then the file's lines
+    preprocess(GLUE_DIR, "MRPC", tmp_path / "sp", **_gpt2_kwargs(gpt2_files), srcdict=str(srcdict),
+               train_subset_size=20, log=lambda s: None)
+    out = tmp_path / "sp" / "MRPC-bin"
+    for col in ("input0", "input1"):
+        assert (out / col / "dict.txt").read_bytes() == srcdict.read_bytes()
+    _, inp1 = _load(out / "input1" / "valid", out / "input0" / "dict.txt")
+    rows = _read_tsv(GLUE_DIR / "MRPC" / "dev.tsv")[1:]
+    assert inp1[3].tolist() == [index[str(i)] for i in bpe.encode(rows[3][4].strip())] + [2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["binarized"]["input0/train"]["unk_replaced"] == 0
+
+    preprocess(GLUE_DIR, "MRPC", tmp_path / "t2t", format="text2text", **_gpt2_kwargs(gpt2_files),
+               srcdict=str(srcdict), train_subset_size=20, log=lambda s: None)
+    t2t = tmp_path / "t2t" / "text2text-bin"
+    assert (t2t / "dict.src.txt").read_bytes() == srcdict.read_bytes() == (t2t / "dict.tgt.txt").read_bytes()
+    _, tgt = _load(t2t / "valid_mrpc.src-tgt.tgt", t2t / "dict.tgt.txt")
+    word = ["not_equivalent", "equivalent"][int(rows[0][0])]
+    assert tgt[0].tolist() == [index[str(i)] for i in bpe.encode(word)] + [2]
+
+
+def test_console_script_help():
+    proc = run_tool("glue-preprocess", "--help")
+    assert "--tokenizer" in proc.stdout and "text2text" in proc.stdout

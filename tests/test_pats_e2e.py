@@ -1,0 +1,162 @@
+"""End-to-end `fairseq-train` runs of adamax_pats, adamax_sage and NoisyTune (tiny RoBERTa, CPU)."""
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.fairseq_helpers import (BIN, json_logs, make_sentence_prediction_data, run_tool,
+                                   sentence_prediction_args)
+
+PATS = ["--optimizer", "adamax_pats", "--pats-noise", "1e-3", "--pats-log-stats"]
+SAGE = ["--optimizer", "adamax_sage", "--weight-decay", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_sentence_prediction_data(tmp_path_factory.mktemp("pats_data"))
+
+
+def train(data, save_dir, *extra, max_update=4, check=True):
+    return run_tool("fairseq-train", *sentence_prediction_args(data, save_dir, *extra,
+                                                                max_update=max_update), check=check)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_same_params(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def straight_and_resumed(data, root, extra, n=4):
+    """n updates in one run vs n/2, then a resumed run to n; returns both final checkpoints."""
+    train(data, root / "straight", *extra, max_update=n)
+    train(data, root / "resumed", *extra, max_update=n // 2)
+    second = train(data, root / "resumed", *extra, max_update=n)
+    assert "Loaded checkpoint" in second.stdout + second.stderr
+    return (load(root / "straight" / "checkpoint_last.pt"),
+            load(root / "resumed" / "checkpoint_last.pt"), second)
+
+
+@pytest.mark.parametrize("extra", [PATS, SAGE], ids=["adamax_pats", "adamax_sage"])
+def test_resume_continues_exactly(data, tmp_path, extra):
+    straight, resumed, _ = straight_and_resumed(data, tmp_path, extra)
+    assert_same_params(straight["model"], resumed["model"])
+    opt_a, opt_b = straight["last_optimizer_state"], resumed["last_optimizer_state"]
+    assert opt_a["robustft"] == opt_b["robustft"] == {"updates": 4, "noisytune_done": True}
+    for i, state in opt_a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][i][key])), key
+    assert any("sensitivity" in s for s in opt_a["state"].values())
+
+
+def test_pats_changes_only_selected_tensors_vs_fairseq_adamax(data, tmp_path):
+    """Noise off = fairseq's adamax bit for bit; noise on differs only in encoder-layer non-LN tensors."""
+    train(data, tmp_path / "adamax", "--optimizer", "adamax", max_update=3)
+    train(data, tmp_path / "pats0", "--optimizer", "adamax_pats", "--pats-noise", "0", max_update=3)
+    proc = train(data, tmp_path / "pats", *PATS, max_update=3)
+    ref = load(tmp_path / "adamax" / "checkpoint_last.pt")["model"]
+    assert_same_params(ref, load(tmp_path / "pats0" / "checkpoint_last.pt")["model"])
+    noisy = load(tmp_path / "pats" / "checkpoint_last.pt")["model"]
+    # update 1 is identical up to the noise, later ones see different grads: compare what differs
+    differs = {k for k in ref if not torch.equal(ref[k], noisy[k])}
+    assert any(".layers.0.fc1." in k for k in differs)
+    logs = [r for r in json_logs(proc.stdout + proc.stderr) if "pats_frac_noised" in r]
+    assert logs and 0.4 < float(logs[0]["pats_frac_noised"]) < 0.6
+
+
+def test_noisytune_once_from_pretrained_never_on_resume(data, tmp_path):
+    train(data, tmp_path / "pretrained", max_update=2)
+    pretrained = tmp_path / "pretrained" / "checkpoint_last.pt"
+    nt = ["--optimizer", "adamax_pats", "--pats-noise", "0", "--noisytune-lambda", "0.15",
+          "--finetune-from-model", pretrained]
+    # lr 0: the weights after one update are exactly pretrained + NoisyTune noise
+    first = train(data, tmp_path / "lr0", *nt, "--lr", "0", max_update=1)
+    assert "NoisyTune applied" in first.stdout + first.stderr
+    before = load(pretrained)["model"]
+    after = load(tmp_path / "lr0" / "checkpoint_last.pt")["model"]
+    for k, w in before.items():
+        if not w.is_floating_point() or w.numel() < 2 or k == "encoder.lm_head.weight":
+            continue
+        delta = (after[k] - w).abs()
+        half_width = 0.15 / 2 * w.float().std().item()
+        assert delta.max().item() <= half_width * (1 + 1e-4) + 1e-7, k
+        assert delta.max().item() > 0.5 * half_width, k  # head, embeddings, LayerNorm included
+    # resume: not applied again, and the run continues exactly as an uninterrupted one
+    straight, resumed, second = straight_and_resumed(data, tmp_path, nt)
+    assert "NoisyTune applied" not in second.stdout + second.stderr
+    assert_same_params(straight["model"], resumed["model"])
+
+
+def test_noisytune_from_scratch_is_an_error(data, tmp_path):
+    proc = train(data, tmp_path / "scratch", "--optimizer", "adamax_pats", "--noisytune-lambda", "0.15",
+                 max_update=1, check=False)
+    assert proc.returncode != 0
+    assert "--noisytune-lambda" in proc.stderr and "--finetune-from-model" in proc.stderr
+
+
+def test_bad_flag_value_names_the_flag(data, tmp_path):
+    proc = train(data, tmp_path / "bad", *PATS, "--pats-prob", "1.5", max_update=1, check=False)
+    assert proc.returncode != 0 and "--pats-prob: must be in [0, 1]" in proc.stderr
+
+
+@pytest.mark.parametrize("fp16", [["--memory-efficient-fp16"], ["--fp16", "--fp16-no-flatten-grads"]],
+                         ids=["memory_efficient_fp16", "fp16_no_flatten"])
+def test_fp16_modes_train_and_resume_exactly(data, tmp_path, fp16):
+    extra = [*PATS, "--pats-noise", "1e-2", *fp16, "--fp16-init-scale", "4", "--clip-norm", "1.0",
+             "--update-freq", "2"]
+    straight, resumed, second = straight_and_resumed(data, tmp_path, extra)
+    assert_same_params(straight["model"], resumed["model"])
+    states = straight["last_optimizer_state"]["state"].values()
+    assert all(s["exp_avg"].dtype == torch.float32 for s in states)
+    logs = [r for r in json_logs(second.stdout + second.stderr) if "pats_frac_noised" in r]
+    assert logs, "no PATS step ran (all updates overflowed?)"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Runs fairseq-train for one rank and, when fairseq reaches its save point (every rank calls
+# checkpoint_utils.save_checkpoint, only rank 0 writes), dumps this rank's parameters.
+RANK_LAUNCHER = """
+import sys, torch
+from fairseq import checkpoint_utils
+from fairseq_cli import train
+out, argv = sys.argv[1], sys.argv[2:]
+original = checkpoint_utils.save_checkpoint
+def save_checkpoint(cfg, trainer, *args, **kwargs):
+    torch.save({k: v.detach().clone() for k, v in trainer.get_model().state_dict().items()}, out)
+    return original(cfg, trainer, *args, **kwargs)
+checkpoint_utils.save_checkpoint = save_checkpoint
+sys.argv = ["fairseq-train", *argv]
+train.cli_main()
+"""
+
+
+def test_ddp_replicas_stay_bit_identical(data, tmp_path):
+    port = _free_port()
+    args = sentence_prediction_args(
+        data, tmp_path / "ckpt", *PATS, "--distributed-world-size", "2",
+        "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
+        "--distributed-backend", "gloo", max_update=4)
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-c", RANK_LAUNCHER, str(tmp_path / f"rank{rank}.pt"),
+               *map(str, args), "--distributed-rank", str(rank)]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env={"OMP_NUM_THREADS": "1", "PATH": str(BIN)}))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-5000:]
+    rank0, rank1 = load(tmp_path / "rank0.pt"), load(tmp_path / "rank1.pt")
+    assert_same_params(rank0, rank1)
+    logs = [r for r in json_logs(outputs[0]) if "pats_frac_noised" in r]
+    assert logs and float(logs[-1]["pats_frac_noised"]) > 0.3  # noise really was added
