@@ -2,4 +2,4 @@
 model `hyperdecoder_bart` (+ archs) and task `hyperdecoder_glue`."""
 import robustft_common  # noqa: F401  (fairseq check + checkpoint safe globals)
 
-from . import models  # noqa: F401
+from . import models, tasks  # noqa: F401
