@@ -274,7 +274,7 @@ def _sentence_prediction_task(spec, splits, tok, out_dir, srcdict, workers, over
                 stats[f"label/{s.name}"] = binarize(raw / f"{s.name}.label", label_dict, tmp / "label" / s.name, 1)
         shutil.rmtree(raw)
         summary = {
-            "task": spec.name, "format": "sentence_prediction", "tokenizer": tok.describe(),
+            "task": spec.name, "format": "sentence_prediction", "tokenizer": _describe(tok, tmp, final),
             "srcdict": str(srcdict) if srcdict else None, "output": str(final),
             "num_classes": 1 if spec.regression else len(spec.labels),
             "regression": spec.regression, "labels": list(spec.labels) if spec.labels else None,
@@ -283,6 +283,19 @@ def _sentence_prediction_task(spec, splits, tok, out_dir, srcdict, workers, over
         }
         _write_summary(tmp, summary)
     return summary
+
+
+def _describe(tok: TokenizerSpec, tmp: Path, final: Path) -> dict:
+    """Tokenizer settings with absolute paths as they will be after the rename (a trained model moves)."""
+    info = {}
+    for key, value in tok.describe().items():
+        if isinstance(value, str) and key != "kind":
+            path = Path(value).resolve()
+            if path.is_relative_to(tmp.resolve()):
+                path = final.resolve() / path.relative_to(tmp.resolve())
+            value = str(path)
+        info[key] = value
+    return info
 
 
 def _write_summary(folder: Path, summary: dict):
@@ -351,11 +364,11 @@ def _text2text(task_splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_
             for lang in ("src", "tgt"):
                 stats[f"{name}.{lang}"] = binarize(raw / f"{name}.{lang}", dictionary, tmp / f"{name}.src-tgt.{lang}", workers)
         shutil.rmtree(raw)
-        meta = {"format": "text2text", "source_lang": "src", "target_lang": "tgt", "tokenizer": tok.describe(),
+        meta = {"format": "text2text", "source_lang": "src", "target_lang": "tgt", "tokenizer": _describe(tok, tmp, final),
                 "srcdict": str(srcdict) if srcdict else None, "train_split": "train",
                 "splits": {n: sum(len(e) for _, e in p) for n, p in out_splits.items()}, "tasks": tasks_meta}
         (tmp / "tasks.json").write_text(json.dumps(meta, indent=2) + "\n")
-        summary = {"format": "text2text", "output": str(final), "tokenizer": tok.describe(),
+        summary = {"format": "text2text", "output": str(final), "tokenizer": _describe(tok, tmp, final),
                    "splits": split_infos, "binarized": stats, "encode_seconds": round(encode_s, 3),
                    "encoded_rows": n_rows}
         _write_summary(tmp, summary)

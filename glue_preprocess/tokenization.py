@@ -35,7 +35,7 @@ class TokenizerSpec:
             raise ValueError(f"--sentencepiece-model: no such file {self.sentencepiece_model!r}")
 
     def describe(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
+        return {k: v for k, v in self.__dict__.items() if v not in (None, False)}  # keys: the flag names
 
     def build(self):
         if self.kind == "gpt2":

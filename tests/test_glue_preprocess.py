@@ -475,3 +475,23 @@ def test_srcdict_is_used_for_both_inputs_and_text2text(tmp_path, gpt2_files):
 def test_console_script_help():
     proc = run_tool("glue-preprocess", "--help")
     assert "--tokenizer" in proc.stdout and "text2text" in proc.stdout
+
+
+def test_text2text_mnli_splits_and_trained_sentencepiece(handmade_glue, tmp_path):
+    import sentencepiece as spm
+
+    preprocess(handmade_glue, "MNLI,WNLI", tmp_path, "sentencepiece", format="text2text",
+               sentencepiece_vocab_size=60, log=lambda s: None)
+    out = tmp_path / "text2text-bin"
+    meta = json.loads((out / "tasks.json").read_text())
+    assert meta["splits"] == {"train": 18, "valid_mnli": 5, "valid_mnli_mm": 4, "valid_wnli": 1}
+    assert meta["tasks"]["mnli"]["valid_splits"] == ["valid_mnli", "valid_mnli_mm"]
+    model = Path(meta["tokenizer"]["sentencepiece_model"])
+    assert model == (out / "sentencepiece.model").resolve() and model.is_file()
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    d, src = _load(out / "valid_mnli_mm.src-tgt.src", out / "dict.src.txt")
+    _, tgt = _load(out / "valid_mnli_mm.src-tgt.tgt", out / "dict.tgt.txt")
+    assert sp.decode_pieces(d.string(src[1]).split()) == "mnli premise: the cat sat 1 . hypothesis: a dog 1 is not happy ."
+    assert sp.decode_pieces(d.string(tgt[1]).split()) == "contradiction"  # dev_mismatched row 1: labels[(1+1)%3]
+    assert (out / "valid_mnli_mm.gold").read_text().split() == ["1", "2", "0", "1"]
+    assert (out / "train.task").read_text().split() == ["mnli"] * 12 + ["wnli"] * 6
