@@ -1,6 +1,7 @@
 """R3F for sentence prediction (rxf_src/sentence_prediction_r3f.py): the KL term against an independent
 computation, noise reaching the encoder, no noise at eval, fp16 effectiveness, STS-B, end-to-end runs."""
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -54,8 +55,18 @@ def cls_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reg_data(tmp_path_factory):
-    return make_sentence_prediction_data(tmp_path_factory.mktemp("r3f_reg"), regression=True)
+def reg_data(cls_data, tmp_path_factory):
+    """The classification inputs with the helper's STS-B-like target (fraction of 'positive' first-sentence
+    words), without re-running fairseq-preprocess on the same sentences."""
+    out = tmp_path_factory.mktemp("r3f_reg") / "bin"
+    for name in ("input0", "input1"):
+        shutil.copytree(cls_data / name, out / name)
+    (out / "label").mkdir()
+    for split in ("train", "valid"):
+        rows = (cls_data.parent / "raw" / f"{split}.input0").read_text().splitlines()
+        targets = [sum(int(w[1:]) < 20 for w in row.split()) / len(row.split()) for row in rows]
+        (out / "label" / f"{split}.label").write_text("".join(f"{t:.4f}\n" for t in targets))
+    return out
 
 
 def r3f_argv(data, tmp_path, *extra, num_classes=2):

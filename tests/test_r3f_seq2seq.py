@@ -1,0 +1,120 @@
+"""R3F for encoder-decoder models (rxf_src/label_smoothed_cross_entropy_r3f.py) on a tiny BART and a tiny
+transformer: token-level KL with target pads masked, both normalisations, encoder-only noise, e2e + resume."""
+import random
+
+import numpy as np
+import pytest
+import torch
+from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
+
+import rxf_src  # noqa: F401
+from tests.fairseq_helpers import REPO, json_logs, run_tool
+from tests.test_r3f import build, hand_symmetric_kl
+
+TINY = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+        "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2",
+        "--decoder-attention-heads", "2", "--share-all-embeddings"]
+NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0"]
+
+
+@pytest.fixture(scope="module")
+def mt_data(tmp_path_factory):
+    """Toy translation: the target is the source reversed with every word renamed (w7 -> v7)."""
+    root = tmp_path_factory.mktemp("r3f_mt")
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("valid", 16)):
+        src, tgt = [], []
+        for _ in range(n):
+            words = [rng.randrange(30) for _ in range(rng.randint(3, 9))]
+            src.append(" ".join(f"w{i}" for i in words))
+            tgt.append(" ".join(f"v{i}" for i in reversed(words)))
+        (root / f"{split}.src").write_text("\n".join(src) + "\n")
+        (root / f"{split}.tgt").write_text("\n".join(tgt) + "\n")
+    out = root / "bin"
+    run_tool("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", root / "train",
+             "--validpref", root / "valid", "--joined-dictionary", "--destdir", out, "--workers", "1")
+    return out
+
+
+def mt_args(data, save_dir, arch, *extra, max_update=4):
+    return [data, "--cpu", "--user-dir", REPO / "robustft", "--task", "translation", "--arch", arch, *TINY,
+            "--criterion", "label_smoothed_cross_entropy_r3f", "--label-smoothing", "0.1",
+            "--batch-size", "16", "--required-batch-size-multiple", "1", "--max-update", max_update,
+            "--optimizer", "adam", "--lr", "1e-3", "--save-dir", save_dir, "--log-format", "json",
+            "--log-interval", "1", "--seed", "1", "--num-workers", "0", "--no-epoch-checkpoints",
+            "--ddp-backend", "legacy_ddp", *extra]
+
+
+@pytest.mark.parametrize("kl_norm", ["token", "sentence"])
+def test_token_level_kl_masks_pads_and_is_normalised_like_ce(mt_data, tmp_path, kl_norm):
+    eps, lam = 0.05, 0.3
+    _, model, criterion, sample = build(mt_args(mt_data, tmp_path, "bart_base", *NO_DROPOUT, "--eps", eps,
+                                                "--r3f-lambda", lam, "--noise-type", "uniform",
+                                                "--r3f-kl-norm", kl_norm))
+    model.train()
+    torch.manual_seed(11)
+    loss, sample_size, log = criterion(model, sample)
+
+    # independent: BART's forward honours token_embeddings (noise before embed_scale, as the paper says)
+    net_input = sample["net_input"]
+    clean, _ = model(**net_input)
+    embeddings = model.encoder.embed_tokens(net_input["src_tokens"])
+    torch.manual_seed(11)
+    noise = torch.empty(embeddings.shape).uniform_(-eps, eps)
+    assert model.encoder.embed_scale in (None, 1.0)
+    noisy, _ = model(**net_input, token_embeddings=embeddings + noise)
+    target = sample["target"]
+    keep = target.ne(model.encoder.padding_idx).numpy()
+    assert not keep.all()  # the batch has target pads to mask
+    kl = hand_symmetric_kl(clean, noisy)[keep].sum()
+    lprobs = torch.log_softmax(clean.double(), -1).view(-1, clean.size(-1))
+    ls, _ = label_smoothed_nll_loss(lprobs, target.view(-1), 0.1, ignore_index=model.encoder.padding_idx)
+    scale = 1.0 if kl_norm == "token" else sample_size / target.size(0)
+
+    assert sample_size == sample["ntokens"] == keep.sum()
+    assert kl > 0 and log["symm_kl"].item() == pytest.approx(kl, rel=1e-4)
+    assert loss.item() == pytest.approx(ls.item() + lam * scale * kl, rel=1e-5)
+
+
+def test_transformer_with_shared_embeddings_noises_encoder_only(mt_data, tmp_path):
+    """No layernorm_embedding: noise goes on the lookup; the shared table must leave decoder inputs clean."""
+    _, model, criterion, sample = build(mt_args(mt_data, tmp_path, "transformer", *NO_DROPOUT, "--eps", "0.1"))
+    assert model.encoder.embed_tokens is model.decoder.embed_tokens and model.encoder.layernorm_embedding is None
+    model.train()
+    seen = {"encoder": [], "decoder": []}
+    handles = [getattr(model, side).layers[0].register_forward_pre_hook(
+        lambda mod, args, side=side: seen[side].append(args[0].detach())) for side in seen]
+    _, _, log = criterion(model, sample)
+    for h in handles:
+        h.remove()
+    assert not torch.equal(*seen["encoder"])
+    assert torch.equal(*seen["decoder"])
+    assert log["symm_kl"].item() > 0
+    assert log["r3f_noise_effective_num"].item() == log["r3f_noise_effective_den"].item()
+
+
+def test_eval_is_plain_label_smoothed_ce(mt_data, tmp_path):
+    _, model, criterion, sample = build(mt_args(mt_data, tmp_path, "bart_base", "--eps", "0.1"))
+    model.eval()
+    with torch.no_grad():
+        loss, _, log = criterion(model, sample)
+        logits, _ = model(**sample["net_input"])
+    lprobs = torch.log_softmax(logits.float(), -1).view(-1, logits.size(-1))
+    ls, _ = label_smoothed_nll_loss(lprobs, sample["target"].view(-1), 0.1, ignore_index=model.encoder.padding_idx)
+    assert "symm_kl" not in log and loss.item() == pytest.approx(ls.item(), rel=1e-6)
+
+
+def test_end_to_end_bart_with_resume(mt_data, tmp_path):
+    args = mt_args(mt_data, tmp_path, "bart_base", "--eps", "1e-2")
+    records = json_logs(run_tool("fairseq-train", *args).stdout)
+    inner = [r for r in records if "symm_kl" in r]
+    assert len(inner) == 4
+    assert all(float(r["symm_kl"]) > 0 and np.isfinite(float(r["loss"])) for r in inner)
+    assert all(float(r["r3f_noise_effective"]) > 0.99 for r in inner)
+    valid = [r for r in records if "valid_loss" in r]
+    assert valid and "valid_symm_kl" not in valid[-1]
+
+    args = mt_args(mt_data, tmp_path, "bart_base", "--eps", "1e-2", max_update=6)
+    resumed = [int(r["num_updates"]) for r in json_logs(run_tool("fairseq-train", *args).stdout)
+               if "symm_kl" in r]
+    assert resumed == [5, 6]
