@@ -43,54 +43,63 @@ def straight_and_resumed(data, root, extra, n=4):
             load(root / "resumed" / "checkpoint_last.pt"), second)
 
 
-@pytest.mark.parametrize("extra", [PATS, SAGE], ids=["adamax_pats", "adamax_sage"])
-def test_resume_continues_exactly(data, tmp_path, extra):
+def test_pats_noise_off_is_fairseq_adamax_bit_exactly(data, tmp_path):
+    train(data, tmp_path / "adamax", "--optimizer", "adamax", "--weight-decay", "0.01", max_update=3)
+    train(data, tmp_path / "pats0", "--optimizer", "adamax_pats", "--pats-noise", "0",
+          "--weight-decay", "0.01", max_update=3)
+    assert_same_params(load(tmp_path / "adamax" / "checkpoint_last.pt")["model"],
+                       load(tmp_path / "pats0" / "checkpoint_last.pt")["model"])
+
+
+def assert_same_optimizer_state(a, b, updates):
+    assert a["robustft"] == b["robustft"] == {"updates": updates, "noisytune_done": True}
+    for i, state in a["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][i][key])), key
+    assert any("sensitivity" in s for s in a["state"].values())
+
+
+def test_sage_resume_exact_under_fp16_clipping_update_freq(data, tmp_path):
+    extra = [*SAGE, "--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "4", "--clip-norm", "0.5",
+             "--update-freq", "2"]
     straight, resumed, _ = straight_and_resumed(data, tmp_path, extra)
     assert_same_params(straight["model"], resumed["model"])
-    opt_a, opt_b = straight["last_optimizer_state"], resumed["last_optimizer_state"]
-    assert opt_a["robustft"] == opt_b["robustft"] == {"updates": 4, "noisytune_done": True}
-    for i, state in opt_a["state"].items():
-        for key, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(opt_b["state"][i][key])), key
-    assert any("sensitivity" in s for s in opt_a["state"].values())
+    assert_same_optimizer_state(straight["last_optimizer_state"], resumed["last_optimizer_state"], 4)
+    # FP16Optimizer: the optimizer state belongs to the fp32 master copies
+    assert all(s["exp_avg"].dtype == torch.float32
+               for s in straight["last_optimizer_state"]["state"].values())
 
 
-def test_pats_changes_only_selected_tensors_vs_fairseq_adamax(data, tmp_path):
-    """Noise off = fairseq's adamax bit for bit; noise on differs only in encoder-layer non-LN tensors."""
-    train(data, tmp_path / "adamax", "--optimizer", "adamax", max_update=3)
-    train(data, tmp_path / "pats0", "--optimizer", "adamax_pats", "--pats-noise", "0", max_update=3)
-    proc = train(data, tmp_path / "pats", *PATS, max_update=3)
-    ref = load(tmp_path / "adamax" / "checkpoint_last.pt")["model"]
-    assert_same_params(ref, load(tmp_path / "pats0" / "checkpoint_last.pt")["model"])
-    noisy = load(tmp_path / "pats" / "checkpoint_last.pt")["model"]
-    # update 1 is identical up to the noise, later ones see different grads: compare what differs
-    differs = {k for k in ref if not torch.equal(ref[k], noisy[k])}
-    assert any(".layers.0.fc1." in k for k in differs)
-    logs = [r for r in json_logs(proc.stdout + proc.stderr) if "pats_frac_noised" in r]
-    assert logs and 0.4 < float(logs[0]["pats_frac_noised"]) < 0.6
-
-
-def test_noisytune_once_from_pretrained_never_on_resume(data, tmp_path):
+def test_noisytune_once_then_pats_resume_exact_memory_efficient_fp16(data, tmp_path):
     train(data, tmp_path / "pretrained", max_update=2)
     pretrained = tmp_path / "pretrained" / "checkpoint_last.pt"
-    nt = ["--optimizer", "adamax_pats", "--pats-noise", "0", "--noisytune-lambda", "0.15",
-          "--finetune-from-model", pretrained]
-    # lr 0: the weights after one update are exactly pretrained + NoisyTune noise
-    first = train(data, tmp_path / "lr0", *nt, "--lr", "0", max_update=1)
+    nt = ["--optimizer", "adamax_pats", "--noisytune-lambda", "0.15", "--finetune-from-model", pretrained]
+    # fp32, lr 0, no PATS noise: the weights after one update are exactly pretrained + NoisyTune
+    first = train(data, tmp_path / "lr0", *nt, "--pats-noise", "0", "--lr", "0", max_update=1)
     assert "NoisyTune applied" in first.stdout + first.stderr
     before = load(pretrained)["model"]
     after = load(tmp_path / "lr0" / "checkpoint_last.pt")["model"]
+    checked = 0
     for k, w in before.items():
-        if not w.is_floating_point() or w.numel() < 2 or k == "encoder.lm_head.weight":
-            continue
+        if not w.is_floating_point() or w.numel() < 2 or k == "encoder.lm_head.weight" or w.std() == 0:
+            continue  # lm_head.weight is tied to embed_tokens (one parameter); zero-std: zero noise
         delta = (after[k] - w).abs()
         half_width = 0.15 / 2 * w.float().std().item()
         assert delta.max().item() <= half_width * (1 + 1e-4) + 1e-7, k
         assert delta.max().item() > 0.5 * half_width, k  # head, embeddings, LayerNorm included
-    # resume: not applied again, and the run continues exactly as an uninterrupted one
-    straight, resumed, second = straight_and_resumed(data, tmp_path, nt)
+        checked += 1
+    assert checked > 30
+    # PATS + memory-efficient fp16 + clipping + update-freq; the resumed run must not re-apply NoisyTune
+    extra = [*nt, *PATS, "--memory-efficient-fp16", "--fp16-init-scale", "4", "--clip-norm", "1.0",
+             "--update-freq", "2"]
+    straight, resumed, second = straight_and_resumed(data, tmp_path, extra)
     assert "NoisyTune applied" not in second.stdout + second.stderr
     assert_same_params(straight["model"], resumed["model"])
+    assert_same_optimizer_state(straight["last_optimizer_state"], resumed["last_optimizer_state"], 4)
+    assert all(s["exp_avg"].dtype == torch.float32
+               for s in straight["last_optimizer_state"]["state"].values())
+    logs = [r for r in json_logs(second.stdout + second.stderr) if "pats_frac_noised" in r]
+    assert logs and 0.3 < float(logs[0]["pats_frac_noised"]) < 0.7
 
 
 def test_noisytune_from_scratch_is_an_error(data, tmp_path):
@@ -98,24 +107,6 @@ def test_noisytune_from_scratch_is_an_error(data, tmp_path):
                  max_update=1, check=False)
     assert proc.returncode != 0
     assert "--noisytune-lambda" in proc.stderr and "--finetune-from-model" in proc.stderr
-
-
-def test_bad_flag_value_names_the_flag(data, tmp_path):
-    proc = train(data, tmp_path / "bad", *PATS, "--pats-prob", "1.5", max_update=1, check=False)
-    assert proc.returncode != 0 and "--pats-prob: must be in [0, 1]" in proc.stderr
-
-
-@pytest.mark.parametrize("fp16", [["--memory-efficient-fp16"], ["--fp16", "--fp16-no-flatten-grads"]],
-                         ids=["memory_efficient_fp16", "fp16_no_flatten"])
-def test_fp16_modes_train_and_resume_exactly(data, tmp_path, fp16):
-    extra = [*PATS, "--pats-noise", "1e-2", *fp16, "--fp16-init-scale", "4", "--clip-norm", "1.0",
-             "--update-freq", "2"]
-    straight, resumed, second = straight_and_resumed(data, tmp_path, extra)
-    assert_same_params(straight["model"], resumed["model"])
-    states = straight["last_optimizer_state"]["state"].values()
-    assert all(s["exp_avg"].dtype == torch.float32 for s in states)
-    logs = [r for r in json_logs(second.stdout + second.stderr) if "pats_frac_noised" in r]
-    assert logs, "no PATS step ran (all updates overflowed?)"
 
 
 def _free_port():
