@@ -36,43 +36,33 @@ def _registered(kind: str, name: str) -> bool:
 
 def test_hype_trains_logs_noise_effective_and_resumes_exactly(data, tmp_path):
     hype = ("--hype-type", "normal", "--hype-eps", "0.01")
-    straight = train(data, tmp_path / "straight", *HYPE_ONLY, *hype)
+    straight = train(data, tmp_path / "straight", *HYPE_ONLY, *hype, max_update=6)
     assert "HyPe: normal noise, eps 0.01, on 2 encoder layers" in straight
     records = json_logs(straight)
     effective = [float(r["hype_noise_effective"]) for r in records if "hype_noise_effective" in r]
-    assert len(effective) == 8 and min(effective) > 0.99  # fp32: the noise survives
+    assert len(effective) == 6 and min(effective) > 0.99  # fp32: the noise survives
     assert not any(k.startswith("valid_hype") for r in records for k in r)  # eval is not perturbed
 
-    first = train(data, tmp_path / "resumed", *HYPE_ONLY, *hype, max_update=4)
-    second = train(data, tmp_path / "resumed", *HYPE_ONLY, *hype, max_update=8)
-    assert "Loaded checkpoint" in second and "@ 4 updates" in second
+    first = train(data, tmp_path / "resumed", *HYPE_ONLY, *hype, max_update=3)
+    second = train(data, tmp_path / "resumed", *HYPE_ONLY, *hype, max_update=6)
+    assert "Loaded checkpoint" in second and "@ 3 updates" in second
     # Noise is drawn from fairseq's per-update seed: resuming replays the same perturbations.
     resumed = {**inner_losses(first), **inner_losses(second)}
     assert resumed == inner_losses(straight)
 
-    vanilla = train(data, tmp_path / "vanilla", *HYPE_ONLY, "--hype-type", "none", "--no-save")
-    assert "hype_noise_effective" not in vanilla
-    assert inner_losses(vanilla)[1] == inner_losses(straight)[1]  # update 1: forward before any step
-    assert inner_losses(vanilla) != inner_losses(straight)
 
-
-def test_hype_regression_with_stock_metrics(tmp_path):
-    data = make_sentence_prediction_data(tmp_path / "reg", regression=True)
+def test_hype_regression_under_fp16_warns_and_logs_how_little_noise_survives(tmp_path):
+    data = make_sentence_prediction_data(tmp_path / "reg", regression=True, two_inputs=False)
     log = train(data, tmp_path / "ck", *HYPE_ONLY, "--hype-type", "uniform", "--hype-uniform", "one_sided",
-                "--regression-target", "--num-classes", "1", "--report-pearson-and-spearman",
-                "--best-checkpoint-metric", "loss", "--no-save", max_update=4)
-    assert "HyPe: uniform_one_sided noise" in log
+                "--hype-eps", "1e-5", "--memory-efficient-fp16", "--regression-target", "--num-classes", "1",
+                "--report-pearson-and-spearman", "--best-checkpoint-metric", "loss", "--no-save", max_update=3)
+    assert "HyPe: uniform_one_sided noise, eps 1e-05" in log
+    assert "--hype-eps 1e-05 is below the float16 resolution" in log
     valid = json_logs(log, "valid_")
     assert valid and "valid_pearson" in valid[-1] and "valid_spearman" in valid[-1]
-    assert any("hype_noise_effective" in r for r in json_logs(log, "train_"))
-
-
-def test_fp16_warns_and_logs_how_little_noise_survives(data, tmp_path):
-    log = train(data, tmp_path / "ck", *HYPE_ONLY, "--memory-efficient-fp16", "--no-save", max_update=2)
-    assert "--hype-eps 1e-05 is below the float16 resolution" in log
     effective = [float(r["hype_noise_effective"]) for r in json_logs(log) if "hype_noise_effective" in r]
-    # Only zeros (padding rows of layer 0's input) and tiny activations move; far below fp32's ~1.0.
-    assert effective and max(effective) < 0.5
+    # Only zeros (padding rows of layer 0's input) and tiny activations move; fp32 gives ~1.0.
+    assert len(effective) == 3 and max(effective) < 0.5
 
 
 def test_bad_hype_flag_fails_at_startup_naming_the_flag(data, tmp_path):
