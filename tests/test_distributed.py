@@ -1,0 +1,363 @@
+"""Data parallel on CPU (2 processes, gloo): every method finishes, logs finite losses and keeps its
+replicas bit-identical (parameters, buffers and optimizer state) under `--ddp-backend legacy_ddp`, and
+under PyTorch DDP (`c10d`) with the one-line CPU device fix that stock fairseq lacks (docs/distributed.md).
+
+Cost: fairseq's imports dominate a tiny run, so each rank is ONE python process that trains every
+method in turn (`python -m tests.test_distributed JOBS.json`, see `launcher_main`): 2 processes for the
+whole matrix instead of 2 per method. The same launcher runs the resume matrix (test_resume_exact.py).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+from tests.fairseq_helpers import REPO, json_logs, sentence_prediction_args
+
+MARK = "@@@"  # launcher lines: "@@@ JOB name", "@@@ ERROR name: message", "@@@ DONE"
+
+# ---------------------------------------------------------------------------------------------------
+# tiny data, binarized in-process (fairseq-preprocess costs ~5 s of imports per call)
+
+
+def _binarize(dictionary, lines, prefix: Path):
+    from fairseq.data import indexed_dataset
+
+    builder = indexed_dataset.make_builder(f"{prefix}.bin", impl="mmap", vocab_size=len(dictionary))
+    for line in lines:
+        builder.add_item(dictionary.encode_line(line, add_if_not_exist=False, append_eos=True).long())
+    builder.finalize(f"{prefix}.idx")
+
+
+def _dictionary(*corpora):
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for lines in corpora:
+        for line in lines:
+            for w in line.split():
+                d.add_symbol(w)
+    d.finalize(padding_factor=8)
+    return d
+
+
+def _toy_rows(n, seed):
+    """(sentence, label) pairs: the label is whether the first word is in the lower half of the vocab."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [f"w{rng.randrange(40)}" for _ in range(rng.randint(3, 10))]
+        rows.append((" ".join(words), int(words[0][1:]) < 20))
+    return rows
+
+
+def make_sp_data(root: Path, n_train=48, n_valid=16) -> Path:
+    """RoBERTa GLUE layout (input0/, label/) like fairseq-preprocess --only-source writes it."""
+    splits = {"train": _toy_rows(n_train, 1), "valid": _toy_rows(n_valid, 2)}
+    out = root / "sp-bin"
+    for name, column in (("input0", 0), ("label", 1)):
+        texts = {s: [("pos" if r[1] else "neg") if column else r[0] for r in rows] for s, rows in splits.items()}
+        d = _dictionary(texts["train"])
+        (out / name).mkdir(parents=True, exist_ok=True)
+        d.save(str(out / name / "dict.txt"))
+        for split, lines in texts.items():
+            _binarize(d, lines, out / name / split)
+    return out
+
+
+def make_t2t_data(root: Path, n_train=48, n_valid=16) -> Path:
+    """glue_preprocess's text2text layout (joined src/tgt dictionary) for the hyperdecoder task."""
+    out = root / "t2t-bin"
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {"train": _toy_rows(n_train, 1), "valid": _toy_rows(n_valid, 2)}
+    src = {s: [f"sst2 sentence: {r[0]}" for r in rows] for s, rows in splits.items()}
+    tgt = {s: ["positive" if r[1] else "negative" for r in rows] for s, rows in splits.items()}
+    d = _dictionary(src["train"], tgt["train"])
+    for lang in ("src", "tgt"):
+        d.save(str(out / f"dict.{lang}.txt"))
+    for split in splits:
+        _binarize(d, src[split], out / f"{split}.src-tgt.src")
+        _binarize(d, tgt[split], out / f"{split}.src-tgt.tgt")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the method matrix (dropout stays at its 0.1 default: its RNG is part of what must match)
+
+R3F = ["--criterion", "sentence_prediction_r3f", "--eps", "1e-2", "--noise-type", "uniform"]
+SENTENCE_PREDICTION_METHODS = {
+    "vanilla": [],
+    "r3f": R3F,
+    "r4f": [*R3F, "--spectral-norm-classification-head"],
+    "hype": ["--criterion", "hype_sentence_prediction", "--hype-eps", "1e-2"],
+    "adamax_pats": ["--optimizer", "adamax_pats", "--pats-noise", "1e-3", "--pats-log-stats"],
+    "adamax_sage": ["--optimizer", "adamax_sage", "--weight-decay", "0.01"],
+}
+SEQ2SEQ_METHODS = {
+    "hyperdecoder": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
+    "hyperdecoder_r3f": ["--criterion", "label_smoothed_cross_entropy_r3f", "--label-smoothing", "0.1",
+                         "--eps", "1e-2"],
+}
+METHODS = [*SENTENCE_PREDICTION_METHODS, *SEQ2SEQ_METHODS]
+
+
+def method_argv(method: str, sp_data: Path, t2t_data: Path, save_dir: Path, max_update: int, *extra):
+    """Full fairseq-train argv of a tiny CPU run of `method` (sentence prediction or text-to-text)."""
+    if method in SENTENCE_PREDICTION_METHODS:
+        args = sentence_prediction_args(sp_data, save_dir, *SENTENCE_PREDICTION_METHODS[method],
+                                        max_update=max_update)
+    else:
+        args = [t2t_data, "--cpu", "--user-dir", REPO / "robustft", "--task", "hyperdecoder_glue",
+                "-s", "src", "-t", "tgt", "--arch", "hyperdecoder_bart_tiny", *SEQ2SEQ_METHODS[method],
+                "--batch-size", "16", "--required-batch-size-multiple", "1", "--max-update", max_update,
+                "--lr", "1e-3", "--optimizer", "adam", "--save-dir", save_dir, "--log-format", "json",
+                "--log-interval", "1", "--seed", "1", "--num-workers", "0", "--no-epoch-checkpoints",
+                "--ddp-backend", "legacy_ddp"]
+    return [str(a) for a in (*args, *extra)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# launcher: one process trains a list of jobs through fairseq_cli.train.cli_main
+
+
+class _CpuDDP:
+    """torch DDP with device_ids/output_device dropped for CPU modules.
+
+    fairseq passes `device_ids=[device_id]` unconditionally (fairseq/models/distributed_fairseq_model.py:60-64),
+    which torch rejects for CPU modules; everything else about c10d is unchanged.
+    """
+
+    def __new__(cls, module, device_ids=None, output_device=None, **kwargs):
+        import torch
+
+        return torch.nn.parallel.DistributedDataParallel(module, **kwargs)
+
+
+def _run_job(job) -> None:
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq.models import distributed_fairseq_model
+    from fairseq_cli import train
+
+    state = {}
+    original_save = checkpoint_utils.save_checkpoint
+
+    def save_checkpoint(cfg, trainer, *args, **kwargs):
+        # every rank gets here; only rank 0 writes: keep this rank's own copy of the latest state
+        state["model"] = {k: v.detach().clone() for k, v in trainer.get_model().state_dict().items()}
+        state["optimizer"] = trainer.optimizer.state_dict()
+        state["num_updates"] = trainer.get_num_updates()
+        return original_save(cfg, trainer, *args, **kwargs)
+
+    original_ddp = distributed_fairseq_model.DistributedDataParallel
+    checkpoint_utils.save_checkpoint = save_checkpoint
+    if job.get("cpu_c10d"):
+        distributed_fairseq_model.DistributedDataParallel = _CpuDDP
+    if hasattr(original_save, "best"):  # fairseq keeps the best score on the function: per run here
+        del original_save.best
+    try:
+        sys.argv = ["fairseq-train", *job["argv"]]
+        train.cli_main()
+    finally:
+        checkpoint_utils.save_checkpoint = original_save
+        distributed_fairseq_model.DistributedDataParallel = original_ddp
+    if job.get("dump"):
+        torch.save(state, job["dump"])
+
+
+def launcher_main(jobs_file: str) -> None:
+    jobs = json.loads(Path(jobs_file).read_text())
+    for job in jobs:
+        print(f"{MARK} JOB {job['name']}", flush=True)
+        try:
+            _run_job(job)
+        except BaseException as err:  # noqa: BLE001  (SystemExit too: fairseq exits on some errors)
+            message = f"{type(err).__name__}: {err}".replace("\n", " ")
+            print(f"{MARK} ERROR {job['name']}: {message}", flush=True)
+            if not job.get("expect_error"):
+                traceback.print_exc()
+                sys.stdout.flush()
+                os._exit(1)  # a rank that stops makes its peers' collectives fail instead of hang
+    print(f"{MARK} DONE", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_launcher(jobs, workdir: Path, ranks=(None,), timeout=420):
+    """Run `jobs` in one launcher process per rank (rank None = not distributed); returns the outputs.
+
+    Distributed jobs get the gloo flags here; a job's argv must not carry them.
+    """
+    port = free_port()
+    procs = []
+    for rank in ranks:
+        rank_jobs = []
+        for job in jobs:
+            job = dict(job)
+            if rank is not None:
+                job["argv"] = [*job["argv"], "--distributed-world-size", str(len(ranks)),
+                               "--distributed-rank", str(rank), "--distributed-backend", "gloo",
+                               "--distributed-init-method", f"tcp://127.0.0.1:{port}",
+                               "--distributed-no-spawn"]
+                if job.get("dump"):
+                    job["dump"] = str(job["dump"]).format(rank=rank)
+            rank_jobs.append(job)
+        jobs_file = workdir / f"jobs_rank{rank}.json"
+        jobs_file.write_text(json.dumps(rank_jobs))
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "tests.test_distributed", str(jobs_file)], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0 and f"{MARK} DONE" in out, out[-8000:]
+    return outputs
+
+
+def split_by_job(output: str) -> dict:
+    """{job name: its part of a launcher's output}."""
+    parts, name = {}, None
+    for line in output.splitlines():
+        if line.startswith(f"{MARK} JOB "):
+            name = line[len(f"{MARK} JOB "):].strip()
+            parts[name] = []
+        elif name is not None:
+            parts[name].append(line)
+    return {k: "\n".join(v) for k, v in parts.items()}
+
+
+def job_error(part: str):
+    for line in part.splitlines():
+        if line.startswith(f"{MARK} ERROR "):
+            return line.split(": ", 1)[1]
+    return None
+
+
+def load_state(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def assert_states_equal(a, b, what=""):
+    """Bit-exact equality of nested dicts/lists of tensors and plain values."""
+    import torch
+
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), what
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), what
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), (what, sorted(a), sorted(b))
+        for k in a:
+            assert_states_equal(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_states_equal(x, y, f"{what}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), what
+    else:
+        assert a == b, (what, a, b)
+
+
+def train_records(part: str):
+    return [r for r in json_logs(part) if "num_updates" in r and "loss" in r]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the tests
+
+MAX_UPDATE = 4  # 48 examples / (2 ranks x 16) = 2 updates per epoch: the run crosses an epoch boundary
+
+
+def _job(name, method, data, tmp, *extra, expect_error=False, cpu_c10d=False):
+    sp, t2t = data
+    return {"name": name, "argv": method_argv(method, sp, t2t, tmp / name, MAX_UPDATE, *extra),
+            "dump": str(tmp / f"{name}.rank{{rank}}.pt"), "expect_error": expect_error, "cpu_c10d": cpu_c10d}
+
+
+# c10d without --find-unused-parameters: RoBERTa's lm_head gets no gradient in sentence prediction, so
+# every RoBERTa method fails; the hyperdecoder (frozen backbone: only used parameters are trainable) runs.
+C10D_NOFIND_FAILS = ["vanilla", "r3f"]
+C10D_NOFIND_RUNS = ["hyperdecoder", "hyperdecoder_r3f"]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = make_sp_data(tmp), make_t2t_data(tmp)
+    jobs = [_job(f"legacy_{m}", m, data, tmp) for m in METHODS]
+    jobs += [_job(f"c10d_{m}", m, data, tmp, "--ddp-backend", "c10d", "--find-unused-parameters", cpu_c10d=True)
+             for m in METHODS]
+    jobs += [_job(f"c10dnofind_{m}", m, data, tmp, "--ddp-backend", "c10d", cpu_c10d=True)
+             for m in C10D_NOFIND_RUNS]
+    # expected failures last: a run that dies mid-step is the only one that could leave a collective open
+    jobs.append(_job("c10d_stock_cpu", "vanilla", data, tmp, "--ddp-backend", "c10d", expect_error=True))
+    jobs += [_job(f"c10dnofind_{m}", m, data, tmp, "--ddp-backend", "c10d", cpu_c10d=True, expect_error=True)
+             for m in C10D_NOFIND_FAILS]
+    outputs = run_launcher(jobs, tmp, ranks=(0, 1))
+    return tmp, [split_by_job(o) for o in outputs]
+
+
+@pytest.mark.parametrize("name", [*(f"legacy_{m}" for m in METHODS), *(f"c10d_{m}" for m in METHODS),
+                                  *(f"c10dnofind_{m}" for m in C10D_NOFIND_RUNS)])
+def test_replicas_stay_bit_identical(ddp_runs, name):
+    tmp, (rank0, rank1) = ddp_runs
+    assert job_error(rank0[name]) is None and job_error(rank1[name]) is None
+    records = train_records(rank0[name])
+    assert [int(r["num_updates"]) for r in records] == list(range(1, MAX_UPDATE + 1)), rank0[name][-3000:]
+    assert all(math.isfinite(float(r["loss"])) for r in records)
+    a, b = load_state(tmp / f"{name}.rank0.pt"), load_state(tmp / f"{name}.rank1.pt")
+    assert a["num_updates"] == b["num_updates"] == MAX_UPDATE
+    assert_states_equal(a["model"], b["model"], "model")
+    assert_states_equal(a["optimizer"]["state"], b["optimizer"]["state"], "optimizer")
+    # training happened on both: the two ranks saw different batches, yet hold the same weights
+    assert float(records[0]["bsz"]) == 32  # the logged batch is the sum over the 2 ranks
+
+
+def test_method_specific_noise_really_ran_under_ddp(ddp_runs):
+    _, (rank0, _) = ddp_runs
+    for name, key in (("legacy_r3f", "r3f_noise_effective"), ("legacy_hype", "hype_noise_effective"),
+                      ("legacy_hyperdecoder_r3f", "r3f_noise_effective"),
+                      ("legacy_adamax_pats", "pats_frac_noised")):
+        values = [float(r[key]) for r in train_records(rank0[name]) if key in r]
+        assert values and min(values) > 0.3, (name, key, values)
+
+
+def test_c10d_on_cpu_fails_in_stock_fairseq(ddp_runs):
+    """What a user gets with `--ddp-backend c10d --cpu` (the default backend): torch's device_ids error."""
+    _, ranks = ddp_runs
+    for parts in ranks:
+        error = job_error(parts["c10d_stock_cpu"])
+        assert error and "device_ids" in error and "DistributedDataParallel" in error, error
+
+
+@pytest.mark.parametrize("method", C10D_NOFIND_FAILS)
+def test_c10d_roberta_needs_find_unused_parameters(ddp_runs, method):
+    _, (rank0, rank1) = ddp_runs
+    errors = [job_error(p[f"c10dnofind_{method}"]) for p in (rank0, rank1)]
+    assert all(e and "find_unused_parameters" in e for e in errors), errors
+
+
+if __name__ == "__main__":
+    launcher_main(sys.argv[1])
