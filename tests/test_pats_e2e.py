@@ -59,15 +59,13 @@ def assert_same_optimizer_state(a, b, updates):
     assert any("sensitivity" in s for s in a["state"].values())
 
 
-def test_sage_resume_exact_under_fp16_clipping_update_freq(data, tmp_path):
-    extra = [*SAGE, "--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "4", "--clip-norm", "0.5",
-             "--update-freq", "2"]
+def test_sage_resume_exact_with_clipping_update_freq(data, tmp_path):
+    # fp32: under --fp16 fairseq checkpoints only the fp16 weights, not FP16Optimizer's fp32 masters,
+    # so no optimizer resumes bit-exactly there (see README); --fp16 is covered by the DDP test.
+    extra = [*SAGE, "--clip-norm", "0.5", "--update-freq", "2"]
     straight, resumed, _ = straight_and_resumed(data, tmp_path, extra)
     assert_same_params(straight["model"], resumed["model"])
     assert_same_optimizer_state(straight["last_optimizer_state"], resumed["last_optimizer_state"], 4)
-    # FP16Optimizer: the optimizer state belongs to the fp32 master copies
-    assert all(s["exp_avg"].dtype == torch.float32
-               for s in straight["last_optimizer_state"]["state"].values())
 
 
 def test_noisytune_once_then_pats_resume_exact_memory_efficient_fp16(data, tmp_path):
@@ -135,7 +133,8 @@ train.cli_main()
 def test_ddp_replicas_stay_bit_identical(data, tmp_path):
     port = _free_port()
     args = sentence_prediction_args(
-        data, tmp_path / "ckpt", *PATS, "--distributed-world-size", "2",
+        data, tmp_path / "ckpt", *PATS, "--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "4",
+        "--distributed-world-size", "2",
         "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
         "--distributed-backend", "gloo", max_update=4)
     procs = []
