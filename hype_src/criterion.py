@@ -28,11 +28,11 @@ class HypeSentencePredictionConfig(SentencePredictionConfig, HypeConfig):
 class HypeSentencePredictionCriterion(RobustSentencePredictionCriterion):
     def __init__(self, cfg: HypeSentencePredictionConfig, task):
         super().__init__(cfg, task)
-        validate_hype_config(cfg)  # bad --hype-* values fail at startup, before any data is read
-        self.hype_cfg = cfg
+        # bad --hype-* values fail at startup, before any data is read
+        self.hype_settings = validate_hype_config(cfg)
 
     def forward(self, model, sample, reduce=True):
-        attach_hype(model, self.hype_cfg)
+        attach_hype(model, self.hype_settings)
         return super().forward(model, sample, reduce=reduce)
 
     def extra_terms(self, model, sample, logits, targets):

@@ -208,14 +208,15 @@ def _selected(n_layers: int, top: int, low: int) -> List[int]:
 
 
 def attach_hype(model: nn.Module, cfg) -> None:
-    """Install HyPe on `model` from the `--hype-*` flags of `cfg`.
+    """Install HyPe on `model` from the `--hype-*` flags of `cfg` (a config, or the `HypeSettings`
+    that `validate_hype_config` returned, which skips re-reading the config at every forward).
 
     Idempotent and cheap when called at every forward; re-installs if the flags changed; removes the
     hooks (vanilla model) when `cfg.hype_type == "none"`. Raises ValueError naming the flag when the
     flags do not fit the model (e.g. --hype-top-layers past its depth).
     """
     model = unwrap_model(model)
-    settings = hype_settings(cfg)
+    settings = cfg if isinstance(cfg, HypeSettings) else hype_settings(cfg)
     state: Optional[_HypeState] = model.__dict__.get("_hype_state")
     if state is not None:
         if state.settings == settings:
