@@ -42,7 +42,11 @@ def main(argv=None) -> int:
     kwargs = {k: v for k, v in vars(args).items()}
     try:
         preprocess(**kwargs)
-    except (GlueFormatError, ValueError, FileExistsError, FileNotFoundError) as e:
+    except GlueFormatError as e:
+        print(f"glue_preprocess: error: {e}\n(fix the row, or pass --skip-bad-rows to skip and count such rows)",
+              file=sys.stderr)
+        return 2
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"glue_preprocess: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -221,7 +221,8 @@ def _maybe_train_sentencepiece(tok: TokenizerSpec, task_splits, tmp: Path, vocab
 
 def _sentence_prediction_task(spec, splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_size):
     final = Path(out_dir) / f"{spec.name}-bin"
-    splits = [s for s in splits if s.examples]
+    all_splits = splits
+    splits = [s for s in splits if s.examples]  # missing files / everything skipped: reported, not written
     with atomic_dir(final, overwrite) as tmp:
         raw = tmp / ".raw"
         raw.mkdir()
@@ -278,8 +279,9 @@ def _sentence_prediction_task(spec, splits, tok, out_dir, srcdict, workers, over
             "srcdict": str(srcdict) if srcdict else None, "output": str(final),
             "num_classes": 1 if spec.regression else len(spec.labels),
             "regression": spec.regression, "labels": list(spec.labels) if spec.labels else None,
-            "splits": {s.name: s.info for s in splits}, "binarized": stats,
+            "splits": {s.name: s.info for s in all_splits}, "binarized": stats,
             "encode_seconds": round(encode_s, 3), "encoded_rows": n_rows,
+            "dict_and_binarize_seconds": round(time.time() - t0 - encode_s, 3),
         }
         _write_summary(tmp, summary)
     return summary
@@ -370,6 +372,7 @@ def _text2text(task_splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_
         (tmp / "tasks.json").write_text(json.dumps(meta, indent=2) + "\n")
         summary = {"format": "text2text", "output": str(final), "tokenizer": _describe(tok, tmp, final),
                    "splits": split_infos, "binarized": stats, "encode_seconds": round(encode_s, 3),
+                   "dict_and_binarize_seconds": round(time.time() - t0 - encode_s, 3),
                    "encoded_rows": n_rows}
         _write_summary(tmp, summary)
     return summary

@@ -2,7 +2,9 @@
 WordPiece tokens), each through its own library; parallel encoding over a process pool."""
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,7 @@ class TokenizerSpec:
     def describe(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, False)}  # keys: the flag names
 
+    @functools.lru_cache(maxsize=4)  # noqa: B019 (specs are few and immutable); keeps the BPE word cache
     def build(self):
         if self.kind == "gpt2":
             return _Gpt2(self.gpt2_encoder_json, self.gpt2_vocab_bpe)
@@ -100,6 +103,7 @@ _worker_tokenizer = None
 
 def _init_worker(spec: TokenizerSpec):
     global _worker_tokenizer
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per worker, no extra threads
     _worker_tokenizer = spec.build()
 
 

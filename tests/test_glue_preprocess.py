@@ -495,3 +495,38 @@ def test_text2text_mnli_splits_and_trained_sentencepiece(handmade_glue, tmp_path
     assert sp.decode_pieces(d.string(tgt[1]).split()) == "contradiction"  # dev_mismatched row 1: labels[(1+1)%3]
     assert (out / "valid_mnli_mm.gold").read_text().split() == ["1", "2", "0", "1"]
     assert (out / "train.task").read_text().split() == ["mnli"] * 12 + ["wnli"] * 6
+
+
+def test_missing_train_split_is_reported(tmp_path, gpt2_files):
+    """Like the shared copy (no QNLI/train.tsv): dev/test are still binarized, the gap is in the summary."""
+    glue = tmp_path / "glue"
+    header = ["index", "question", "sentence", "label"]
+    _tsv(glue / "QNLI" / "dev.tsv", [header] + [[str(i), "is the cat on the mat ?", '" the cat sat .', "entailment"]
+                                                for i in range(7)])
+    _tsv(glue / "QNLI" / "test.tsv", [header[:3], ["0", "is it good ?", "it is bad ."]])
+    vocab = make_tiny_wordpiece_vocab(tmp_path / "vocab.txt")
+    res = preprocess(glue, "QNLI", tmp_path / "out", "wordpiece", wordpiece_vocab=str(vocab), log=lambda s: None)
+    splits = res["tasks"]["QNLI"]["splits"]
+    assert splits["train"]["missing"] and splits["valid"]["rows_written"] == 7
+    out = tmp_path / "out" / "QNLI-bin"
+    assert not (out / "input0" / "train.bin").exists() and (out / "label" / "valid.bin").exists()
+    assert json.loads((out / "summary.json").read_text())["splits"]["train"]["missing"]
+    with pytest.raises(ValueError, match="needs a train split to learn from"):
+        preprocess(glue, "QNLI", tmp_path / "out2", "sentencepiece", log=lambda s: None)
+    with pytest.raises(ValueError, match="no train split to build a dictionary from; pass --srcdict"):
+        preprocess(glue, "QNLI", tmp_path / "out2", **_gpt2_kwargs(gpt2_files), log=lambda s: None)
+    assert not (tmp_path / "out2" / "QNLI-bin").exists()
+
+
+@needs_glue
+def test_workers_give_identical_output(tmp_path):
+    vocab = make_tiny_wordpiece_vocab(tmp_path / "vocab.txt")
+    for w in (1, 2):
+        preprocess(GLUE_DIR, "CoLA", tmp_path / f"w{w}", "wordpiece", wordpiece_vocab=str(vocab), workers=w,
+                   log=lambda s: None)
+    one, two = tmp_path / "w1" / "CoLA-bin", tmp_path / "w2" / "CoLA-bin"
+    files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file() and p.name != "summary.json")
+    assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file() and p.name != "summary.json")
+    assert Path("input0/train.bin") in files
+    for f in files:
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
