@@ -27,7 +27,7 @@ def build(*extra, arch="roberta_base", layers=2, eps="0.1", hype_type="normal"):
             "--encoder-layers", str(layers), "--encoder-embed-dim", str(C), "--encoder-ffn-embed-dim", "128",
             "--encoder-attention-heads", "2", "--max-positions", "64",
             *(["--decoder-layers", str(layers), "--decoder-embed-dim", str(C), "--decoder-ffn-embed-dim", "128",
-               "--decoder-attention-heads", "2"] if arch.startswith("bart") else []),
+               "--decoder-attention-heads", "2"] if "bart" in arch else []),
             "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
             "--hype-type", hype_type, "--hype-eps", eps, *extra]
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
@@ -262,6 +262,24 @@ def test_encoder_decoder_layers_with_hype_decoder():
                 assert noise.std().item() == pytest.approx(0.1, rel=0.05)
             else:
                 assert noise.abs().max() == 0
+
+
+def test_hyperdecoder_arch_gets_encoder_and_decoder_noise():
+    try:
+        import hyperdecoder_src  # noqa: F401
+        from fairseq.models import ARCH_MODEL_REGISTRY
+    except Exception as err:  # built in parallel: runs once the package imports
+        pytest.skip(f"hyperdecoder_src not importable yet: {err}")
+    if "hyperdecoder_bart_tiny" not in ARCH_MODEL_REGISTRY:
+        pytest.skip("hyperdecoder_bart_tiny is not registered yet")
+    model, _, cfg = build("--hype-decoder", arch="hyperdecoder_bart_tiny")
+    model.train()
+    attach_hype(model, cfg)
+    enc, dec = Recorder(model.encoder.layers), Recorder(model.decoder.layers)
+    model(**bart_input(make_sample()), features_only=True)
+    assert len(dec.noisy) == 2 and len(enc.noisy) >= 2  # generated encoder adapters: 2 encoder passes
+    for noise in enc.noise() + dec.noise():
+        assert noise.std().item() == pytest.approx(0.1, rel=0.05)
 
 
 def test_intermediate_on_decoder_uses_post_cross_attention_norm():
