@@ -530,3 +530,20 @@ def test_workers_give_identical_output(tmp_path):
     assert Path("input0/train.bin") in files
     for f in files:
         assert (one / f).read_bytes() == (two / f).read_bytes(), f
+
+
+@needs_glue
+def test_stsb_regression_end_to_end_fairseq_train(tmp_path):
+    vocab = make_tiny_wordpiece_vocab(tmp_path / "vocab.txt")
+    preprocess(GLUE_DIR, "STS-B", tmp_path, "wordpiece", wordpiece_vocab=str(vocab), train_subset_size=48,
+               dev_from_train=32, log=lambda s: None)
+    data = tmp_path / "STS-B-bin"
+    args = sentence_prediction_args(data, tmp_path / "ckpt", "--regression-target", "--shorten-method", "truncate",
+                                    num_classes=1, max_update=3)
+    # --init-token/--separator-token stay as RoBERTa's; wordpiece ids map [CLS]/[SEP] onto them (README)
+    proc = run_tool("fairseq-train", *args)
+    logs = proc.stdout + proc.stderr
+    assert f"loaded 32 examples from: {data / 'input0' / 'valid'}" in logs  # the carved dev split
+    assert f"loaded 48 examples from: {data / 'input1' / 'train'}" in logs
+    valid = json_logs(logs, prefix="valid_")
+    assert valid and 0.0 < float(valid[-1]["valid_loss"]) < 100.0  # MSE on targets in [0, 1]
