@@ -13,7 +13,6 @@ import torch
 from fairseq import utils
 from fairseq.data import BaseWrapperDataset, ConcatDataset, LanguagePairDataset, encoders
 from fairseq.logging import metrics
-from fairseq.logging.meters import Meter
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_langpair_dataset
 
@@ -57,30 +56,6 @@ class GlueLabelsDataset(BaseWrapperDataset):
             batch["glue_task"] = torch.from_numpy(self.task_ids[ids])
             batch["glue_gold"] = torch.from_numpy(self.golds[ids])
         return batch
-
-
-class PairsMeter(Meter):
-    """(prediction, gold) pairs of one evaluation, for Spearman (a rank statistic is not summable)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.preds, self.golds = [], []
-
-    def update(self, preds, golds):
-        self.preds.extend(preds)
-        self.golds.extend(golds)
-
-    def state_dict(self):
-        return {"preds": self.preds, "golds": self.golds}
-
-    def load_state_dict(self, state_dict):
-        self.preds, self.golds = list(state_dict["preds"]), list(state_dict["golds"])
-
-    @property
-    def smoothed_value(self):
-        return len(self.preds)
 
 
 def _read_lines(path):
@@ -200,8 +175,9 @@ class HyperdecoderGlueTask(TranslationTask):
             return text
         return self.bpe.decode(text)
 
-    def score_batch(self, sample, model, scorer: GlueScorer):
-        """Generate answers for one batch and add them to `scorer`."""
+    def score_batch(self, sample, model, scorer: GlueScorer, records=None):
+        """Generate answers for one batch and add them to `scorer` (and (id, task, prediction, gold)
+        tuples to `records` when given)."""
         if "glue_task" not in sample:
             raise ValueError("--hyperdecoder-eval-glue: this batch has no task ids; the split needs "
                              "<split>.task and <split>.gold files")
@@ -210,6 +186,8 @@ class HyperdecoderGlueTask(TranslationTask):
             task = TASKS[int(sample["glue_task"][i])]
             prediction = self.decode_tokens(hyps[0]["tokens"])
             scorer.add(task, prediction, float(sample["glue_gold"][i]))
+            if records is not None:
+                records.append((int(sample["id"][i]), task, prediction, float(sample["glue_gold"][i])))
             if self.cfg.hyperdecoder_print_samples and i == 0:
                 logger.info("example %s prediction %r gold %s", task, prediction, float(sample["glue_gold"][i]))
         return scorer
@@ -238,8 +216,10 @@ class HyperdecoderGlueTask(TranslationTask):
             for k, v in totals.items():
                 metrics.log_scalar_sum(k, v)
             for log in logging_outputs:
-                if pairs_key(task) in log:
-                    metrics.log_custom(PairsMeter, pairs_key(task), *log[pairs_key(task)])
+                if pairs_key(task) in log and len(log[pairs_key(task)][0]):
+                    # a built-in meter: fairseq checkpoints the meters and restores them by class name
+                    metrics.log_concat_tensor(pairs_key(task), torch.tensor(
+                        list(zip(*log[pairs_key(task)])), dtype=torch.float64))
             if totals[f"_hd_{task}_n"] > 0:
                 seen.append(task)
         if not seen:
@@ -247,8 +227,8 @@ class HyperdecoderGlueTask(TranslationTask):
 
         def scores(meters):
             counts = {k: meters[k].sum for t in TASKS for k in count_keys(t) if k in meters}
-            pairs = {t: (meters[pairs_key(t)].preds, meters[pairs_key(t)].golds)
-                     for t in TASKS if pairs_key(t) in meters}
+            pairs = {t: (meters[pairs_key(t)].tensor[:, 0].tolist(), meters[pairs_key(t)].tensor[:, 1].tolist())
+                     for t in TASKS if pairs_key(t) in meters and meters[pairs_key(t)].tensor is not None}
             return glue_scoring.scores_from_counts(counts, pairs)
 
         for task in seen:
