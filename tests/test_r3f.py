@@ -49,9 +49,17 @@ def hand_symmetric_kl(logits_p, logits_q):
     return (p * (log_p - log_q)).sum(-1) + (q * (log_q - log_p)).sum(-1)
 
 
+def shared_cls_data(tmp_path_factory):
+    """One binarized toy classification set per pytest session, shared by the R3F and R4F test files."""
+    root = tmp_path_factory.getbasetemp() / "rxf_cls_data"
+    if not (root / "bin" / "label" / "valid.bin").exists():
+        make_sentence_prediction_data(root)
+    return root / "bin"
+
+
 @pytest.fixture(scope="module")
 def cls_data(tmp_path_factory):
-    return make_sentence_prediction_data(tmp_path_factory.mktemp("r3f_cls"))
+    return shared_cls_data(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,94 @@
+"""R4F (--spectral-norm-classification-head, rxf_src/r4f.py): train, save, resume, reload for inference,
+and the paper's variant that also normalises the head's dense layer."""
+import pytest
+import torch
+from fairseq.models.roberta import RobertaModel
+
+import rxf_src  # noqa: F401  (installs the spectral-norm-aware state-dict upgrade)
+from rxf_src.r4f import is_spectral_normed
+from tests.fairseq_helpers import REPO, json_logs, run_tool, sentence_prediction_args
+from tests.test_r3f import HEAD, build, shared_cls_data
+
+PREFIX = f"classification_heads.{HEAD}."
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return shared_cls_data(tmp_path_factory)
+
+
+def train(data, save_dir, *extra, max_update=4):
+    args = sentence_prediction_args(data, save_dir, "--spectral-norm-classification-head", "--eps", "1e-2", *extra,
+                                    criterion="sentence_prediction_r3f", max_update=max_update)
+    return json_logs(run_tool("fairseq-train", *args).stdout)
+
+
+def load_state(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def eval_normalised(state, name):
+    """W / (u^T W v): the matrix torch's spectral_norm uses in eval, from the saved tensors."""
+    w, u, v = (state[PREFIX + f"{name}.weight{s}"] for s in ("_orig", "_u", "_v"))
+    return w / torch.dot(u, w @ v)
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["out_proj", "paper_all_matrices"])
+def test_train_resume_and_reload_for_inference(data, tmp_path, dense):
+    extra = ["--r4f-spectral-norm-dense"] if dense else []
+    first = train(data, tmp_path, *extra)
+    assert [int(r["num_updates"]) for r in first if "symm_kl" in r] == [1, 2, 3, 4]
+    state = load_state(tmp_path / "checkpoint_last.pt")
+    normalised = [n for n in ("dense", "out_proj") if PREFIX + f"{n}.weight_orig" in state]
+    assert normalised == (["dense", "out_proj"] if dense else ["out_proj"])
+
+    resumed = train(data, tmp_path, *extra, max_update=6)  # fairseq's reference: KeyError ...out_proj.weight
+    assert [int(r["num_updates"]) for r in resumed if "symm_kl" in r] == [5, 6]
+
+    hub = RobertaModel.from_pretrained(str(tmp_path), checkpoint_file="checkpoint_last.pt",
+                                       data_name_or_path=str(data), user_dir=str(REPO / "robustft"),
+                                       bpe=None)  # toy words: no GPT-2 BPE (it would download)
+    hub.eval()
+    head = hub.model.classification_heads[HEAD]
+    assert is_spectral_normed(head.out_proj) and is_spectral_normed(head.dense) == dense
+    state = load_state(tmp_path / "checkpoint_last.pt")
+    for name in normalised:
+        with torch.no_grad():
+            head(torch.zeros(1, 1, head.dense.in_features))  # eval forward recomputes .weight from u, v
+        torch.testing.assert_close(getattr(head, name).weight, eval_normalised(state, name))
+    tokens = hub.task.source_dictionary.encode_line("<s> w1 w2 w3 </s> </s> w4 w5", add_if_not_exist=False).long()
+    log_probs = hub.predict(HEAD, tokens)
+    assert log_probs.shape == (1, 2) and torch.isfinite(log_probs).all()
+    assert torch.exp(log_probs).sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_stock_upgrade_fails_and_ours_converts_normalised_heads_to_plain(data, tmp_path):
+    """The defect the plugin fixes, and loading an R4F head into a plain head as the matrix it represents."""
+    argv = sentence_prediction_args(data, tmp_path, "--spectral-norm-classification-head",
+                                    "--r4f-spectral-norm-dense", criterion="sentence_prediction_r3f")
+    _, r4f_model, _, sample = build(argv)
+    r4f_model.train()
+    for _ in range(3):  # a few power iterations so u, v are not at their random init
+        r4f_model(**sample["net_input"], features_only=True, classification_head_name=HEAD)
+    r4f_model.eval()
+    saved = {k: v.clone() for k, v in r4f_model.state_dict().items()}
+
+    with pytest.raises(KeyError, match="out_proj.weight"):
+        RobertaModel.upgrade_state_dict_named.__wrapped__(r4f_model, dict(saved), "")
+
+    _, plain_model, _, _ = build(sentence_prediction_args(data, tmp_path, criterion="sentence_prediction_r3f"))
+    plain_model.load_state_dict(dict(saved))  # strict
+    plain_model.eval()
+    head = plain_model.classification_heads[HEAD]
+    for name in ("dense", "out_proj"):
+        torch.testing.assert_close(getattr(head, name).weight, eval_normalised(saved, name))
+    with torch.no_grad():
+        expected, _ = r4f_model(**sample["net_input"], features_only=True, classification_head_name=HEAD)
+        got, _ = plain_model(**sample["net_input"], features_only=True, classification_head_name=HEAD)
+    torch.testing.assert_close(got, expected)
+
+
+def test_dense_flag_requires_spectral_norm_flag(data, tmp_path):
+    argv = sentence_prediction_args(data, tmp_path, "--r4f-spectral-norm-dense", criterion="sentence_prediction_r3f")
+    with pytest.raises(ValueError, match="--r4f-spectral-norm-dense.*--spectral-norm-classification-head"):
+        build(argv)
