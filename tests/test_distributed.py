@@ -359,5 +359,26 @@ def test_c10d_roberta_needs_find_unused_parameters(ddp_runs, method):
     assert all(e and "find_unused_parameters" in e for e in errors), errors
 
 
+# ---------------------------------------------------------------------------------------------------
+# scripts/fp16_check.py is GPU-only; its --cpu-smoke mode runs the same code path on CPU
+
+
+def test_fp16_check_script_cpu_smoke(tmp_path):
+    out = tmp_path / "fp16"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fp16_check.py"), "--out-dir", str(out),
+                           "--cpu-smoke"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=420)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(r["method"], r["mode"]) for r in summary["results"]] == [
+        (m, "memory_efficient_fp16") for m in METHODS]
+    for r in summary["results"]:
+        assert r["ok"] and r["updates"] == 2, r
+    noise = {r["method"]: r["noise"] for r in summary["results"]}
+    for method, key in (("r3f", "r3f_noise_effective"), ("hype", "hype_noise_effective"),
+                        ("adamax_pats", "pats_frac_noised"), ("hyperdecoder_r3f", "r3f_noise_effective")):
+        assert 0.0 < noise[method][key]["mean"] <= 1.0, (method, noise[method])
+
+
 if __name__ == "__main__":
     launcher_main(sys.argv[1])
