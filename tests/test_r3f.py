@@ -281,3 +281,40 @@ def test_end_to_end_composes_with_hype(cls_data, tmp_path):
     inner = [r for r in json_logs(out) if "symm_kl" in r]
     assert inner and all(float(r["symm_kl"]) > 0 for r in inner)
     assert all("hype_noise_effective" in r for r in inner)
+
+
+# -- BART classification heads (eos pooling, encoder-decoder) ------------------------------------------
+TINY_BART = ["--arch", "bart_base", "--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64",
+             "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
+             "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--add-prev-output-tokens"]
+
+
+def bart_classification_argv(data, tmp_path, *extra):
+    # later --arch flags override the helper's tiny RoBERTa
+    return r3f_argv(data, tmp_path, *TINY_BART, *extra)
+
+
+def test_bart_classification_head_gets_encoder_noise(cls_data, tmp_path):
+    _, model, criterion, sample = build(bart_classification_argv(cls_data, tmp_path))
+    assert type(model).__name__ == "BARTModel" and "prev_output_tokens" in sample["net_input"]
+    model.train()
+    kls = []
+    for eps in (0.0, 1e-2, 1e-1):
+        criterion.eps = eps
+        torch.manual_seed(3)
+        _, _, log = criterion(model, sample)
+        kls.append(log["symm_kl"].item())
+    assert kls[0] == 0.0 and 0 < kls[1] < kls[2], kls
+
+    # the same value as noising BART's token_embeddings (which BART's forward honours)
+    criterion.eps = 0.05
+    torch.manual_seed(9)
+    _, _, log = criterion(model, sample)
+    net_input = sample["net_input"]
+    clean, _ = model(**net_input, features_only=True, classification_head_name=HEAD)
+    embeddings = model.encoder.embed_tokens(net_input["src_tokens"])
+    torch.manual_seed(9)
+    noise = torch.empty(embeddings.shape).uniform_(-0.05, 0.05)
+    noisy, _ = model(**net_input, features_only=True, classification_head_name=HEAD,
+                     token_embeddings=embeddings + noise)
+    assert log["symm_kl"].item() == pytest.approx(hand_symmetric_kl(clean, noisy).sum(), rel=1e-4)

@@ -92,3 +92,26 @@ def test_dense_flag_requires_spectral_norm_flag(data, tmp_path):
     argv = sentence_prediction_args(data, tmp_path, "--r4f-spectral-norm-dense", criterion="sentence_prediction_r3f")
     with pytest.raises(ValueError, match="--r4f-spectral-norm-dense.*--spectral-norm-classification-head"):
         build(argv)
+
+
+def test_bart_r4f_state_reloads(data, tmp_path):
+    """BARTModel's upgrade has the same out_proj.weight lookup; a normalised BART head reloads strictly."""
+    from tests.test_r3f import bart_classification_argv
+
+    argv = bart_classification_argv(data, tmp_path, "--spectral-norm-classification-head", "--r4f-spectral-norm-dense")
+    _, model, _, sample = build(argv)
+    model.train()
+    model(**sample["net_input"], features_only=True, classification_head_name=HEAD)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    assert PREFIX + "out_proj.weight_orig" in saved and PREFIX + "dense.weight_orig" in saved
+    with pytest.raises(KeyError, match="out_proj.weight"):
+        type(model).upgrade_state_dict_named.__wrapped__(model, dict(saved), "")
+
+    _, fresh, _, _ = build(argv)
+    fresh.load_state_dict(dict(saved))  # strict
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        expected, _ = model(**sample["net_input"], features_only=True, classification_head_name=HEAD)
+        got, _ = fresh(**sample["net_input"], features_only=True, classification_head_name=HEAD)
+    torch.testing.assert_close(got, expected)
