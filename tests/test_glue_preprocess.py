@@ -418,7 +418,7 @@ def test_text2text_trains_with_fairseq_translation(t2t, tmp_path):
         "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "16", "--max-update", "3",
         "--valid-subset", "valid_rte,valid_stsb", "--save-dir", tmp_path / "ckpt", "--no-save",
         "--log-format", "json", "--log-interval", "1", "--num-workers", "0", "--max-source-positions", "1024",
-        "--skip-invalid-size-inputs-valid-test",
+        "--skip-invalid-size-inputs-valid-test", "--max-valid-steps", "3",
     )
     logs = proc.stdout + proc.stderr
     assert json_logs(logs, prefix="valid_rte_") and json_logs(logs, prefix="valid_stsb_")
@@ -547,3 +547,28 @@ def test_stsb_regression_end_to_end_fairseq_train(tmp_path):
     assert f"loaded 48 examples from: {data / 'input1' / 'train'}" in logs
     valid = json_logs(logs, prefix="valid_")
     assert valid and 0.0 < float(valid[-1]["valid_loss"]) < 100.0  # MSE on targets in [0, 1]
+
+
+@needs_glue
+def test_same_bytes_as_fairseq_roberta_recipe(rte_gpt2, gpt2_files, tmp_path):
+    """fairseq's own route (examples/roberta/multiprocessing_bpe_encoder.py + fairseq-preprocess --srcdict,
+    on a column cut from the tsv) gives byte-identical input files for the RTE dev split (run in-process)."""
+    from argparse import Namespace
+
+    from fairseq import options
+    from fairseq.examples.roberta.multiprocessing_bpe_encoder import MultiprocessingEncoder
+    from fairseq_cli.preprocess import main as fairseq_preprocess
+
+    rows = _read_tsv(GLUE_DIR / "RTE" / "dev.tsv")[1:]
+    encoder = MultiprocessingEncoder(Namespace(encoder_json=str(gpt2_files[0]), vocab_bpe=str(gpt2_files[1]),
+                                               keep_empty=True))
+    encoder.initializer()
+    status, lines = encoder.encode_lines([r[2] for r in rows])
+    assert status == "PASS"
+    (tmp_path / "dev.input1").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    args = options.get_preprocessing_parser().parse_args([
+        "--only-source", "--validpref", str(tmp_path / "dev.input1"), "--destdir", str(tmp_path / "ref"),
+        "--srcdict", str(rte_gpt2 / "input0" / "dict.txt"), "--workers", "1"])
+    fairseq_preprocess(args)
+    for ext in ("bin", "idx"):
+        assert (tmp_path / "ref" / f"valid.{ext}").read_bytes() == (rte_gpt2 / "input1" / f"valid.{ext}").read_bytes()
