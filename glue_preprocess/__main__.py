@@ -16,7 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
         "See glue_preprocess/README.md.",
     )
     p.add_argument("--glue-dir", required=True, help="GLUE release folder (CoLA/, SST-2/, MRPC/, ...)")
-    p.add_argument("--tasks", required=True, help=f"comma-separated: {','.join(TASKS)} or 'all'")
+    p.add_argument("--tasks", required=True, help=f"comma-separated: {','.join(TASKS)}, or 'all' (every task folder present)")
     p.add_argument("--output-dir", required=True, help="writes <TASK>-bin/ or text2text-bin/ here")
     p.add_argument("--tokenizer", required=True, choices=TOKENIZERS)
     p.add_argument("--format", default="sentence_prediction", choices=FORMATS)

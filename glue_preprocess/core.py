@@ -392,8 +392,8 @@ def preprocess(glue_dir, tasks, output_dir, tokenizer, format="sentence_predicti
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
     if isinstance(tasks, str):
         tasks = [t for t in tasks.split(",") if t.strip()]
-    if [t.lower() for t in tasks] == ["all"]:
-        tasks = list(TASKS)
+    if [t.strip().lower() for t in tasks] == ["all"]:
+        tasks = [name for name in TASKS if (Path(glue_dir) / name).is_dir()]  # every task folder present
     if not tasks:
         raise ValueError("--tasks: give at least one task, e.g. --tasks RTE,MRPC")
     specs = []

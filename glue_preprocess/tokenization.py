@@ -35,6 +35,14 @@ class TokenizerSpec:
             )
         if self.kind == "sentencepiece" and self.sentencepiece_model and not Path(self.sentencepiece_model).is_file():
             raise ValueError(f"--sentencepiece-model: no such file {self.sentencepiece_model!r}")
+        if self.kind == "sentencepiece" and not self.sentencepiece_model:
+            return  # trained later on the train split
+        flag = {"gpt2": "--gpt2-encoder-json/--gpt2-vocab-bpe", "sentencepiece": "--sentencepiece-model",
+                "wordpiece": "--wordpiece-vocab"}[self.kind]
+        try:
+            self.build()
+        except Exception as e:  # library errors (bad json, missing [SEP], ...) reported against the flag
+            raise ValueError(f"{flag}: cannot load the {self.kind} tokenizer: {type(e).__name__}: {e}") from e
 
     def describe(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if v not in (None, False)}  # keys: the flag names

@@ -235,6 +235,9 @@ def test_bad_header_and_flags(tmp_path, gpt2_files):
         preprocess(glue, "RTE", tmp_path / "out", "gpt2", gpt2_encoder_json=str(gpt2_files[0]))
     with pytest.raises(ValueError, match="--wordpiece-vocab"):
         preprocess(glue, "RTE", tmp_path / "out", "wordpiece")
+    (tmp_path / "nosep.txt").write_text("[PAD]\n[UNK]\nthe\n")
+    with pytest.raises(ValueError, match="--wordpiece-vocab: cannot load the wordpiece tokenizer"):
+        preprocess(glue, "RTE", tmp_path / "out", "wordpiece", wordpiece_vocab=str(tmp_path / "nosep.txt"))
 
 
 def test_interrupted_run_leaves_nothing(tmp_path, gpt2_files, monkeypatch):
