@@ -6,7 +6,6 @@ train mode (independent dropout), gradients through both; eval runs the clean pa
 
 from dataclasses import dataclass, field
 
-import torch
 from fairseq.criterions import register_criterion
 from fairseq.criterions.sentence_prediction import SentencePredictionConfig
 from fairseq.dataclass import ChoiceEnum

@@ -2,7 +2,6 @@
 computation, noise reaching the encoder, no noise at eval, fp16 effectiveness, STS-B, end-to-end runs."""
 import math
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
