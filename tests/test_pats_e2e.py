@@ -1,4 +1,6 @@
 """End-to-end `fairseq-train` runs of adamax_pats, adamax_sage and NoisyTune (tiny RoBERTa, CPU)."""
+import json
+import runpy
 import socket
 import subprocess
 import sys
@@ -6,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from tests.fairseq_helpers import (BIN, json_logs, make_sentence_prediction_data, run_tool,
+from tests.fairseq_helpers import (BIN, REPO, json_logs, make_sentence_prediction_data, run_tool,
                                    sentence_prediction_args)
 
 PATS = ["--optimizer", "adamax_pats", "--pats-noise", "1e-3", "--pats-log-stats"]
@@ -66,6 +68,15 @@ def test_sage_resume_exact_with_clipping_update_freq(data, tmp_path):
     straight, resumed, _ = straight_and_resumed(data, tmp_path, extra)
     assert_same_params(straight["model"], resumed["model"])
     assert_same_optimizer_state(straight["last_optimizer_state"], resumed["last_optimizer_state"], 4)
+    # Fig. 2 script: its per-tensor summary of the EMA matches the optimizer state it came from
+    script = runpy.run_path(str(REPO / "scripts" / "pats_sensitivity.py"))
+    script["main"]([str(tmp_path / "straight" / "checkpoint_last.pt"), "--out", str(tmp_path / "fig2")])
+    report = json.loads((tmp_path / "fig2" / "sensitivity.json").read_text())
+    assert len(report["per_tensor"]) == 24  # 2 layers x {q,k,v,out,fc1,fc2} x {weight,bias}
+    first = report["per_tensor"]["encoder.sentence_encoder.layers.0.self_attn.k_proj.weight"]
+    ema0 = straight["last_optimizer_state"]["state"][0]["sensitivity"]
+    assert first["mean"] == pytest.approx(ema0.double().mean().item(), rel=1e-6)
+    assert (tmp_path / "fig2" / "sensitivity.png").stat().st_size > 0
 
 
 def test_noisytune_once_then_pats_resume_exact_memory_efficient_fp16(data, tmp_path):
