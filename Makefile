@@ -5,21 +5,20 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
-FAIRSEQ_DIST := fairseq-fixed==0.12.3.1
 PYTEST_ARGS ?=
 
 .PHONY: install test demo clean
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt requirements-test.txt setup.py
+$(STAMP): requirements.txt requirements-test.txt requirements-nodeps.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch only if absent: a preinstalled (e.g. CUDA) build is kept as it is.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==$(TORCH_VERSION)
 	$(PIP) install -r requirements.txt -r requirements-test.txt
-	# fairseq without its declared deps (torchaudio would pull another torch) and built
-	# against the torch installed above (no build isolation).
-	$(PY) -c "import fairseq" 2>/dev/null || $(PIP) install --no-deps --no-build-isolation $(FAIRSEQ_DIST)
+	# fairseq without its declared deps (torchaudio would pull another torch), built against the
+	# torch installed above (no build isolation); pip skips what is already at the pinned version.
+	$(PIP) install --no-deps --no-build-isolation -r requirements-nodeps.txt
 	$(PIP) install --no-deps --no-build-isolation -e .
 	$(PY) -c "import robustft"
 	touch $(STAMP)
