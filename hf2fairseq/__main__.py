@@ -1,0 +1,5 @@
+import sys
+
+from hf2fairseq.convert import main
+
+sys.exit(main())

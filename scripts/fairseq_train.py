@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""`fairseq-train` with the `hf_bert` model registered (converted BERT-family checkpoints, exact LayerNorm eps).
+
+Same flags as fairseq-train; add `--user-dir robustft` for the methods as usual. Registering the model
+before fairseq parses `--arch` is why this launcher exists (fairseq accepts a single --user-dir).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works without `pip install -e .`
+import hf2fairseq  # noqa: E402,F401  (registers --arch hf_bert; also in spawned workers: module level)
+from fairseq_cli.train import cli_main  # noqa: E402
+
+if __name__ == "__main__":
+    cli_main()
