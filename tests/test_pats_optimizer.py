@@ -305,3 +305,29 @@ def test_names_recovered_by_tags_or_published_list():
         assert param_filters.names_for_params(copies[:1]) is None  # a flat buffer: no names
     param_filters.tag_parameter_names(model, prefixes=["m."])
     assert param_filters.names_for_params(list(model.parameters()))[0] == "m.0.weight"
+
+
+def _wrapper_cfg(**overrides):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from pats_src.optim import AdamaxPatsConfig
+
+    values = {f.name: f.default for f in dataclasses.fields(AdamaxPatsConfig)}
+    values.update(lr=[1e-3], seed=1, restore_file="checkpoint_last.pt", finetune_from_model=None,
+                  save_dir="/nonexistent", **overrides)
+    return SimpleNamespace(**values)
+
+
+def test_fairseq_wrapper_errors_name_the_flag():
+    from pats_src.optim import FairseqAdamaxPats
+
+    flat = [torch.zeros(10, requires_grad=True)]  # what --fp16 without --fp16-no-flatten-grads hands over
+    with pytest.raises(ValueError, match="--fp16-no-flatten-grads"):
+        FairseqAdamaxPats(_wrapper_cfg(), flat)
+    with pytest.raises(ValueError, match=r"--pats-prob: must be in \[0, 1\], got 1.5"):
+        FairseqAdamaxPats(_wrapper_cfg(pats_prob=1.5), flat)
+    with pytest.raises(ValueError, match="--noisytune-lambda"):
+        FairseqAdamaxPats(_wrapper_cfg(pats_noise=0.0, noisytune_lambda=0.15), flat)
+    # noise off needs no names: plain Adamax on whatever it gets
+    assert FairseqAdamaxPats(_wrapper_cfg(pats_noise=0.0), flat).supports_flat_params is False
