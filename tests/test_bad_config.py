@@ -78,6 +78,9 @@ SENTENCE_PREDICTION_XFAIL = {
     ("pats_eps_inf", (*PATS, "--pats-eps", "inf"), "--pats-eps"):
         "pats_src/optim.py:220 checks only pats_eps > 0; inf passes and sigma*sbar_W/(sbar_j+inf) = 0 turns "
         "PATS noise off silently (same for --sage-eps at :245); use require_positive (finite)",
+    ("sage_eps_inf", (*SAGE, "--sage-eps", "inf"), "--sage-eps"):
+        "pats_src/optim.py:245 checks only sage_eps > 0; inf passes and the SAGE factor |I-Ibar|/(Ibar+e) "
+        "(pats_src/sensitivity_adamax.py:223) becomes 0: the selected parameters silently stop training",
 }
 
 HD = ["--criterion", "label_smoothed_cross_entropy"]

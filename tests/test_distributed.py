@@ -107,6 +107,9 @@ SEQ2SEQ_METHODS = {
                          "--eps", "1e-2"],
 }
 METHODS = [*SENTENCE_PREDICTION_METHODS, *SEQ2SEQ_METHODS]
+# methods combined in one run, with gradient accumulation (c10d's no_sync path)
+COMBO = ["--criterion", "sentence_prediction_r3f", "--eps", "1e-2", "--hype-type", "normal", "--hype-eps", "1e-2",
+         "--optimizer", "adamax_pats", "--pats-noise", "1e-3", "--update-freq", "2", "--batch-size", "8"]
 
 
 def method_argv(method: str, sp_data: Path, t2t_data: Path, save_dir: Path, max_update: int, *extra):
@@ -195,7 +198,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_launcher(jobs, workdir: Path, ranks=(None,), timeout=420):
+def run_launcher(jobs, workdir: Path, ranks=(None,), timeout=900):
     """Run `jobs` in one launcher process per rank (rank None = not distributed); returns the outputs.
 
     Distributed jobs get the gloo flags here; a job's argv must not carry them.
@@ -311,6 +314,9 @@ def ddp_runs(tmp_path_factory):
              for m in METHODS]
     jobs += [_job(f"c10dnofind_{m}", m, data, tmp, "--ddp-backend", "c10d", cpu_c10d=True)
              for m in C10D_NOFIND_RUNS]
+    jobs += [_job("legacy_combo", "vanilla", data, tmp, *COMBO),
+             _job("c10d_combo", "vanilla", data, tmp, *COMBO, "--ddp-backend", "c10d", "--find-unused-parameters",
+                  cpu_c10d=True)]
     # expected failures last: a run that dies mid-step is the only one that could leave a collective open
     jobs.append(_job("c10d_stock_cpu", "vanilla", data, tmp, "--ddp-backend", "c10d", expect_error=True))
     jobs += [_job(f"c10dnofind_{m}", m, data, tmp, "--ddp-backend", "c10d", cpu_c10d=True, expect_error=True)
@@ -320,7 +326,7 @@ def ddp_runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", [*(f"legacy_{m}" for m in METHODS), *(f"c10d_{m}" for m in METHODS),
-                                  *(f"c10dnofind_{m}" for m in C10D_NOFIND_RUNS)])
+                                  *(f"c10dnofind_{m}" for m in C10D_NOFIND_RUNS), "legacy_combo", "c10d_combo"])
 def test_replicas_stay_bit_identical(ddp_runs, name):
     tmp, (rank0, rank1) = ddp_runs
     assert job_error(rank0[name]) is None and job_error(rank1[name]) is None

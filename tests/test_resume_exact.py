@@ -28,6 +28,10 @@ EXTRA = {
     "r3f_hype_pats_updfreq2": ["--criterion", "sentence_prediction_r3f", "--eps", "1e-2", "--hype-type", "normal",
                                "--hype-eps", "1e-2", "--optimizer", "adamax_pats", "--pats-noise", "1e-3",
                                "--update-freq", "2", "--batch-size", "8"],  # still 3 updates per epoch
+    # fp16 loss-scaler state; CPU fp16 cannot survive an overflow (fairseq/trainer.py:1023): low scale
+    "r3f_hype_memory_efficient_fp16": ["--criterion", "sentence_prediction_r3f", "--eps", "1e-2", "--hype-type",
+                                       "normal", "--hype-eps", "1e-2", "--memory-efficient-fp16",
+                                       "--fp16-init-scale", "4"],
 }
 CASES = [*METHODS, "noisytune", *EXTRA]
 
