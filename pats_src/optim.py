@@ -18,7 +18,8 @@ from omegaconf import II
 
 from pats_src.sensitivity_adamax import SensitivityAdamax
 from robustft_common import param_filters
-from robustft_common.validation import (require, require_finite_nonnegative, require_probability)
+from robustft_common.validation import (require, require_finite_nonnegative, require_positive,
+                                         require_probability)
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class FairseqAdamaxPats(_SensitivityAdamaxOptimizer):
         require_finite_nonnegative("--pats-noise", cfg.pats_noise)
         require(0.0 <= cfg.pats_beta < 1.0, "--pats-beta", f"must be in [0, 1), got {cfg.pats_beta!r}")
         require_finite_nonnegative("--pats-margin", cfg.pats_margin)
-        require(cfg.pats_eps > 0, "--pats-eps", f"must be > 0 (it guards a division), got {cfg.pats_eps!r}")
+        require_positive("--pats-eps", cfg.pats_eps)  # finite: inf would silently turn the noise off
         require_probability("--pats-prob", cfg.pats_prob)
         require_finite_nonnegative("--pats-max-ratio", cfg.pats_max_ratio)
 
@@ -242,7 +243,7 @@ class FairseqAdamaxSage(_SensitivityAdamaxOptimizer):
     def _validate(self, cfg):
         super()._validate(cfg)
         require(0.0 <= cfg.sage_beta3 < 1.0, "--sage-beta3", f"must be in [0, 1), got {cfg.sage_beta3!r}")
-        require(cfg.sage_eps > 0, "--sage-eps", f"must be > 0 (it guards a division), got {cfg.sage_eps!r}")
+        require_positive("--sage-eps", cfg.sage_eps)  # finite: inf would silently freeze selected params
 
     def _method_config(self):
         return dict(sage_beta3=self.cfg.sage_beta3, sage_eps=self.cfg.sage_eps)

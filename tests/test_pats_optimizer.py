@@ -331,3 +331,11 @@ def test_fairseq_wrapper_errors_name_the_flag():
         FairseqAdamaxPats(_wrapper_cfg(pats_noise=0.0, noisytune_lambda=0.15), flat)
     # noise off needs no names: plain Adamax on whatever it gets
     assert FairseqAdamaxPats(_wrapper_cfg(pats_noise=0.0), flat).supports_flat_params is False
+
+
+@pytest.mark.parametrize("flag", ["pats_eps", "pats_margin", "pats_noise", "pats_max_ratio"])
+def test_infinite_constants_are_rejected(flag):
+    from pats_src.optim import FairseqAdamaxPats
+
+    with pytest.raises(ValueError, match="--" + flag.replace("_", "-")):
+        FairseqAdamaxPats(_wrapper_cfg(**{flag: float("inf")}), [torch.zeros(3, requires_grad=True)])
