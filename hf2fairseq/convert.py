@@ -71,6 +71,7 @@ def read_hf_dir(hf_dir: Path):
             raise SystemExit(f"--hf-dir {hf_dir}: missing {name} (need config.json, vocab.txt, "
                              f"model.safetensors or pytorch_model.bin)")
     config = json.loads((hf_dir / "config.json").read_text())
+    check_supported(config)
     vocab = (hf_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
     if vocab and vocab[-1] == "":
         vocab = vocab[:-1]

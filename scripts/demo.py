@@ -45,10 +45,11 @@ METHOD_NEEDS = {
 }
 # (train subset, max updates, batch, lr, validations) of the two schedules
 SCHEDULES = {
-    "demo": {"train_subset": 800, "max_update": 100, "batch_size": 16, "lr": 3e-5, "validate_every": 50,
-             "max_positions": 128, "valid_steps": 0, "pats_lr": 1e-4},
-    "tiny": {"train_subset": 64, "max_update": 6, "batch_size": 8, "lr": 3e-5, "validate_every": 6,
-             "max_positions": 64, "valid_steps": 2, "pats_lr": 1e-4},
+    # 640 rows / batch 16 = one epoch of 40 updates, validated once on the full RTE dev set (277)
+    "demo": {"train_subset": 640, "max_update": 40, "batch_size": 16, "lr": 1e-4, "validate_every": 0,
+             "max_positions": 128, "valid_steps": 0, "pats_lr": 2e-4},
+    "tiny": {"train_subset": 64, "max_update": 6, "batch_size": 8, "lr": 1e-4, "validate_every": 6,
+             "max_positions": 64, "valid_steps": 2, "pats_lr": 2e-4},
 }
 
 
@@ -155,6 +156,7 @@ def sweep_args(work: Path, data_root: Path, model_dir: Path, sched: dict, method
             "--tasks", "RTE", "--methods", ",".join(methods), "--seeds", "1", "--cpu",
             "--lr", str(sched["lr"]), "--batch-size", str(sched["batch_size"]),
             "--max-update", str(sched["max_update"]), "--validate-interval-updates", str(sched["validate_every"]),
+            "--warmup-ratio", "0.1",
             "--log-interval", "5" if sched["max_update"] >= 20 else "1", "--threads", threads]
     extra = []
     if sched["valid_steps"]:
