@@ -43,6 +43,8 @@ SENTENCE_PREDICTION_CASES = [
     ("hype_on_r3f_eps_negative", [*R3F, "--hype-type", "normal", "--hype-eps", "-1"], "--hype-eps"),
     ("hype_on_r3f_past_depth", [*R3F, "--hype-type", "normal", "--hype-top-layers", "3"], "--hype-top-layers"),
     ("hype_flag_on_stock_criterion", ["--criterion", "sentence_prediction", "--hype-type", "normal"], "--hype-type"),
+    ("r3f_flag_on_stock_criterion", ["--criterion", "sentence_prediction", "--r3f-lambda", "1"], "--r3f-lambda"),
+    ("pats_flag_on_stock_optimizer", ["--optimizer", "adam", "--pats-noise", "1e-3"], "--pats-noise"),
     ("pats_noise_negative", [*PATS, "--pats-noise", "-1e-3"], "--pats-noise"),
     ("pats_noise_nan", [*PATS, "--pats-noise", "nan"], "--pats-noise"),
     ("pats_prob_above_one", [*PATS, "--pats-prob", "1.5"], "--pats-prob"),
