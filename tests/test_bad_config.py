@@ -55,6 +55,7 @@ SENTENCE_PREDICTION_CASES = [
     ("pats_margin_nan", [*PATS, "--pats-margin", "nan"], "--pats-margin"),
     ("pats_margin_inf", [*PATS, "--pats-margin", "inf"], "--pats-margin"),
     ("pats_eps_zero", [*PATS, "--pats-eps", "0"], "--pats-eps"),
+    ("pats_eps_inf", [*PATS, "--pats-eps", "inf"], "--pats-eps"),  # would turn the noise off
     ("pats_max_ratio_negative", [*PATS, "--pats-max-ratio", "-1"], "--pats-max-ratio"),
     ("pats_filter_matches_nothing", [*PATS, "--pats-param-include", "no_such_param"], "--pats-param-include"),
     ("pats_filter_excludes_all", [*PATS, "--pats-param-exclude", "."], "--pats-param-exclude"),
@@ -63,6 +64,7 @@ SENTENCE_PREDICTION_CASES = [
     ("pats_weight_decay_negative", [*PATS, "--weight-decay", "-0.1"], "--weight-decay"),
     ("sage_beta3_one", [*SAGE, "--sage-beta3", "1.0"], "--sage-beta3"),
     ("sage_eps_zero", [*SAGE, "--sage-eps", "0"], "--sage-eps"),
+    ("sage_eps_inf", [*SAGE, "--sage-eps", "inf"], "--sage-eps"),  # would freeze the selected parameters
     ("sage_filter_matches_nothing", [*SAGE, "--sage-param-include", "no_such_param"], "--sage-param-include"),
     ("noisytune_lambda_negative", [*NOISYTUNE, "--noisytune-lambda", "-0.1"], "--noisytune-lambda"),
     ("noisytune_lambda_nan", [*NOISYTUNE, "--noisytune-lambda", "nan"], "--noisytune-lambda"),
@@ -77,12 +79,6 @@ SENTENCE_PREDICTION_XFAIL = {
         "robustft_common/hype.py:90-91 hype_settings() returns before checking anything when --hype-type is "
         "none, so --hype-eps/--hype-intermediate/--hype-top-layers/... on sentence_prediction_r3f or "
         "label_smoothed_cross_entropy_r3f are silently ignored (HyPe off) instead of asking for --hype-type",
-    ("pats_eps_inf", (*PATS, "--pats-eps", "inf"), "--pats-eps"):
-        "pats_src/optim.py:220 checks only pats_eps > 0; inf passes and sigma*sbar_W/(sbar_j+inf) = 0 turns "
-        "PATS noise off silently (same for --sage-eps at :245); use require_positive (finite)",
-    ("sage_eps_inf", (*SAGE, "--sage-eps", "inf"), "--sage-eps"):
-        "pats_src/optim.py:245 checks only sage_eps > 0; inf passes and the SAGE factor |I-Ibar|/(Ibar+e) "
-        "(pats_src/sensitivity_adamax.py:223) becomes 0: the selected parameters silently stop training",
 }
 
 HD = ["--criterion", "label_smoothed_cross_entropy"]
