@@ -11,5 +11,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works without `p
 import hf2fairseq  # noqa: E402,F401  (registers --arch hf_bert; also in spawned workers: module level)
 from fairseq_cli.train import cli_main  # noqa: E402
 
+
+def torchrun_flags(argv, env) -> list:
+    """Under torchrun, fairseq's auto-detection fails (fairseq.md §5): pass rank/world size explicitly."""
+    if "LOCAL_RANK" not in env or "--distributed-rank" in argv:
+        return []
+    return ["--distributed-world-size", env["WORLD_SIZE"], "--distributed-rank", env["RANK"],
+            "--device-id", env["LOCAL_RANK"], "--distributed-init-method", "env://", "--distributed-no-spawn"]
+
+
 if __name__ == "__main__":
+    import os
+
+    sys.argv += torchrun_flags(sys.argv, os.environ)
     cli_main()
