@@ -88,6 +88,15 @@ def hype_settings(cfg) -> HypeSettings:
     for flag, k in (("--hype-top-layers", top), ("--hype-low-layers", low)):
         require(isinstance(k, int) and k >= 0, flag, f"must be an integer >= 0 (0 = all layers), got {k!r}")
     if hype_type == "none":
+        # Any other --hype-* flag without a type would silently train without HyPe.
+        set_flags = [flag for flag, value, default in (
+            ("--hype-eps", eps, 1e-5), ("--hype-uniform", uniform, "symmetric"),
+            ("--hype-intermediate", intermediate, False),
+            ("--hype-only-intermediate", only_intermediate, False), ("--hype-top-layers", top, 0),
+            ("--hype-low-layers", low, 0), ("--hype-decoder", decoder, False)) if value != default]
+        require(not set_flags, "--hype-type",
+                f"{'/'.join(set_flags)} set but --hype-type is none (HyPe off); add --hype-type normal "
+                f"or uniform, or drop them")
         return HypeSettings("none", float(eps), False, False, 0, 0, False)
     require(uniform == "symmetric" or hype_type == "uniform", "--hype-uniform",
             f"{uniform} only applies to --hype-type uniform, got --hype-type {hype_type}")

@@ -37,7 +37,7 @@ def load(checkpoint, data=None, overrides=None):
         arg_overrides["data"] = data
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint],
                                                                        arg_overrides=arg_overrides)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return models[0], cfg, task, state
 
 

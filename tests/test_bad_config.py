@@ -21,6 +21,7 @@ NOISYTUNE = [*PATS, "--finetune-from-model", "/nonexistent/pretrained.pt", "--no
 
 # (id, extra flags on the tiny RoBERTa sentence-prediction run, text the error must contain)
 SENTENCE_PREDICTION_CASES = [
+    ("hype_flags_without_hype_type", [*R3F, "--hype-eps", "1e-2"], "--hype-type"),
     ("r3f_eps_negative", [*R3F, "--eps", "-1e-5"], "--eps"),
     ("r3f_eps_nan", [*R3F, "--eps", "nan"], "--eps"),
     ("r3f_eps_inf", [*R3F, "--eps", "inf"], "--eps"),
@@ -73,13 +74,6 @@ SENTENCE_PREDICTION_CASES = [
      "--noisytune-param-include"),
 ]
 
-# known gaps, each reported in docs/known_issues_issue10.md (strict: the marker must go once fixed)
-SENTENCE_PREDICTION_XFAIL = {
-    ("hype_flags_without_hype_type", (*R3F, "--hype-eps", "1e-2"), "--hype-type"):
-        "robustft_common/hype.py:90-91 hype_settings() returns before checking anything when --hype-type is "
-        "none, so --hype-eps/--hype-intermediate/--hype-top-layers/... on sentence_prediction_r3f or "
-        "label_smoothed_cross_entropy_r3f are silently ignored (HyPe off) instead of asking for --hype-type",
-}
 
 HD = ["--criterion", "label_smoothed_cross_entropy"]
 SEQ2SEQ_CASES = [
@@ -96,18 +90,10 @@ SEQ2SEQ_CASES = [
      "--r3f-kl-norm"),
     ("seq2seq_hype_past_depth", ["--criterion", "label_smoothed_cross_entropy_r3f", "--hype-type", "normal",
                                  "--hype-decoder", "--hype-low-layers", "3"], "--hype-low-layers"),
+    ("nothing_trainable", ["--encoder-adapter", "none", "--decoder-adapter", "none"], "--decoder-adapter"),
+    ("eval_args_not_json", ["--hyperdecoder-eval-glue", "--hyperdecoder-eval-args", "{beam: 1}"],
+     "--hyperdecoder-eval-args"),
 ]
-SEQ2SEQ_XFAIL = {
-    ("nothing_trainable", ("--encoder-adapter", "none", "--decoder-adapter", "none"), "--decoder-adapter"):
-        "hyperdecoder_src/models/hyperdecoder_bart.py:70-85 validate_hyperdecoder_args accepts "
-        "--encoder-adapter none --decoder-adapter none with the backbone frozen (apply_freezing :274-281): "
-        "nothing is trainable and fairseq fails later without naming a flag; require --no-freeze-backbone / "
-        "--unfreeze-* or an adapter (today: torch's 'ValueError: optimizer got an empty parameter list')",
-    ("eval_args_not_json", ("--hyperdecoder-eval-glue", "--hyperdecoder-eval-args", "{beam: 1}"),
-     "--hyperdecoder-eval-args"):
-        "hyperdecoder_src/tasks/hyperdecoder_glue.py:146 json.loads(--hyperdecoder-eval-args) raises a bare "
-        "JSONDecodeError that does not name the flag (same for --hyperdecoder-eval-bpe-args, :153)",
-}
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +145,8 @@ def _s2s_argv(data, extra):
     return method_argv("hyperdecoder", sp, t2t, tmp / "unused", 1, *extra)
 
 
-def _params(cases, xfails):
-    params = [pytest.param(extra, text, id=name) for name, extra, text in cases]
-    params += [pytest.param(list(extra), text, id=name, marks=pytest.mark.xfail(strict=True, reason=reason))
-               for (name, extra, text), reason in xfails.items()]
-    return params
+def _params(cases):
+    return [pytest.param(extra, text, id=name) for name, extra, text in cases]
 
 
 def test_valid_configurations_build(data, capsys):
@@ -175,14 +158,14 @@ def test_valid_configurations_build(data, capsys):
         assert refusal(_s2s_argv(data, extra), capsys) is None, extra
 
 
-@pytest.mark.parametrize("extra,text", _params(SENTENCE_PREDICTION_CASES, SENTENCE_PREDICTION_XFAIL))
+@pytest.mark.parametrize("extra,text", _params(SENTENCE_PREDICTION_CASES))
 def test_sentence_prediction_refused(data, capsys, extra, text):
     message = refusal(_sp_argv(data, extra), capsys)
     assert message is not None, "accepted silently"
     assert text in message, message
 
 
-@pytest.mark.parametrize("extra,text", _params(SEQ2SEQ_CASES, SEQ2SEQ_XFAIL))
+@pytest.mark.parametrize("extra,text", _params(SEQ2SEQ_CASES))
 def test_hyperdecoder_refused(data, capsys, extra, text):
     message = refusal(_s2s_argv(data, extra), capsys)
     assert message is not None, "accepted silently"

@@ -333,14 +333,9 @@ COMBO_BACKENDS = {"legacy": [], "c10d": ["--ddp-backend", "c10d", "--find-unused
 RESUME_VARIANTS = {
     "all_ranks_read_legacy": ("legacy", ["--load-checkpoint-on-all-dp-ranks"]),
     "all_ranks_read_c10d": ("c10d", ["--load-checkpoint-on-all-dp-ranks"]),
-    "broadcast_legacy": ("legacy", []),  # last: known to fail on rank 1 (known_issues_issue10.md #0)
+    # rank 0 reads and broadcasts: needs the broadcast globals in robustft_common/compat.py
+    "broadcast_legacy": ("legacy", []),
 }
-BROADCAST_BUG = (
-    "robustft_common/compat.py checkpoint_safe_globals() lacks builtins.dict, builtins.int, builtins.list "
-    "(DictConfig metadata of the loaded cfg) and fairseq.distributed.utils._TensorPlaceholder, which the "
-    "checkpoint broadcast of fairseq/distributed/utils.py:805 unpickles on ranks > 0 under weights_only: "
-    "resume/--restore-file/--finetune-from-model with > 1 rank dies with 'Unsupported global: GLOBAL dict'")
-
 
 @pytest.fixture(scope="module")
 def ddp_resumed(ddp_runs):
@@ -397,10 +392,7 @@ def test_c10d_roberta_needs_find_unused_parameters(ddp_runs, method):
     assert all(e and "find_unused_parameters" in e for e in errors), errors
 
 
-@pytest.mark.parametrize("variant", [
-    *(v for v in RESUME_VARIANTS if not v.startswith("broadcast")),
-    *(pytest.param(v, marks=pytest.mark.xfail(strict=True, reason=BROADCAST_BUG))
-      for v in RESUME_VARIANTS if v.startswith("broadcast"))])
+@pytest.mark.parametrize("variant", list(RESUME_VARIANTS))
 def test_two_rank_resume_is_exact(ddp_runs, ddp_resumed, variant):
     tmp, (rank0, rank1) = ddp_resumed
     _, _, (straight0, _) = ddp_runs

@@ -75,6 +75,11 @@ def validate_hyperdecoder_args(args):
                         ("--hypernetwork-bottleneck", args.hypernetwork_bottleneck),
                         ("--layer-embed-dim", args.layer_embed_dim)):
         require(isinstance(value, int) and value > 0, flag, f"must be a positive integer, got {value!r}")
+    require(str(args.encoder_adapter) != "none" or str(args.decoder_adapter) != "none"
+            or getattr(args, "no_freeze_backbone", False) or getattr(args, "unfreeze_encoder", False)
+            or getattr(args, "unfreeze_decoder", False), "--encoder-adapter/--decoder-adapter",
+            "both none with a frozen backbone leaves nothing to train; add an adapter, "
+            "--no-freeze-backbone, or --unfreeze-encoder/--unfreeze-decoder")
     generated = "generated" in (str(args.encoder_adapter), str(args.decoder_adapter))
     require(not (generated and getattr(args, "checkpoint_activations", False)), "--checkpoint-activations",
             "is not supported with generated adapters (the recomputed layer would not see the generated "

@@ -143,14 +143,14 @@ class HyperdecoderGlueTask(TranslationTask):
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         if self.cfg.hyperdecoder_eval_glue:
-            gen_args = json.loads(self.cfg.hyperdecoder_eval_args)
+            gen_args = _json_flag("--hyperdecoder-eval-args", self.cfg.hyperdecoder_eval_args)
             self.glue_generator = self.build_generator([model], Namespace(**gen_args))
             self.bpe = self._build_bpe()
         return model
 
     def _build_bpe(self):
         kind = self.cfg.hyperdecoder_eval_bpe
-        bpe_args = json.loads(self.cfg.hyperdecoder_eval_bpe_args)
+        bpe_args = _json_flag("--hyperdecoder-eval-bpe-args", self.cfg.hyperdecoder_eval_bpe_args)
         if kind == "auto":
             info = self.tasks_meta.get("tokenizer", {})
             kind = info.get("kind", "none")
@@ -236,3 +236,12 @@ class HyperdecoderGlueTask(TranslationTask):
                 metrics.log_derived(f"{task}_{metric}",
                                     lambda meters, t=task, m=metric: scores(meters).get(t, {}).get(m, float("nan")))
         metrics.log_derived("glue_avg", lambda meters: glue_scoring.glue_average(scores(meters)))
+
+
+def _json_flag(flag: str, value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag}: not valid JSON ({err}): {value!r}; e.g. '{{\"beam\": 1}}'") from None
+    require(isinstance(parsed, dict), flag, f"must be a JSON object, got {value!r}")
+    return parsed
