@@ -83,16 +83,20 @@ def convert_model(out: Path, max_positions: int) -> dict:
 
 def find_glue_dir(work: Path, explicit: str | None) -> Path:
     """A GLUE folder holding RTE/{train,dev}.tsv: --glue-dir / $GLUE_DIR / ../shared/data/glue / download."""
-    candidates = [explicit, os.environ.get("GLUE_DIR"), str(REPO.parent / "shared" / "data" / "glue"),
-                  str(work / "glue")]
-    for cand in candidates:
-        if cand and (Path(cand) / "RTE" / "train.tsv").exists() and (Path(cand) / "RTE" / "dev.tsv").exists():
+    def has_rte(d):
+        return (Path(d) / "RTE" / "train.tsv").exists() and (Path(d) / "RTE" / "dev.tsv").exists()
+
+    for name, cand in (("--glue-dir", explicit), ("GLUE_DIR", os.environ.get("GLUE_DIR"))):
+        if cand:  # given explicitly: use it or stop, never silently fall back
+            if not has_rte(cand):
+                raise SystemExit(f"{name}={cand} has no RTE/train.tsv + RTE/dev.tsv; point it at the folder that "
+                                 "holds RTE/ (as written by GLUE's download_glue_data.py) or unset it to download")
             log(f"GLUE data: {cand}")
             return Path(cand)
-    for name, cand in (("--glue-dir", explicit), ("GLUE_DIR", os.environ.get("GLUE_DIR"))):
-        if cand:
-            raise SystemExit(f"{name}={cand} has no RTE/train.tsv + RTE/dev.tsv; point it at the folder that "
-                             "holds RTE/ (as written by GLUE's download_glue_data.py) or unset it to download")
+    for cand in (REPO.parent / "shared" / "data" / "glue", work / "glue"):
+        if has_rte(cand):
+            log(f"GLUE data: {cand}")
+            return cand
     return download_rte(work / "glue")
 
 

@@ -86,3 +86,21 @@ def test_bad_glue_dir_is_a_clear_error(tmp_path):
     demo = _demo_module()
     with pytest.raises(SystemExit, match="--glue-dir=.*has no RTE/train.tsv"):
         demo.find_glue_dir(tmp_path, str(tmp_path / "nowhere"))
+
+
+def test_download_path_extracts_rte_atomically(tmp_path, monkeypatch):
+    """The GLUE download code path, fed a local zip through a file:// URL (no network in CI)."""
+    import zipfile
+
+    demo = _demo_module()
+    archive = tmp_path / "RTE.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("RTE/train.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n")
+        zf.writestr("RTE/dev.tsv", "index\tsentence1\tsentence2\tlabel\n0\tc\td\tnot_entailment\n")
+    monkeypatch.setattr(demo, "GLUE_RTE_URL", archive.as_uri())
+    glue = demo.download_rte(tmp_path / "glue")
+    assert (glue / "RTE" / "dev.tsv").read_text().endswith("not_entailment\n")
+    assert sorted(p.name for p in (tmp_path / "glue").iterdir()) == ["RTE"]  # temp dir removed
+    monkeypatch.setattr(demo, "GLUE_RTE_URL", (tmp_path / "missing.zip").as_uri())
+    with pytest.raises(SystemExit, match="GLUE_DIR=/path/to/glue_data"):
+        demo.download_rte(tmp_path / "glue2")
