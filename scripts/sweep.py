@@ -141,6 +141,7 @@ def execute(run: dict, echo: bool = True, threads: str | None = None) -> str:
                                 text=True, env=env, cwd=REPO)
         for line in proc.stdout:
             log.write(line)
+            log.flush()  # `tail -f train.log` while it runs
             if echo:
                 sys.stdout.write(f"[{run['task']}/{run['method']}/s{run['seed']}] {line}")
                 sys.stdout.flush()
