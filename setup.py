@@ -9,6 +9,7 @@ PACKAGES = [
     "pats_src",
     "hyperdecoder_src",
     "glue_preprocess",
+    "hf2fairseq",
 ]
 
 setup(

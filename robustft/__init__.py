@@ -5,3 +5,4 @@ import rxf_src  # noqa: F401
 import hype_src  # noqa: F401
 import pats_src  # noqa: F401
 import hyperdecoder_src  # noqa: F401
+import hf2fairseq  # noqa: F401  (arch hf_bert: converted BERT-family checkpoints)

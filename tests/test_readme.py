@@ -3,7 +3,7 @@ import re
 
 from tests.fairseq_helpers import REPO
 
-OUR_PACKAGES = {"rxf_src", "hype_src", "pats_src", "hyperdecoder_src", "robustft"}
+OUR_PACKAGES = {"rxf_src", "hype_src", "pats_src", "hyperdecoder_src", "robustft", "hf2fairseq"}
 
 
 def _registered():
