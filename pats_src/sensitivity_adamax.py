@@ -21,6 +21,10 @@ import torch
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Noise is drawn per bucket of consecutive tensors (bounded temporaries; flat, vectorised math).
 NOISE_BUCKET_NUMEL = 1 << 24
+# CPU: the elementwise PATS math runs tensor by tensor in chunks this long, so its temporaries stay in
+# cache and are reused (fresh 64 MB temporaries cost more in page faults than the arithmetic). A multiple
+# of every SIMD width: chunking changes no rounding.
+CPU_CHUNK_NUMEL = 1 << 16
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
@@ -89,6 +93,9 @@ class SensitivityAdamax(torch.optim.Optimizer):
         # Checkpointed with the optimizer state (see state_dict): the update counter seeds the noise.
         self.global_state = {"updates": 0, "noisytune_done": False}
         self._generators: Dict[torch.device, torch.Generator] = {}
+        # Reused scratch buffers per device (CPU path); never part of the state dict.
+        self._workspace: Dict[torch.device, Dict[str, torch.Tensor]] = {}
+        self.cpu_chunk_numel = CPU_CHUNK_NUMEL  # 0 = flat bucket math on CPU too (accelerator path)
 
     supports_memory_efficient_fp16 = True
     # Per-tensor means and name-based selection are meaningless on one flat fp32 buffer.
@@ -119,6 +126,18 @@ class SensitivityAdamax(torch.optim.Optimizer):
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
         return self._generators[device]
+
+    def _scratch(self, device: torch.device, name: str, numel: int, dtype=torch.float32) -> torch.Tensor:
+        """A reused flat buffer of at least `numel` elements (grown on demand)."""
+        buffers = self._workspace.setdefault(device, {})
+        buf = buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = buffers[name] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
+    def _chunked(self, device: torch.device, tensors: Sequence[torch.Tensor]) -> bool:
+        """Chunk-by-chunk math: on CPU, for contiguous tensors (flat views of them are updated in place)."""
+        return device.type == "cpu" and self.cpu_chunk_numel > 0 and all(t.is_contiguous() for t in tensors)
 
     # ---------------------------------------------------------------- step
     @torch.no_grad()
@@ -164,7 +183,9 @@ class SensitivityAdamax(torch.optim.Optimizer):
             # sensitivity |theta * g| with theta before this step (as SAGE)
             ema_beta = group["pats_beta"] if pats else group["sage_beta3"]
             emas = [s["sensitivity"] for s in states]
-            if use_foreach:
+            if pats and self._chunked(params32[0].device, params32 + emas):
+                self._update_ema_chunked(params32, grads, emas, ema_beta)
+            elif use_foreach:
                 sens = torch._foreach_mul(params32, grads)
                 torch._foreach_abs_(sens)
                 torch._foreach_mul_(emas, ema_beta)
@@ -182,6 +203,18 @@ class SensitivityAdamax(torch.optim.Optimizer):
         low = [(p, p32) for p, p32 in zip(params, params32) if p is not p32]
         for p, p32 in low:
             p.copy_(p32)
+
+    def _update_ema_chunked(self, params32, grads, emas, beta):
+        """sbar <- beta * sbar + (1 - beta) * |theta * g|, the same ops as the foreach path, chunk by chunk
+        through one cached buffer (no model-sized temporary)."""
+        size = self.cpu_chunk_numel
+        for w, g, e in zip(params32, grads, emas):
+            w, g, e = w.reshape(-1), g.reshape(-1), e.view(-1)
+            for start in range(0, e.numel(), size):
+                stop = min(start + size, e.numel())
+                sens = self._scratch(e.device, "sens", stop - start)
+                torch.mul(w[start:stop], g[start:stop], out=sens).abs_()
+                e[start:stop].mul_(beta).add_(sens, alpha=1 - beta)
 
     def _moments(self, group, grads, states, use_foreach):
         beta1, beta2 = group["betas"]
@@ -245,16 +278,17 @@ class SensitivityAdamax(torch.optim.Optimizer):
                 w.addcmul_(factor, direction, value=-lr)
 
     def _add_pats_noise(self, group, params32, states, emas):
-        """Flat, bucketed: per bucket draw z ~ N(0,1)^n then u ~ U[0,1)^n, n = bucket numel."""
-        sigma, kappa, p_keep = group["pats_noise"], group["pats_margin"], group["pats_prob"]
-        eps, cap = group["pats_eps"], group["pats_max_ratio"]
+        """Bucketed: per bucket draw z ~ N(0,1)^n then u ~ U[0,1)^n, n = bucket numel (draw order fixed:
+        DDP replicas and resumed runs depend on it), then theta += keep * z * sigma * ratio."""
+        sigma = group["pats_noise"]
         if group["pats_noise_lr_scaled"]:
             sigma = sigma * group["lr"]
         device = params32[0].device
+        chunked = self._chunked(device, params32 + list(emas))
         gen = self.generator(device)
         gen.manual_seed(update_seed(self.seed, self.global_state["updates"]))
         numels = [w.numel() for w in params32]
-        stats = {"n": 0, "margin": 0.0, "kept": 0.0, "ratio_max": 0.0} if self.log_stats else None
+        stats = {"n": 0, "margin": 0, "kept": 0, "ratio_max": 0.0} if self.log_stats else None
         for bucket in noise_buckets(numels):
             ema = [emas[i] for i in bucket]
             counts = torch.tensor([numels[i] for i in bucket], device=device)
@@ -265,33 +299,84 @@ class SensitivityAdamax(torch.optim.Optimizer):
                 corr = None
             # per-tensor mean of sbar (sbar >= 0, so the L1 norm is the sum)
             means = torch.stack(torch._foreach_norm(ema, 1)).float() / counts
-            ema_flat = torch.cat([e.reshape(-1) for e in ema])
-            mean_flat = means.repeat_interleave(counts)
-            if corr is not None:
-                corr_flat = corr.repeat_interleave(counts)
-                ratio = (mean_flat * corr_flat).div_(ema_flat.mul_(corr_flat).add_(eps))
+            n = int(sum(numels[i] for i in bucket))
+            if chunked:  # reused buffers: same values as fresh tensors from the same generator
+                z = torch.randn(n, generator=gen, out=self._scratch(device, "z", n))
+                u = torch.rand(n, generator=gen, out=self._scratch(device, "u", n))
+                self._noise_chunked(group, [params32[i] for i in bucket], ema, means, corr, z, u,
+                                    sigma, stats)
             else:
-                ratio = mean_flat.div_(ema_flat.add_(eps))
-            n = ratio.numel()
-            z = torch.randn(n, generator=gen, device=device, dtype=torch.float32)
-            u = torch.rand(n, generator=gen, device=device, dtype=torch.float32)
-            above_margin = ratio >= kappa
-            keep = above_margin & (u < p_keep)
-            if cap > 0:
-                ratio.clamp_(max=cap)
-            noise = torch.where(keep, z.mul_(ratio).mul_(sigma), torch.zeros((), device=device))
-            torch._foreach_add_([params32[i] for i in bucket],
-                                [c.view_as(params32[i]) for c, i in zip(noise.split(
-                                    [numels[i] for i in bucket]), bucket)])
+                z = torch.randn(n, generator=gen, device=device, dtype=torch.float32)
+                u = torch.rand(n, generator=gen, device=device, dtype=torch.float32)
+                self._noise_flat(group, [params32[i] for i in bucket], ema, means, counts, corr, z, u,
+                                 sigma, stats)
             if stats is not None:
                 stats["n"] += n
-                stats["margin"] += float((~above_margin).sum())
-                stats["kept"] += float(keep.sum())
-                stats["ratio_max"] = max(stats["ratio_max"], float(ratio.max()))
         if stats is not None and stats["n"]:
-            self.last_stats = {"pats_frac_zeroed_by_margin": stats["margin"] / stats["n"],
-                               "pats_frac_noised": stats["kept"] / stats["n"],
-                               "pats_ratio_max": stats["ratio_max"]}
+            self.last_stats = {"pats_frac_zeroed_by_margin": float(stats["margin"]) / stats["n"],
+                               "pats_frac_noised": float(stats["kept"]) / stats["n"],
+                               "pats_ratio_max": float(stats["ratio_max"])}
+
+    @staticmethod
+    def _noise_flat(group, params, ema, means, counts, corr, z, u, sigma, stats):
+        """One bucket as flat tensors (few, large kernels: the accelerator path)."""
+        kappa, p_keep = group["pats_margin"], group["pats_prob"]
+        eps, cap = group["pats_eps"], group["pats_max_ratio"]
+        ema_flat = torch.cat([e.reshape(-1) for e in ema])
+        mean_flat = means.repeat_interleave(counts)
+        if corr is not None:
+            corr_flat = corr.repeat_interleave(counts)
+            ratio = (mean_flat * corr_flat).div_(ema_flat.mul_(corr_flat).add_(eps))
+        else:
+            ratio = mean_flat.div_(ema_flat.add_(eps))
+        above_margin = ratio >= kappa
+        keep = above_margin & (u < p_keep)
+        if cap > 0:
+            ratio.clamp_(max=cap)
+        if stats is not None:
+            stats["margin"] += int((~above_margin).sum())
+            stats["kept"] += int(keep.sum())
+            stats["ratio_max"] = max(stats["ratio_max"], float(ratio.max()))
+        noise = z.mul_(ratio).mul_(sigma).masked_fill_(keep.logical_not_(), 0)
+        torch._foreach_add_(params, [c.view_as(w) for c, w in zip(noise.split(counts.tolist()), params)])
+
+    def _noise_chunked(self, group, params, ema, means, corr, z, u, sigma, stats):
+        """One bucket tensor by tensor, chunk by chunk, through reused cache-sized buffers; the values of
+        `_noise_flat` bit for bit. The masks are int32 0/1 (bool outputs and masked_fill/where with a
+        random mask are several times slower on CPU); the dropped entries are cleared with a bitwise AND
+        on the noise bits, which gives exactly masked_fill's +0.0, also where z*ratio is inf or NaN."""
+        kappa, p_keep = group["pats_margin"], group["pats_prob"]
+        eps, cap = group["pats_eps"], group["pats_max_ratio"]
+        size, device = self.cpu_chunk_numel, z.device
+        offset = 0
+        for j, (w, e) in enumerate(zip(params, ema)):
+            w, e = w.view(-1), e.view(-1)
+            numerator = means[j] if corr is None else means[j] * corr[j]
+            for start in range(0, e.numel(), size):
+                stop = min(start + size, e.numel())
+                m = stop - start
+                ratio = self._scratch(device, "ratio", m)
+                keep = self._scratch(device, "keep", m, torch.int32)
+                coin = self._scratch(device, "coin", m, torch.int32)
+                zc, uc = z[offset + start:offset + stop], u[offset + start:offset + stop]
+                if corr is None:
+                    torch.add(e[start:stop], eps, out=ratio)
+                else:
+                    torch.mul(e[start:stop], corr[j], out=ratio).add_(eps)
+                torch.div(numerator, ratio, out=ratio)
+                torch.ge(ratio, kappa, out=keep)
+                if stats is not None:
+                    stats["margin"] += m - int(keep.sum())
+                keep.bitwise_and_(torch.lt(uc, p_keep, out=coin))
+                if cap > 0:
+                    ratio.clamp_(max=cap)
+                if stats is not None:
+                    stats["kept"] += int(keep.sum())
+                    stats["ratio_max"] = max(stats["ratio_max"], float(ratio.max()))
+                zc.mul_(ratio).mul_(sigma)
+                zc.view(torch.int32).bitwise_and_(keep.neg_())  # 1 -> all bits set, 0 -> +0.0
+                w[start:stop].add_(zc)
+            offset += e.numel()
 
     # ---------------------------------------------------------------- NoisyTune
     @torch.no_grad()

@@ -339,3 +339,43 @@ def test_infinite_constants_are_rejected(flag):
 
     with pytest.raises(ValueError, match="--" + flag.replace("_", "-")):
         FairseqAdamaxPats(_wrapper_cfg(**{flag: float("inf")}), [torch.zeros(3, requires_grad=True)])
+
+
+@pytest.mark.parametrize("case", PATS_CASES)
+def test_cpu_chunked_noise_path_equals_flat_path_bit_for_bit(case, monkeypatch):
+    """The CPU path (tensor by tensor, in cache-sized chunks, int32 masks) against the flat bucket path
+    (accelerators): same parameters, EMA and statistics, over several buckets and partial chunks, and a
+    NaN gradient entry (its tensor's ratio is NaN: no noise there in either path)."""
+    import functools
+
+    import pats_src.sensitivity_adamax as sa
+
+    monkeypatch.setattr(sa, "noise_buckets", functools.partial(sa.noise_buckets, limit=300))
+    torch.manual_seed(8)
+    shapes = [(30, 7), (5,), (400,), (13, 13), (64,)]
+    theta0 = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    grads[1][3][2, 2] = float("nan")
+    runs = []
+    for chunk in (64, 0):
+        params = [t.clone().requires_grad_() for t in theta0]
+        opt = SensitivityAdamax(params, sensitive=[True] * len(params), seed=5, log_stats=True,
+                                pats_noise=case["sigma"], pats_beta=case["beta"], pats_margin=case["kappa"],
+                                pats_eps=case["pats_eps"], pats_prob=case["prob"],
+                                pats_noise_lr_scaled=case.get("lr_scaled", False),
+                                pats_ema_bias_correction=case.get("ema_bias_correction", False),
+                                pats_max_ratio=case.get("max_ratio", 0.0), **ADAMAX)
+        opt.cpu_chunk_numel = chunk
+        stats = []
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+            stats.append(dict(opt.last_stats))
+        runs.append(([p.detach() for p in params], [opt.state[p]["sensitivity"] for p in params], stats))
+    (chunked, ema_c, stats_c), (flat, ema_f, stats_f) = runs
+    for a, b in zip(chunked + ema_c, flat + ema_f):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    assert stats_c == stats_f
+    assert torch.isnan(chunked[3]).any() and not torch.isnan(chunked[0]).any()
+    assert stats_c[0]["pats_frac_noised"] > 0
