@@ -23,12 +23,14 @@ import argparse
 import json
 import logging
 import math
-import random
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a checkout without `pip install -e .`
+
+from robustft_common.synthetic_data import toy_rows, write_sentence_prediction, write_text2text  # noqa: E402
 
 # The methods at their papers' defaults (the noise effectiveness at those scales is the question).
 SENTENCE_PREDICTION = {
@@ -59,56 +61,19 @@ TINY_ROBERTA = ["--arch", "roberta_base", "--encoder-layers", "2", "--encoder-em
 
 # ------------------------------------------------------------------------------------------ data
 def _rows(n, seed):
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [f"w{rng.randrange(200)}" for _ in range(rng.randint(4, 40))]
-        rows.append((" ".join(words), int(words[0][1:]) < 100))
-    return rows
-
-
-def _write(dictionary, lines, prefix: Path):
-    from fairseq.data import indexed_dataset
-
-    builder = indexed_dataset.make_builder(f"{prefix}.bin", impl="mmap", vocab_size=len(dictionary))
-    for line in lines:
-        builder.add_item(dictionary.encode_line(line, add_if_not_exist=False, append_eos=True).long())
-    builder.finalize(f"{prefix}.idx")
-
-
-def _dictionary(*corpora):
-    from fairseq.data import Dictionary
-
-    d = Dictionary()
-    for lines in corpora:
-        for line in lines:
-            for w in line.split():
-                d.add_symbol(w)
-    d.finalize(padding_factor=8)
-    return d
+    """(sentence, label): label = first word in the lower half of a 200-word vocab; 4-40 tokens."""
+    return [(" ".join(a), int(a[0][1:]) < 100) for a, _ in toy_rows(n, seed, vocab=200, min_len=4, max_len=40)]
 
 
 def make_data(root: Path, n_train: int, n_valid: int):
     """Synthetic binary task in RoBERTa's GLUE layout and in glue_preprocess's text2text layout."""
     splits = {"train": _rows(n_train, 1), "valid": _rows(n_valid, 2)}
-    sp = root / "sp-bin"
-    for name, column in (("input0", 0), ("label", 1)):
-        texts = {s: [("pos" if r[1] else "neg") if column else r[0] for r in rs] for s, rs in splits.items()}
-        d = _dictionary(texts["train"])
-        (sp / name).mkdir(parents=True, exist_ok=True)
-        d.save(str(sp / name / "dict.txt"))
-        for split, lines in texts.items():
-            _write(d, lines, sp / name / split)
-    t2t = root / "t2t-bin"
-    t2t.mkdir(parents=True, exist_ok=True)
-    src = {s: [f"sst2 sentence: {r[0]}" for r in rs] for s, rs in splits.items()}
-    tgt = {s: ["positive" if r[1] else "negative" for r in rs] for s, rs in splits.items()}
-    d = _dictionary(src["train"], tgt["train"])
-    for lang in ("src", "tgt"):
-        d.save(str(t2t / f"dict.{lang}.txt"))
-    for split in splits:
-        _write(d, src[split], t2t / f"{split}.src-tgt.src")
-        _write(d, tgt[split], t2t / f"{split}.src-tgt.tgt")
+    sp = write_sentence_prediction(root / "sp-bin", {
+        "input0": {s: [r[0] for r in rs] for s, rs in splits.items()},
+        "label": {s: ["pos" if r[1] else "neg" for r in rs] for s, rs in splits.items()}})
+    t2t = write_text2text(root / "t2t-bin", {
+        s: ([f"sst2 sentence: {r[0]}" for r in rs], ["positive" if r[1] else "negative" for r in rs])
+        for s, rs in splits.items()})
     return sp, t2t
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from robustft_common.synthetic_data import write_sentence_prediction
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
@@ -34,8 +36,9 @@ def make_sentence_prediction_data(
     """
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(40)]
-    raw = root / "raw"
+    raw = root / "raw"  # the text, kept beside the binarized data for tests that read it
     raw.mkdir(parents=True, exist_ok=True)
+    columns = {"input0": {}, "input1": {}, "label": {}}
     for split, n in (("train", n_train), ("valid", n_valid)):
         s0, s1, labels = [], [], []
         for _ in range(n):
@@ -48,22 +51,13 @@ def make_sentence_prediction_data(
                 labels.append(f"{sum(pos) / len(pos):.4f}")
             else:
                 labels.append(label_names[1] if pos[0] else label_names[0])
-        _write_split(raw / f"{split}.input0", s0)
-        _write_split(raw / f"{split}.input1", s1)
-        _write_split(raw / f"{split}.label", labels)
-    out = root / "bin"
-    inputs = ["input0", "input1"] if two_inputs else ["input0"]
-    for name in inputs:
-        run_tool("fairseq-preprocess", "--only-source", "--trainpref", raw / f"train.{name}",
-                 "--validpref", raw / f"valid.{name}", "--destdir", out / name, "--workers", "1")
-    if regression:
-        (out / "label").mkdir(parents=True, exist_ok=True)
-        for split in ("train", "valid"):
-            (out / "label" / f"{split}.label").write_text((raw / f"{split}.label").read_text())
-    else:
-        run_tool("fairseq-preprocess", "--only-source", "--trainpref", raw / "train.label",
-                 "--validpref", raw / "valid.label", "--destdir", out / "label", "--workers", "1")
-    return out
+        for name, lines in (("input0", s0), ("input1", s1), ("label", labels)):
+            _write_split(raw / f"{split}.{name}", lines)
+            columns[name][split] = lines
+    if not two_inputs:
+        del columns["input1"]
+    # in-process, byte-for-byte what `fairseq-preprocess --only-source` writes, without its start-up
+    return write_sentence_prediction(root / "bin", columns, regression=regression)
 
 
 def run_tool(tool: str, *args, env=None, check=True, cwd=None) -> subprocess.CompletedProcess:

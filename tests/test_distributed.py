@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import shutil
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from robustft_common.synthetic_data import toy_rows, write_sentence_prediction, write_text2text
 from tests.fairseq_helpers import REPO, json_logs, sentence_prediction_args
 
 MARK = "@@@"  # launcher lines: "@@@ JOB name", "@@@ ERROR name: message", "@@@ DONE"
@@ -29,65 +29,25 @@ MARK = "@@@"  # launcher lines: "@@@ JOB name", "@@@ ERROR name: message", "@@@ 
 # tiny data, binarized in-process (fairseq-preprocess costs ~5 s of imports per call)
 
 
-def _binarize(dictionary, lines, prefix: Path):
-    from fairseq.data import indexed_dataset
-
-    builder = indexed_dataset.make_builder(f"{prefix}.bin", impl="mmap", vocab_size=len(dictionary))
-    for line in lines:
-        builder.add_item(dictionary.encode_line(line, add_if_not_exist=False, append_eos=True).long())
-    builder.finalize(f"{prefix}.idx")
-
-
-def _dictionary(*corpora):
-    from fairseq.data import Dictionary
-
-    d = Dictionary()
-    for lines in corpora:
-        for line in lines:
-            for w in line.split():
-                d.add_symbol(w)
-    d.finalize(padding_factor=8)
-    return d
-
-
 def _toy_rows(n, seed):
     """(sentence, label) pairs: the label is whether the first word is in the lower half of the vocab."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = [f"w{rng.randrange(40)}" for _ in range(rng.randint(3, 10))]
-        rows.append((" ".join(words), int(words[0][1:]) < 20))
-    return rows
+    return [(" ".join(a), int(a[0][1:]) < 20) for a, _ in toy_rows(n, seed)]
 
 
 def make_sp_data(root: Path, n_train=48, n_valid=16) -> Path:
     """RoBERTa GLUE layout (input0/, label/) like fairseq-preprocess --only-source writes it."""
     splits = {"train": _toy_rows(n_train, 1), "valid": _toy_rows(n_valid, 2)}
-    out = root / "sp-bin"
-    for name, column in (("input0", 0), ("label", 1)):
-        texts = {s: [("pos" if r[1] else "neg") if column else r[0] for r in rows] for s, rows in splits.items()}
-        d = _dictionary(texts["train"])
-        (out / name).mkdir(parents=True, exist_ok=True)
-        d.save(str(out / name / "dict.txt"))
-        for split, lines in texts.items():
-            _binarize(d, lines, out / name / split)
-    return out
+    return write_sentence_prediction(root / "sp-bin", {
+        "input0": {s: [r[0] for r in rows] for s, rows in splits.items()},
+        "label": {s: ["pos" if r[1] else "neg" for r in rows] for s, rows in splits.items()}})
 
 
 def make_t2t_data(root: Path, n_train=48, n_valid=16) -> Path:
     """glue_preprocess's text2text layout (joined src/tgt dictionary) for the hyperdecoder task."""
-    out = root / "t2t-bin"
-    out.mkdir(parents=True, exist_ok=True)
     splits = {"train": _toy_rows(n_train, 1), "valid": _toy_rows(n_valid, 2)}
-    src = {s: [f"sst2 sentence: {r[0]}" for r in rows] for s, rows in splits.items()}
-    tgt = {s: ["positive" if r[1] else "negative" for r in rows] for s, rows in splits.items()}
-    d = _dictionary(src["train"], tgt["train"])
-    for lang in ("src", "tgt"):
-        d.save(str(out / f"dict.{lang}.txt"))
-    for split in splits:
-        _binarize(d, src[split], out / f"{split}.src-tgt.src")
-        _binarize(d, tgt[split], out / f"{split}.src-tgt.tgt")
-    return out
+    return write_text2text(root / "t2t-bin", {
+        s: ([f"sst2 sentence: {r[0]}" for r in rows], ["positive" if r[1] else "negative" for r in rows])
+        for s, rows in splits.items()})
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -86,3 +86,17 @@ def test_start_from_pretrained_checkpoint(data, tmp_path, flag):
 
     model = torch.load(tmp_path / "ft" / "checkpoint_last.pt")["model"]
     assert "classification_heads.sentence_classification_head.out_proj.weight" in model
+
+
+def test_in_process_binarization_matches_fairseq_preprocess(tmp_path):
+    """robustft_common.synthetic_data writes byte-for-byte what fairseq-preprocess writes."""
+    import filecmp
+
+    out = make_sentence_prediction_data(tmp_path)
+    raw = tmp_path / "raw"
+    for name in ("input0", "input1", "label"):
+        run_tool("fairseq-preprocess", "--only-source", "--trainpref", raw / f"train.{name}",
+                 "--validpref", raw / f"valid.{name}", "--destdir", tmp_path / "ref" / name,
+                 "--workers", "1")
+        for f in ("dict.txt", "train.bin", "train.idx", "valid.bin", "valid.idx"):
+            assert filecmp.cmp(out / name / f, tmp_path / "ref" / name / f, shallow=False), (name, f)
