@@ -145,6 +145,20 @@ def binarize(token_file: Path, dictionary, out_prefix: Path, workers=1) -> dict:
             "unk_percent": round(summary.replaced_percent, 4)}
 
 
+
+def _write_source_dict(dict_path: Path, srcdict, tok, train_files, workers: int, what: str) -> Path:
+    """The model's dictionary when given (--srcdict), the vocab.txt order for WordPiece, else one
+    built from the train split the way fairseq-preprocess builds it."""
+    if srcdict:
+        shutil.copyfile(srcdict, dict_path)
+    elif tok.kind == "wordpiece":
+        write_vocab_dict(tok.wordpiece_vocab, dict_path)
+    else:
+        if not train_files:
+            raise ValueError(f"{what}: no train split to build a dictionary from; pass --srcdict")
+        build_fairseq_dict(train_files, dict_path, workers)
+    return dict_path
+
 def _load_dict(path):
     from fairseq.data import Dictionary
 
@@ -237,16 +251,8 @@ def _sentence_prediction_task(spec, splits, tok, out_dir, srcdict, workers, over
         encode_s = time.time() - t0
 
         # One source dictionary for both inputs: sentence_prediction reads only input0/dict.txt.
-        dict_path = raw / "dict.txt"
-        if srcdict:
-            shutil.copyfile(srcdict, dict_path)
-        elif tok.kind == "wordpiece":
-            write_vocab_dict(tok.wordpiece_vocab, dict_path)
-        else:
-            train_files = [raw / f"train.{col}" for col in inputs if (raw / f"train.{col}").exists()]
-            if not train_files:
-                raise ValueError(f"{spec.name}: no train split to build a dictionary from; pass --srcdict")
-            build_fairseq_dict(train_files, dict_path, workers)
+        train_files = [raw / f"train.{col}" for col in inputs if (raw / f"train.{col}").exists()]
+        dict_path = _write_source_dict(raw / "dict.txt", srcdict, tok, train_files, workers, spec.name)
         dictionary = _load_dict(dict_path)
 
         stats = {}
@@ -351,13 +357,8 @@ def _text2text(task_splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_
             n_rows += len(pairs)
         encode_s = time.time() - t0
 
-        dict_path = raw / "dict.txt"
-        if srcdict:
-            shutil.copyfile(srcdict, dict_path)
-        elif tok.kind == "wordpiece":
-            write_vocab_dict(tok.wordpiece_vocab, dict_path)
-        else:
-            build_fairseq_dict([raw / "train.src", raw / "train.tgt"], dict_path, workers)  # joint dictionary
+        dict_path = _write_source_dict(raw / "dict.txt", srcdict, tok, [raw / "train.src", raw / "train.tgt"],
+                                       workers, "text2text")  # joint src/tgt dictionary
         dictionary = _load_dict(dict_path)
         for lang in ("src", "tgt"):
             shutil.copyfile(dict_path, tmp / f"dict.{lang}.txt")
