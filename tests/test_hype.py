@@ -305,7 +305,8 @@ def test_attach_is_idempotent_and_follows_the_flags():
     cfg.hype_intermediate = True
     attach_hype(model, cfg)
     assert _n_hooks(model) == 4
-    cfg.hype_type = "none"
+    # switching HyPe off (with the other --hype-* flags back at their defaults) removes every hook
+    cfg.hype_type, cfg.hype_intermediate, cfg.hype_eps = "none", False, 1e-5
     attach_hype(model, cfg)
     assert _n_hooks(model) == 0 and hype_logging_output(model) == {}
 
