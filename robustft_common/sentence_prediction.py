@@ -40,6 +40,19 @@ def _multi_process() -> bool:
         torch.distributed.get_world_size() > 1
 
 
+def log_ratio_pairs(logging_outputs) -> None:
+    """Log every `<name>_num` / `<name>_den` pair as the ratio `<name>` (e.g. `*_noise_effective`).
+
+    Summing numerators and denominators first keeps the ratio right across batches and workers.
+    """
+    keys = set().union(*(log.keys() for log in logging_outputs)) if logging_outputs else set()
+    for key in sorted(k for k in keys if k.endswith("_num")):
+        name = key[: -len("_num")]
+        den = _sum(logging_outputs, f"{name}_den")
+        if den > 0:
+            metrics.log_scalar(name, _sum(logging_outputs, key) / den, den, round=4)
+
+
 class RobustSentencePredictionCriterion(SentencePredictionCriterion):
     """Stock sentence prediction with data-parallel-safe metrics and a hook for extra loss terms."""
 
@@ -122,12 +135,8 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
         for key in cls.SENTENCE_MEAN_KEYS:
             if any(key in log for log in logging_outputs):
                 metrics.log_scalar(key, _sum(logging_outputs, key) / nsentences, nsentences, round=6)
+        log_ratio_pairs(logging_outputs)
         keys = set().union(*(log.keys() for log in logging_outputs)) if logging_outputs else set()
-        for key in sorted(k for k in keys if k.endswith("_num")):
-            name = key[: -len("_num")]
-            den = _sum(logging_outputs, f"{name}_den")
-            if den > 0:
-                metrics.log_scalar(name, _sum(logging_outputs, key) / den, den, round=4)
 
         # Metrics over a whole validation set / log interval: accumulate sums across batches and
         # derive the metric from the totals (an average of per-batch MCC would be wrong).

@@ -20,13 +20,25 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from robustft_common.noise import add_noise, sample_noise
+from robustft_common.hype import unwrap_model, validate_hype_config
+from robustft_common.noise import add_noise, sample_noise, validate_noise_flags
+from robustft_common.validation import require_choice, require_finite_nonnegative
+
+# the reference's two distributions (HyPe's one-sided uniform is not an R3F option)
+R3F_NOISE_TYPES = ("uniform", "normal")
+
+
+def validate_r3f_flags(cfg) -> None:
+    """Startup checks shared by both R3F criterions (and their --hype-* flags)."""
+    validate_noise_flags("--noise-type", cfg.noise_type, "--eps", cfg.eps)
+    require_choice("--noise-type", cfg.noise_type, R3F_NOISE_TYPES)
+    require_finite_nonnegative("--r3f-lambda", cfg.r3f_lambda)
+    validate_hype_config(cfg)
 
 
 def transformer_encoder(model):
     """The fairseq TransformerEncoder that embeds the source tokens (RoBERTa wraps it)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):  # data-parallel wrappers
-        model = model.module
+    model = unwrap_model(model)  # data-parallel wrappers
     encoder = getattr(model, "encoder", None)
     encoder = getattr(encoder, "sentence_encoder", encoder)  # RoBERTa / XLM-R
     if encoder is None or not hasattr(encoder, "embed_tokens") or not hasattr(encoder, "forward_embedding"):
@@ -99,3 +111,17 @@ class EncoderEmbeddingNoise:
         noisy, _ = add_noise(output, sample_noise(output, self.eps, self.noise_type))
         self._count(noisy, output)
         return noisy
+
+
+def noised_forward(model, src_tokens: torch.Tensor, eps: float, noise_type: str, forward):
+    """Run `forward()` with R3F noise on the encoder's embeddings; return (its output, the noise).
+
+    Fails loudly when the forward never embedded `src_tokens`: a silent clean "noisy" pass is the
+    reference implementation's defect.
+    """
+    with EncoderEmbeddingNoise(model, src_tokens, eps, noise_type) as noise:
+        output = forward()
+    if not noise.fired:
+        raise RuntimeError("R3F: the noisy forward never embedded the source tokens; the noise did not "
+                           "reach the encoder")
+    return output, noise

@@ -12,14 +12,12 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 
-from robustft_common import hype
-from robustft_common.hype import HypeConfig, attach_hype
+from robustft_common.hype import HypeConfig, attach_hype, hype_logging_output
 from robustft_common.kl import symmetric_kl
-from robustft_common.noise import validate_noise_flags
-from robustft_common.validation import require_choice, require_finite_nonnegative
-from rxf_src.embedding_noise import EncoderEmbeddingNoise
+from robustft_common.sentence_prediction import log_ratio_pairs
+from robustft_common.validation import require_choice
+from rxf_src.embedding_noise import R3F_NOISE_TYPES, noised_forward, validate_r3f_flags
 
-R3F_NOISE_TYPES = ("uniform", "normal")
 KL_NORMS = ("token", "sentence")
 
 
@@ -42,13 +40,8 @@ class LabelSmoothedCrossEntropyR3FCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, cfg: LabelSmoothedCrossEntropyR3FConfig, task):
         super().__init__(task, cfg.sentence_avg, cfg.label_smoothing, cfg.ignore_prefix_size,
                          cfg.report_accuracy)
-        validate_noise_flags("--noise-type", cfg.noise_type, "--eps", cfg.eps)
-        require_choice("--noise-type", cfg.noise_type, R3F_NOISE_TYPES)
-        require_finite_nonnegative("--r3f-lambda", cfg.r3f_lambda)
+        validate_r3f_flags(cfg)
         require_choice("--r3f-kl-norm", cfg.r3f_kl_norm, KL_NORMS)
-        validate_hype = getattr(hype, "validate_hype_config", None)
-        if validate_hype is not None:
-            validate_hype(cfg)
         self.cfg = cfg
         self.noise_eps = float(cfg.eps)  # self.eps is the parent's label smoothing
         self.r3f_lambda = float(cfg.r3f_lambda)
@@ -63,16 +56,11 @@ class LabelSmoothedCrossEntropyR3FCriterion(LabelSmoothedCrossEntropyCriterion):
         sample_size = nsentences if self.sentence_avg else sample["ntokens"]
         logging_output = {"nll_loss": nll_loss.data, "ntokens": sample["ntokens"],
                           "nsentences": nsentences, "sample_size": sample_size}
-        if hasattr(hype, "hype_logging_output"):
-            logging_output.update(hype.hype_logging_output(model))
+        logging_output.update(hype_logging_output(model))
 
         if model.training:
-            with EncoderEmbeddingNoise(model, sample["net_input"]["src_tokens"], self.noise_eps,
-                                       self.noise_type) as noise:
-                noisy_output = model(**sample["net_input"])
-            if not noise.fired:
-                raise RuntimeError("R3F: the noisy forward never embedded the source tokens; the noise "
-                                   "did not reach the encoder")
+            noisy_output, noise = noised_forward(model, sample["net_input"]["src_tokens"], self.noise_eps,
+                                                 self.noise_type, lambda: model(**sample["net_input"]))
             target = model.get_targets(sample, net_output)
             logits, noisy_logits = net_output[0], noisy_output[0]
             if self.ignore_prefix_size > 0:
@@ -101,9 +89,4 @@ class LabelSmoothedCrossEntropyR3FCriterion(LabelSmoothedCrossEntropyCriterion):
         if any("symm_kl" in log for log in logging_outputs) and ntokens > 0:
             # per target token, without lambda
             metrics.log_scalar("symm_kl", _sum("symm_kl") / ntokens, ntokens, round=6)
-        keys = set().union(*(log.keys() for log in logging_outputs)) if logging_outputs else set()
-        for key in sorted(k for k in keys if k.endswith("_num")):
-            name = key[: -len("_num")]
-            den = _sum(f"{name}_den")
-            if den > 0:
-                metrics.log_scalar(name, _sum(key) / den, den, round=4)
+        log_ratio_pairs(logging_outputs)

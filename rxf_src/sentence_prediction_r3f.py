@@ -10,15 +10,12 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.sentence_prediction import SentencePredictionConfig
 from fairseq.dataclass import ChoiceEnum
 
-from robustft_common import hype
-from robustft_common.hype import HypeConfig, attach_hype
+from robustft_common.hype import HypeConfig, attach_hype, hype_logging_output
 from robustft_common.kl import symmetric_kl
-from robustft_common.noise import validate_noise_flags
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
-from robustft_common.validation import require_choice, require_finite_nonnegative
-from rxf_src.embedding_noise import EncoderEmbeddingNoise
+from robustft_common.validation import require_choice
+from rxf_src.embedding_noise import R3F_NOISE_TYPES, noised_forward, validate_r3f_flags
 
-R3F_NOISE_TYPES = ("uniform", "normal")
 REGRESSION_KL = ("gaussian", "none")
 
 
@@ -48,13 +45,8 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
 
     def __init__(self, cfg: SentencePredictionR3FConfig, task):
         super().__init__(cfg, task)
-        validate_noise_flags("--noise-type", cfg.noise_type, "--eps", cfg.eps)
-        require_choice("--noise-type", cfg.noise_type, R3F_NOISE_TYPES)
-        require_finite_nonnegative("--r3f-lambda", cfg.r3f_lambda)
+        validate_r3f_flags(cfg)
         require_choice("--r3f-regression-kl", cfg.r3f_regression_kl, REGRESSION_KL)
-        validate_hype = getattr(hype, "validate_hype_config", None)
-        if validate_hype is not None:
-            validate_hype(cfg)
         self.cfg = cfg
         self.eps = float(cfg.eps)
         self.r3f_lambda = float(cfg.r3f_lambda)
@@ -67,16 +59,11 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
 
     def extra_terms(self, model, sample, logits, targets):
         logging_output = {}
-        if hasattr(hype, "hype_logging_output"):
-            logging_output.update(hype.hype_logging_output(model))
+        logging_output.update(hype_logging_output(model))
         if not model.training or (self.regression_target and not self.noisy_pass_on_regression):
             return None, logging_output
-        with EncoderEmbeddingNoise(model, sample["net_input"]["src_tokens"], self.eps,
-                                   self.noise_type) as noise:
-            noisy_logits = self.classification_logits(model, sample)
-        if not noise.fired:
-            raise RuntimeError("R3F: the noisy forward never embedded the source tokens; the noise did not "
-                               "reach the encoder")
+        noisy_logits, noise = noised_forward(model, sample["net_input"]["src_tokens"], self.eps,
+                                             self.noise_type, lambda: self.classification_logits(model, sample))
         if self.regression_target:
             # MSE is the NLL of N(prediction, 1/2); KL_S of two such Gaussians is 2 * (mean difference)^2
             kl = 2.0 * (logits.view(-1).float() - noisy_logits.view(-1).float()).pow(2)

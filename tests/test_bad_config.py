@@ -6,7 +6,6 @@ forward of the criterion); three go through the real `fairseq-train` to pin the 
 (non-zero exit, flag named on stderr).
 """
 import subprocess
-import sys
 
 import pytest
 

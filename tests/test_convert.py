@@ -3,7 +3,6 @@ glue_preprocess's WordPiece mode with the converted dict.txt yields the ids the 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
