@@ -10,7 +10,7 @@ import pytest
 
 from glue_preprocess import GlueFormatError, preprocess, read_split
 from glue_preprocess.__main__ import main as cli_main
-from tests.fairseq_helpers import GLUE_DIR, json_logs, run_tool, sentence_prediction_args
+from tests.fairseq_helpers import GLUE_DIR, REPO, json_logs, run_tool, sentence_prediction_args
 
 needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "train.tsv").is_file(), reason=f"no GLUE data at {GLUE_DIR}")
 
@@ -422,6 +422,8 @@ def test_text2text_trains_with_fairseq_translation(t2t, tmp_path):
         "--valid-subset", "valid_rte,valid_stsb", "--save-dir", tmp_path / "ckpt", "--no-save",
         "--log-format", "json", "--log-interval", "1", "--num-workers", "0", "--max-source-positions", "1024",
         "--skip-invalid-size-inputs-valid-test", "--max-valid-steps", "3",
+        # the plugin's exit hook: a cut-short validation otherwise aborts fairseq at exit (shutdown.py)
+        "--user-dir", REPO / "robustft",
     )
     logs = proc.stdout + proc.stderr
     assert json_logs(logs, prefix="valid_rte_") and json_logs(logs, prefix="valid_stsb_")

@@ -1,0 +1,42 @@
+"""Clean process exit when fairseq leaves a prefetch thread running.
+
+fairseq prefetches batches in a daemon `BackgroundConsumer` thread (`--data-buffer-size`, default 10).
+When a run ends while one is still collating (e.g. validation cut short by `--max-valid-steps`, or the
+last epoch stopped by `--max-update`), CPython 3.11 kills that thread inside torch's C++ code at
+interpreter shutdown, and the process dies with SIGABRT ("terminate called without an active
+exception", exit -6) after training has finished: schedulers then report a finished job as failed.
+At exit we ask each such thread to stop after its current batch and let it finish, before CPython
+tears threads down.
+"""
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import time
+
+_INSTALLED = False
+
+
+def stop_prefetch_threads(timeout_s: float = 10.0) -> None:
+    from fairseq.data.iterators import BackgroundConsumer
+
+    consumers = [t for t in threading.enumerate() if isinstance(t, BackgroundConsumer) and t.is_alive()]
+    for thread in consumers:
+        thread._max_len = 0  # its loop breaks after the batch it is building
+    deadline = time.monotonic() + timeout_s
+    for thread in consumers:
+        while thread.is_alive() and time.monotonic() < deadline:
+            try:  # make room, so its pending put (batch or end marker) does not block
+                while True:
+                    thread._queue.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(0.05)
+
+
+def install() -> None:
+    global _INSTALLED
+    if not _INSTALLED:
+        atexit.register(stop_prefetch_threads)
+        _INSTALLED = True
