@@ -74,3 +74,20 @@ def write_text2text(out: Path, splits: Dict[str, Tuple[List[str], List[str]]],
         binarize_lines(dictionary, src, out / f"{split}.src-tgt.src")
         binarize_lines(dictionary, tgt, out / f"{split}.src-tgt.tgt")
     return out
+
+
+def toy_classification(root: Path, n_train: int, n_valid: int, vocab: int = 40, min_len: int = 3,
+                       max_len: int = 10) -> Tuple[Path, Path]:
+    """A binary toy task (label: is the first word in the lower half of the vocab?) written twice:
+    RoBERTa GLUE layout (`root/sp-bin`, input0 + label) and text-to-text layout (`root/t2t-bin`)."""
+    splits = {}
+    for split, n, seed in (("train", n_train, 1), ("valid", n_valid, 2)):
+        words = [a for a, _ in toy_rows(n, seed, vocab, min_len, max_len)]
+        splits[split] = [(" ".join(a), int(a[0][1:]) < vocab // 2) for a in words]
+    sp = write_sentence_prediction(root / "sp-bin", {
+        "input0": {s: [r[0] for r in rows] for s, rows in splits.items()},
+        "label": {s: ["pos" if r[1] else "neg" for r in rows] for s, rows in splits.items()}})
+    t2t = write_text2text(root / "t2t-bin", {
+        s: ([f"sst2 sentence: {r[0]}" for r in rows], ["positive" if r[1] else "negative" for r in rows])
+        for s, rows in splits.items()})
+    return sp, t2t

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without `pip install -e .`
 
-from robustft_common.synthetic_data import toy_rows, write_sentence_prediction, write_text2text  # noqa: E402
+from robustft_common.synthetic_data import toy_classification  # noqa: E402
 
 # The methods at their papers' defaults (the noise effectiveness at those scales is the question).
 SENTENCE_PREDICTION = {
@@ -60,21 +60,10 @@ TINY_ROBERTA = ["--arch", "roberta_base", "--encoder-layers", "2", "--encoder-em
 
 
 # ------------------------------------------------------------------------------------------ data
-def _rows(n, seed):
-    """(sentence, label): label = first word in the lower half of a 200-word vocab; 4-40 tokens."""
-    return [(" ".join(a), int(a[0][1:]) < 100) for a, _ in toy_rows(n, seed, vocab=200, min_len=4, max_len=40)]
-
-
 def make_data(root: Path, n_train: int, n_valid: int):
-    """Synthetic binary task in RoBERTa's GLUE layout and in glue_preprocess's text2text layout."""
-    splits = {"train": _rows(n_train, 1), "valid": _rows(n_valid, 2)}
-    sp = write_sentence_prediction(root / "sp-bin", {
-        "input0": {s: [r[0] for r in rs] for s, rs in splits.items()},
-        "label": {s: ["pos" if r[1] else "neg" for r in rs] for s, rs in splits.items()}})
-    t2t = write_text2text(root / "t2t-bin", {
-        s: ([f"sst2 sentence: {r[0]}" for r in rs], ["positive" if r[1] else "negative" for r in rs])
-        for s, rs in splits.items()})
-    return sp, t2t
+    """Synthetic binary task (200-word vocab, 4-40 tokens) in RoBERTa's GLUE layout and in
+    glue_preprocess's text2text layout."""
+    return toy_classification(root, n_train, n_valid, vocab=200, min_len=4, max_len=40)
 
 
 # ------------------------------------------------------------------------------------------ runs

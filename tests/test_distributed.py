@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from robustft_common.synthetic_data import toy_rows, write_sentence_prediction, write_text2text
+from robustft_common.synthetic_data import toy_classification
 from tests.fairseq_helpers import REPO, json_logs, sentence_prediction_args
 
 MARK = "@@@"  # launcher lines: "@@@ JOB name", "@@@ ERROR name: message", "@@@ DONE"
@@ -29,25 +29,14 @@ MARK = "@@@"  # launcher lines: "@@@ JOB name", "@@@ ERROR name: message", "@@@ 
 # tiny data, binarized in-process (fairseq-preprocess costs ~5 s of imports per call)
 
 
-def _toy_rows(n, seed):
-    """(sentence, label) pairs: the label is whether the first word is in the lower half of the vocab."""
-    return [(" ".join(a), int(a[0][1:]) < 20) for a, _ in toy_rows(n, seed)]
-
-
 def make_sp_data(root: Path, n_train=48, n_valid=16) -> Path:
     """RoBERTa GLUE layout (input0/, label/) like fairseq-preprocess --only-source writes it."""
-    splits = {"train": _toy_rows(n_train, 1), "valid": _toy_rows(n_valid, 2)}
-    return write_sentence_prediction(root / "sp-bin", {
-        "input0": {s: [r[0] for r in rows] for s, rows in splits.items()},
-        "label": {s: ["pos" if r[1] else "neg" for r in rows] for s, rows in splits.items()}})
+    return toy_classification(root, n_train, n_valid)[0]
 
 
 def make_t2t_data(root: Path, n_train=48, n_valid=16) -> Path:
     """glue_preprocess's text2text layout (joined src/tgt dictionary) for the hyperdecoder task."""
-    splits = {"train": _toy_rows(n_train, 1), "valid": _toy_rows(n_valid, 2)}
-    return write_text2text(root / "t2t-bin", {
-        s: ([f"sst2 sentence: {r[0]}" for r in rows], ["positive" if r[1] else "negative" for r in rows])
-        for s, rows in splits.items()})
+    return toy_classification(root, n_train, n_valid)[1]
 
 
 # ---------------------------------------------------------------------------------------------------
