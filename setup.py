@@ -10,6 +10,7 @@ PACKAGES = [
     "hyperdecoder_src",
     "glue_preprocess",
     "hf2fairseq",
+    "robustft_testing",  # test-data builders for tests, scripts/fp16_check.py, benchmarks (not a user dir)
 ]
 
 setup(

@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without `pip install -e .`
 
-from robustft_common.synthetic_data import toy_classification  # noqa: E402
+from robustft_testing.synthetic_data import toy_classification  # noqa: E402
 
 # The methods at their papers' defaults (the noise effectiveness at those scales is the question).
 SENTENCE_PREDICTION = {

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from robustft_common.synthetic_data import write_sentence_prediction
+from robustft_testing.synthetic_data import write_sentence_prediction
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from robustft_common.synthetic_data import toy_classification
+from robustft_testing.synthetic_data import toy_classification
 from tests.fairseq_helpers import REPO, json_logs, sentence_prediction_args
 
 MARK = "@@@"  # launcher lines: "@@@ JOB name", "@@@ ERROR name: message", "@@@ DONE"

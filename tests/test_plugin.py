@@ -89,7 +89,7 @@ def test_start_from_pretrained_checkpoint(data, tmp_path, flag):
 
 
 def test_in_process_binarization_matches_fairseq_preprocess(tmp_path):
-    """robustft_common.synthetic_data writes byte-for-byte what fairseq-preprocess writes."""
+    """robustft_testing.synthetic_data writes byte-for-byte what fairseq-preprocess writes."""
     import filecmp
 
     out = make_sentence_prediction_data(tmp_path)
