@@ -2,7 +2,7 @@
 
 Loss and metrics are those of `RobustSentencePredictionCriterion` (fairseq's `sentence_prediction`,
 DDP-safe); the only addition is the HyPe perturbation of every encoder layer's input while training
-(`robustft_common.hype`), plus the logged ratio `hype_noise_effective`. Unlike the `HypeConfig` mixin
+(`hype_src.perturbation`), plus the logged ratio `hype_noise_effective`. Unlike the `HypeConfig` mixin
 (default `none`, for criterions that merely compose with HyPe), this criterion defaults to
 `--hype-type normal` (HyPe-N, the paper's best average on GLUE); `--hype-type none` makes it vanilla.
 """
@@ -12,7 +12,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.sentence_prediction import SentencePredictionConfig
 from fairseq.dataclass import ChoiceEnum
 
-from robustft_common.hype import HYPE_TYPES, HypeConfig, attach_hype, hype_logging_output, validate_hype_config
+from hype_src.perturbation import HYPE_TYPES, HypeConfig, hype_forward, validate_hype_config
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
 
 
@@ -32,8 +32,7 @@ class HypeSentencePredictionCriterion(RobustSentencePredictionCriterion):
         self.hype_settings = validate_hype_config(cfg)
 
     def forward(self, model, sample, reduce=True):
-        attach_hype(model, self.hype_settings)
-        return super().forward(model, sample, reduce=reduce)
-
-    def extra_terms(self, model, sample, logits, targets):
-        return None, hype_logging_output(model)
+        with hype_forward(model, self.hype_settings) as hype:
+            loss, sample_size, logging_output = super().forward(model, sample, reduce=reduce)
+        logging_output.update(hype.logging_output)
+        return loss, sample_size, logging_output

@@ -22,35 +22,15 @@ from fairseq.logging import metrics
 from fairseq.logging.meters import safe_round
 
 from robustft_common import glue_metrics
+from robustft_common.utils import log_ratio_pairs, logged_sum as _sum
 
 _MOMENT_KEYS = ("n", "sx", "sy", "sxx", "syy", "sxy")
 _CONFUSION_KEYS = ("tp", "fp", "fn", "tn")
 
 
-def _item(value) -> float:
-    return value.item() if torch.is_tensor(value) else float(value)
-
-
-def _sum(logging_outputs, key) -> float:
-    return sum(_item(log.get(key, 0)) for log in logging_outputs)
-
-
 def _multi_process() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() and \
         torch.distributed.get_world_size() > 1
-
-
-def log_ratio_pairs(logging_outputs) -> None:
-    """Log every `<name>_num` / `<name>_den` pair as the ratio `<name>` (e.g. `*_noise_effective`).
-
-    Summing numerators and denominators first keeps the ratio right across batches and workers.
-    """
-    keys = set().union(*(log.keys() for log in logging_outputs)) if logging_outputs else set()
-    for key in sorted(k for k in keys if k.endswith("_num")):
-        name = key[: -len("_num")]
-        den = _sum(logging_outputs, f"{name}_den")
-        if den > 0:
-            metrics.log_scalar(name, _sum(logging_outputs, key) / den, den, round=4)
 
 
 class RobustSentencePredictionCriterion(SentencePredictionCriterion):

@@ -20,8 +20,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from robustft_common.hype import unwrap_model, validate_hype_config
+from hype_src.perturbation import validate_hype_config
 from robustft_common.noise import add_noise, sample_noise, validate_noise_flags
+from robustft_common.utils import unwrap_model
 from robustft_common.validation import require_choice, require_finite_nonnegative
 
 # the reference's two distributions (HyPe's one-sided uniform is not an R3F option)

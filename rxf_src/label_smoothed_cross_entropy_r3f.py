@@ -12,9 +12,9 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 
-from robustft_common.hype import HypeConfig, attach_hype, hype_logging_output
+from hype_src.perturbation import HypeConfig, hype_forward
 from robustft_common.kl import symmetric_kl
-from robustft_common.sentence_prediction import log_ratio_pairs
+from robustft_common.utils import log_ratio_pairs
 from robustft_common.validation import require_choice
 from rxf_src.embedding_noise import R3F_NOISE_TYPES, noised_forward, validate_r3f_flags
 
@@ -49,14 +49,18 @@ class LabelSmoothedCrossEntropyR3FCriterion(LabelSmoothedCrossEntropyCriterion):
         self.kl_norm = str(cfg.r3f_kl_norm)
 
     def forward(self, model, sample, reduce=True):
-        attach_hype(model, self.cfg)
+        with hype_forward(model, self.cfg) as hype:  # counts HyPe's noise in both passes
+            loss, sample_size, logging_output = self._forward(model, sample, reduce)
+        logging_output.update(hype.logging_output)
+        return loss, sample_size, logging_output
+
+    def _forward(self, model, sample, reduce):
         net_output = model(**sample["net_input"])
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         nsentences = sample["target"].size(0)
         sample_size = nsentences if self.sentence_avg else sample["ntokens"]
         logging_output = {"nll_loss": nll_loss.data, "ntokens": sample["ntokens"],
                           "nsentences": nsentences, "sample_size": sample_size}
-        logging_output.update(hype_logging_output(model))
 
         if model.training:
             noisy_output, noise = noised_forward(model, sample["net_input"]["src_tokens"], self.noise_eps,

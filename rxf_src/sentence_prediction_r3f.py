@@ -10,7 +10,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.sentence_prediction import SentencePredictionConfig
 from fairseq.dataclass import ChoiceEnum
 
-from robustft_common.hype import HypeConfig, attach_hype, hype_logging_output
+from hype_src.perturbation import HypeConfig, hype_forward
 from robustft_common.kl import symmetric_kl
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
 from robustft_common.validation import require_choice
@@ -54,12 +54,13 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         self.noisy_pass_on_regression = str(cfg.r3f_regression_kl) == "gaussian"
 
     def forward(self, model, sample, reduce=True):
-        attach_hype(model, self.cfg)
-        return super().forward(model, sample, reduce)
+        with hype_forward(model, self.cfg) as hype:  # counts HyPe's noise in both passes
+            loss, sample_size, logging_output = super().forward(model, sample, reduce)
+        logging_output.update(hype.logging_output)
+        return loss, sample_size, logging_output
 
     def extra_terms(self, model, sample, logits, targets):
         logging_output = {}
-        logging_output.update(hype_logging_output(model))
         if not model.training or (self.regression_target and not self.noisy_pass_on_regression):
             return None, logging_output
         noisy_logits, noise = noised_forward(model, sample["net_input"]["src_tokens"], self.eps,

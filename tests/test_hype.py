@@ -12,7 +12,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.tasks.sentence_prediction import SentencePredictionTask
 
 import hype_src  # noqa: F401  (registers hype_sentence_prediction)
-from robustft_common.hype import (
+from hype_src.perturbation import (
     attach_hype, detach_hype, hype_logging_output, hype_settings, layer_stacks,
 )
 from tests.fairseq_helpers import REPO
@@ -20,10 +20,11 @@ from tests.fairseq_helpers import REPO
 B, T, C = 8, 16, 64
 
 
-def build(*extra, arch="roberta_base", layers=2, eps="0.1", hype_type="normal"):
-    """A tiny model + hype_sentence_prediction criterion, built from real fairseq flags (dropout off)."""
-    argv = ["/unused", "--user-dir", str(REPO / "hype_src"), "--task", "sentence_prediction",
-            "--criterion", "hype_sentence_prediction", "--num-classes", "2", "--arch", arch,
+def build(*extra, arch="roberta_base", layers=2, eps="0.1", hype_type="normal", criterion="hype_sentence_prediction",
+          user_dir="hype_src"):
+    """A tiny model + criterion (default hype_sentence_prediction), built from real fairseq flags (dropout off)."""
+    argv = ["/unused", "--user-dir", str(REPO / user_dir), "--task", "sentence_prediction",
+            "--criterion", criterion, "--num-classes", "2", "--arch", arch,
             "--encoder-layers", str(layers), "--encoder-embed-dim", str(C), "--encoder-ffn-embed-dim", "128",
             "--encoder-attention-heads", "2", "--max-positions", "64",
             *(["--decoder-layers", str(layers), "--decoder-embed-dim", str(C), "--decoder-ffn-embed-dim", "128",
@@ -355,10 +356,31 @@ def test_criterion_logs_noise_effective_counts_and_resets():
     assert log["hype_noise_effective_den"] == 0
 
 
+def test_r3f_counts_both_passes_and_validation_logs_no_hype_noise():
+    """A criterion with a second (R3F noisy) pass: HyPe's count covers both passes of the call, and none of
+    it reaches the next call, e.g. a validation batch (which adds no noise)."""
+    model, criterion, cfg = build("--eps", "1e-3", eps="1e-3", criterion="sentence_prediction_r3f",
+                                  user_dir="robustft")
+    sample = make_sample()
+    model.train()
+    _, _, log = criterion(model, sample)
+    per_pass = 2 * B * T * C  # 2 layers, every entry of each layer input
+    assert log["hype_noise_effective_den"] == 2 * per_pass  # clean + noisy pass
+    assert 0.98 < log["hype_noise_effective_num"].item() / (2 * per_pass) <= 1.0
+    model.eval()
+    _, _, log = criterion(model, sample)
+    assert log["hype_noise_effective_num"] == log["hype_noise_effective_den"] == 0
+    # a stray training-mode forward outside a criterion call is not reported with the next call either
+    model.train()
+    features(model, sample)
+    model.eval()
+    assert criterion(model, sample)[2]["hype_noise_effective_den"] == 0
+
+
 def test_low_precision_warns_and_counts_vanishing_noise(caplog):
     model, criterion, cfg = build(eps="1e-5")
     model.to(torch.bfloat16).train()
-    with caplog.at_level(logging.WARNING, logger="robustft_common.hype"):
+    with caplog.at_level(logging.WARNING, logger="hype_src.perturbation"):
         # no padding: fairseq zeroes pad rows, and any noise moves a zero
         _, _, log = criterion(model, make_sample(padded=False))
     assert any("below the bfloat16 resolution" in r.getMessage() for r in caplog.records)

@@ -1,4 +1,4 @@
-"""HyPe hidden-representation perturbation, shared by every criterion that composes with it.
+"""HyPe hidden-representation perturbation, the mechanism of every criterion that composes with HyPe.
 
 HyPe (Yuan et al., ACL 2023) adds fresh i.i.d. noise to the hidden representation fed into every
 Transformer layer while training: the first layer's input (embedding output after its layernorm and
@@ -6,23 +6,26 @@ dropout) and every inter-layer state, but not the last layer's output. Here it i
 on each layer, so the encoder's own variables (and the `encoder_states` it returns) stay clean and
 eval (`module.training` False) is untouched, bit for bit.
 
-Usage, for any criterion: inherit `HypeConfig` in the criterion's config, call
-`attach_hype(model, cfg)` at the start of `forward` (idempotent, cheap) and merge
-`hype_logging_output(model)` into the logging output (logged as the ratio `hype_noise_effective`,
-the fraction of perturbed entries that the noise actually changed after the cast to the activation
-dtype; ~1.0 in fp32, far less under `--fp16` with a small `--hype-eps`).
+Usage, for any criterion: inherit `HypeConfig` in the criterion's config and run the whole of `forward`
+inside `with hype_forward(model, cfg) as hype:` (attaches the hooks, idempotent and cheap; counts the
+noise of every pass inside the block, and only those), then merge `hype.logging_output` into the logging
+output (logged as the ratio `hype_noise_effective`, the fraction of perturbed entries that the noise
+actually changed after the cast to the activation dtype; ~1.0 in fp32, far less under `--fp16` with a
+small `--hype-eps`; nothing in eval, which adds no noise).
 """
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from torch import nn
 
 from robustft_common.noise import add_noise, sample_noise
+from robustft_common.utils import unwrap_model
 from robustft_common.validation import require, require_choice, require_finite_nonnegative
 
 logger = logging.getLogger(__name__)
@@ -114,13 +117,6 @@ def hype_settings(cfg) -> HypeSettings:
 def validate_hype_config(cfg) -> HypeSettings:
     """Startup check for criterions: raises ValueError naming the bad `--hype-*` flag."""
     return hype_settings(cfg)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside fairseq's data-parallel wrappers (ModuleProxyWrapper -> DDP -> model)."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
 
 
 def layer_stacks(model: nn.Module, decoder: bool = False) -> List[Tuple[str, Sequence[nn.Module]]]:
@@ -264,14 +260,39 @@ def detach_hype(model: nn.Module) -> None:
 
 def hype_logging_output(model: nn.Module) -> Dict[str, object]:
     """`hype_noise_effective_num` / `_den` (entries changed / entries perturbed) since the last call,
-    then reset; {} when HyPe is off. The base criterion's reduce_metrics logs the ratio
-    `hype_noise_effective`; den is 0 in eval (no noise), so nothing is logged there."""
+    then reset; {} when HyPe is off. Criterions use `hype_forward`, which scopes the count to one call.
+    The ratio `hype_noise_effective` is logged by `log_ratio_pairs`; den is 0 in eval (no noise), so
+    nothing is logged there."""
     state: Optional[_HypeState] = unwrap_model(model).__dict__.get("_hype_state")
     if state is None:
         return {}
     out = {"hype_noise_effective_num": state.changed, "hype_noise_effective_den": state.total}
     state.changed, state.total = 0, 0
     return out
+
+
+class HypeCount:
+    """What `hype_forward` counted: `logging_output` is filled when its block exits."""
+
+    def __init__(self):
+        self.logging_output: Dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def hype_forward(model: nn.Module, cfg) -> Iterator[HypeCount]:
+    """One criterion call under HyPe: attach it (`attach_hype(model, cfg)`) and count the noise of exactly
+    the passes run inside the block (the clean pass and, e.g., R3F's noisy pass).
+
+    Counts left by forwards outside any criterion call are dropped on entry, so nothing a training step
+    perturbed is reported with the next call (which can be a validation batch, adding no noise).
+    """
+    attach_hype(model, cfg)
+    hype_logging_output(model)  # drop what earlier forwards left
+    count = HypeCount()
+    try:
+        yield count
+    finally:
+        count.logging_output = hype_logging_output(model)
 
 
 _WARNED = set()
