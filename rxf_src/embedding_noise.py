@@ -1,4 +1,4 @@
-"""Put R3F's noise into a fairseq Transformer encoder's token embeddings for exactly one forward pass.
+"""Put R3F's noise into a fairseq Transformer encoder's token embeddings for one forward of the model.
 
 Why hooks and not `token_embeddings=`: RoBERTa's encoder forward drops `token_embeddings`
 (`RobertaEncoder.forward` -> `extract_features` without it), so fairseq's reference noisy pass is a clean
@@ -6,12 +6,20 @@ pass. A forward hook on a module of the encoder works for RoBERTa/XLM-R, BART (c
 seq2seq) and the plain transformer alike, and only ever touches the encoder (BART's decoder has its own
 `layernorm_embedding`; a shared `embed_tokens` is only noised for this call's `src_tokens`).
 
+Which calls: every time the encoder embeds the source inside the noisy forward, with ONE noise tensor z
+drawn at the first call. R3F perturbs the model's input, f(x) -> f(x + z); a model that embeds x more than
+once per forward (hyperdecoder's `--encoder-adapter generated` runs the encoder twice: pass 1 conditions
+the adapter generator, the decoder reads pass 2) must see x + z at every use, as `token_embeddings=E + z`
+would give it (`HyperdecoderEncoder.forward_scriptable` hands that argument to both passes). Noising only
+the first call left the pass the decoder reads clean.
+
 Where: fairseq's `forward_embedding` computes `layernorm_embedding(embed_scale * E + positions)`.
 Noise z on E is the same as `embed_scale * z` on the layer norm's input, so when the encoder has
 `layernorm_embedding` (RoBERTa, XLM-R, BART) the noise is added there, in fp32, and the layer norm is run
 in fp32 too: the sum is only rounded to the model's dtype after the layer norm, where the values are
 O(1). Without `layernorm_embedding` the noise is added to the embedding lookup (fp32 add, cast back).
-Either way the fraction of non-pad entries that really changed at that point is counted.
+Either way the fraction of non-pad entries that really changed at that point is counted, summed over
+every noised call (so a second encoder pass is counted too).
 """
 from __future__ import annotations
 
@@ -54,10 +62,13 @@ def _is_layer_norm(module) -> bool:
 
 
 class EncoderEmbeddingNoise:
-    """Context manager: the first encoder forward inside it sees noised token embeddings.
+    """Context manager: every encoder embedding of `src_tokens` inside it gets the same noise z.
 
-    After the forward, `changed` / `total` are 0-dim tensors: non-pad embedding entries the noise
-    changed at the point where the model consumes them, and all non-pad entries.
+    z is drawn (fp32, on the embeddings' device) at the first such embedding and reused at every later one,
+    so a model that runs its encoder more than once per forward sees one perturbed input x + z.
+    After the forward, `changed` / `total` are 0-dim tensors summed over the `calls` noised embeddings:
+    non-pad embedding entries the noise changed at the point where the model consumes them, and all
+    non-pad entries.
     """
 
     def __init__(self, model, src_tokens: torch.Tensor, eps: float, noise_type: str):
@@ -65,13 +76,15 @@ class EncoderEmbeddingNoise:
         self.src_tokens = src_tokens
         self.eps = eps
         self.noise_type = noise_type
+        self.noise: Optional[torch.Tensor] = None  # z, fp32, at the hooked point (scaled by embed_scale there)
+        self.calls = 0
         self.changed: Optional[torch.Tensor] = None
         self.total: Optional[torch.Tensor] = None
         self._handle = None
 
     @property
     def fired(self) -> bool:
-        return self.changed is not None
+        return self.calls > 0
 
     def __enter__(self):
         layer_norm = getattr(self.encoder, "layernorm_embedding", None)
@@ -85,19 +98,31 @@ class EncoderEmbeddingNoise:
         self._handle.remove()
         return False
 
+    def _sample_once(self, like: torch.Tensor, eps: float) -> torch.Tensor:
+        """The one noise tensor of this forward: drawn at the first call, the same z afterwards."""
+        if like.shape[:-1] != self.src_tokens.shape:
+            # forward_embedding embeds B x T src_tokens as B x T x C (fairseq transformer_encoder.py:124-129)
+            raise RuntimeError(
+                f"R3F: the encoder embedded a {tuple(like.shape)} input inside the noisy forward of the "
+                f"{tuple(self.src_tokens.shape)} source batch; R3F noises one source batch per forward")
+        if self.noise is None:
+            self.noise = sample_noise(like, eps, self.noise_type)
+        return self.noise
+
     def _count(self, noisy: torch.Tensor, clean: torch.Tensor) -> None:
         pad = getattr(self.encoder, "padding_idx", None)
         keep = self.src_tokens.ne(pad) if pad is not None else torch.ones_like(self.src_tokens, dtype=torch.bool)
         keep = keep.unsqueeze(-1)
-        self.changed = ((noisy != clean) & keep).sum()
-        self.total = keep.sum() * clean.size(-1)
+        changed = ((noisy != clean) & keep).sum()
+        total = keep.sum() * clean.size(-1)
+        self.changed = changed if self.changed is None else self.changed + changed
+        self.total = total if self.total is None else self.total + total
+        self.calls += 1
 
     def _noise_layer_norm_input(self, module, inputs, output):
-        if self.fired:
-            return None
         x = inputs[0]
         scale = float(getattr(self.encoder, "embed_scale", 1.0) or 1.0)
-        noisy_input = x.float() + sample_noise(x, self.eps * scale, self.noise_type)
+        noisy_input = x.float() + self._sample_once(x, self.eps * scale)
         weight = None if module.weight is None else module.weight.float()
         bias = None if module.bias is None else module.bias.float()
         noisy = F.layer_norm(noisy_input, tuple(module.normalized_shape), weight, bias, module.eps)
@@ -107,15 +132,16 @@ class EncoderEmbeddingNoise:
 
     def _noise_lookup(self, module, inputs, output):
         # a shared embedding table also embeds the decoder's tokens: only noise this source batch
-        if self.fired or inputs[0] is not self.src_tokens:
+        if inputs[0] is not self.src_tokens:
             return None
-        noisy, _ = add_noise(output, sample_noise(output, self.eps, self.noise_type))
+        noisy, _ = add_noise(output, self._sample_once(output, self.eps))
         self._count(noisy, output)
         return noisy
 
 
 def noised_forward(model, src_tokens: torch.Tensor, eps: float, noise_type: str, forward):
-    """Run `forward()` with R3F noise on the encoder's embeddings; return (its output, the noise).
+    """Run `forward()` with R3F noise on the encoder's embeddings (one z for every encoder pass of this
+    forward); return (its output, the noise context: `changed` / `total` for `r3f_noise_effective`).
 
     Fails loudly when the forward never embedded `src_tokens`: a silent clean "noisy" pass is the
     reference implementation's defect.

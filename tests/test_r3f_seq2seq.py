@@ -1,5 +1,6 @@
 """R3F for encoder-decoder models (rxf_src/label_smoothed_cross_entropy_r3f.py) on a tiny BART and a tiny
-transformer: token-level KL with target pads masked, both normalisations, encoder-only noise, e2e + resume."""
+transformer: token-level KL with target pads masked, both normalisations, encoder-only noise, e2e + resume;
+a two-pass encoder (hyperdecoder, generated encoder adapters) gets the same noise in both passes."""
 import random
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 import rxf_src  # noqa: F401
+from rxf_src.embedding_noise import EncoderEmbeddingNoise
 from tests.fairseq_helpers import REPO, json_logs, run_tool
 from tests.test_r3f import build, hand_symmetric_kl
 
@@ -118,3 +120,71 @@ def test_end_to_end_bart_with_resume(mt_data, tmp_path):
     resumed = [int(r["num_updates"]) for r in json_logs(run_tool("fairseq-train", *args).stdout)
                if "symm_kl" in r]
     assert resumed == [5, 6]
+
+
+# -- a two-pass encoder: hyperdecoder with --encoder-adapter generated --------------------------------
+def generated_encoder_run(data, tmp_path, *extra):
+    """Tiny hyperdecoder whose encoder runs twice per forward (pass 1 -> adapter generator -> pass 2, which
+    the decoder reads); dropout 0, so the noise is the only difference between the criterion's passes."""
+    return build(mt_args(data, tmp_path, "hyperdecoder_bart_tiny", "--encoder-adapter", "generated",
+                         *NO_DROPOUT, *extra))
+
+
+def test_one_noise_sample_reaches_both_encoder_passes(mt_data, tmp_path):
+    """Pass 2's output (what the decoder reads) moves with the noise, and equals the independent
+    `token_embeddings=E + z`, which HyperdecoderEncoder hands to both passes."""
+    _, model, _, sample = generated_encoder_run(mt_data, tmp_path)
+    model.eval()
+    src, lengths = sample["net_input"]["src_tokens"], sample["net_input"]["src_lengths"]
+    outputs = []  # final encoder layer output of each pass, T x B x C
+    model.encoder.layers[-1].register_forward_hook(lambda mod, args, out: outputs.append(out.detach()))
+    with torch.no_grad():
+        clean = model.encoder(src, src_lengths=lengths)["encoder_out"][0]
+        torch.manual_seed(3)
+        with EncoderEmbeddingNoise(model, src, 0.1, "uniform") as noise:
+            noisy = model.encoder(src, src_lengths=lengths)["encoder_out"][0]
+        assert model.encoder.embed_scale in (None, 1.0)  # so z on the layer norm's input equals z on E
+        embeddings = model.encoder.embed_tokens(src)
+        torch.manual_seed(3)
+        z = torch.empty(embeddings.shape).uniform_(-0.1, 0.1)
+        reference = model.encoder(src, src_lengths=lengths, token_embeddings=embeddings + z)
+    clean_1, clean_2, noisy_1, noisy_2 = outputs[:4]
+    assert len(outputs) == 6 and torch.equal(clean_2, clean) and torch.equal(noisy_2, noisy)
+
+    assert (noisy_2 - clean_2).abs().max() > 1e-2  # the decoder-facing pass is perturbed ...
+    assert (noisy_1 - clean_1).abs().max() > 1e-2  # ... and so is the generator's input pass
+    torch.testing.assert_close(noisy, reference["encoder_out"][0], rtol=1e-5, atol=1e-5)
+    # counted: both passes, every non-pad entry (fp32)
+    tokens = src.ne(model.encoder.padding_idx).sum().item() * clean.size(-1)
+    assert noise.calls == 2 and noise.changed.item() == noise.total.item() == 2 * tokens
+
+
+def test_generated_encoder_adapters_token_kl_is_positive_and_independent(mt_data, tmp_path):
+    """dropout 0, eps > 0: the KL comes from the noise alone, through the pass the decoder reads."""
+    eps = 0.05
+    _, model, criterion, sample = generated_encoder_run(mt_data, tmp_path, "--eps", eps, "--r3f-lambda", 1.0,
+                                                         "--noise-type", "uniform")
+    model.train()
+    torch.manual_seed(5)
+    _, _, log = criterion(model, sample)
+
+    net_input = sample["net_input"]
+    clean, _ = model(**net_input)
+    embeddings = model.encoder.embed_tokens(net_input["src_tokens"])
+    torch.manual_seed(5)
+    noise = torch.empty(embeddings.shape).uniform_(-eps, eps)
+    noisy, _ = model(**net_input, token_embeddings=embeddings + noise)
+    keep = sample["target"].ne(model.encoder.padding_idx).numpy()
+    kl = hand_symmetric_kl(clean, noisy)[keep].sum()
+
+    assert log["symm_kl"].item() > 0 and log["symm_kl"].item() == pytest.approx(kl, rel=1e-4)
+    tokens = net_input["src_tokens"].ne(model.encoder.padding_idx).sum().item() * embeddings.size(-1)
+    assert log["r3f_noise_effective_num"].item() == log["r3f_noise_effective_den"].item() == 2 * tokens
+
+
+def test_end_to_end_generated_encoder_adapters(mt_data, tmp_path):
+    args = mt_args(mt_data, tmp_path, "hyperdecoder_bart_tiny", "--encoder-adapter", "generated", *NO_DROPOUT,
+                   "--eps", "0.1", max_update=2)
+    inner = [r for r in json_logs(run_tool("fairseq-train", *args).stdout) if "symm_kl" in r]
+    assert len(inner) == 2
+    assert all(float(r["symm_kl"]) > 0 and float(r["r3f_noise_effective"]) == 1.0 for r in inner)
