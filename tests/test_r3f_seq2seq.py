@@ -9,7 +9,7 @@ import torch
 from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_loss
 
 import rxf_src  # noqa: F401
-from rxf_src.embedding_noise import EncoderEmbeddingNoise
+from rxf_src.embedding_noise import EncoderEmbeddingNoise, noised_forward
 from tests.fairseq_helpers import REPO, json_logs, run_tool
 from tests.test_r3f import build, hand_symmetric_kl
 
@@ -121,6 +121,18 @@ def test_end_to_end_bart_with_resume(mt_data, tmp_path):
                if "symm_kl" in r]
     assert resumed == [5, 6]
 
+
+def test_noisy_forward_fails_loudly_when_the_noise_misses_the_source_batch(mt_data, tmp_path):
+    _, model, _, sample = build(mt_args(mt_data, tmp_path, "transformer", "--eps", "0.1"))
+    net_input = sample["net_input"]
+    src = net_input["src_tokens"]
+    # lookup hook: a forward that never embeds this src_tokens tensor would be a clean "noisy" pass
+    with pytest.raises(RuntimeError, match="never embedded the source tokens"):
+        noised_forward(model, src, 0.1, "uniform", lambda: model(**{**net_input, "src_tokens": src.clone()}))
+    # layer-norm hook: the encoder embedding another batch inside the noisy forward is refused
+    _, bart, _, _ = build(mt_args(mt_data, tmp_path, "bart_base", "--eps", "0.1"))
+    with pytest.raises(RuntimeError, match="one source batch per forward"):
+        noised_forward(bart, src, 0.1, "uniform", lambda: bart.encoder(src[:2]))
 
 # -- a two-pass encoder: hyperdecoder with --encoder-adapter generated --------------------------------
 def generated_encoder_run(data, tmp_path, *extra):
