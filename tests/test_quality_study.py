@@ -1,0 +1,72 @@
+"""The quality study's bookkeeping (robustft_experiments/quality.py) on hand-written fairseq logs:
+lr choice from the held-out grid only, final-epoch values, paired table, report files."""
+import json
+from pathlib import Path
+
+import pytest
+
+from robustft_common.methods import get_method
+from robustft_experiments import quality
+
+
+def _log(path: Path, metric: str, values, status="ok"):
+    path.mkdir(parents=True, exist_ok=True)
+    lines = [f"INFO:valid:epoch {i + 1:03d} | valid on 'valid' subset | loss 0.5 | {metric} {v} | num_updates {63 * (i + 1)}"
+             for i, v in enumerate(values)]
+    (path / "train.log").write_text("\n".join(lines) + "\n")
+    (path / "status.json").write_text(json.dumps({"status": status, "returncode": 0 if status == "ok" else 1,
+                                                  "seconds": 1.0}))
+
+
+def test_final_value_is_the_last_validation_not_the_best():
+    text = "\n".join(f"| valid on 'valid' subset | loss 1 | mcc {v} | num_updates {n}"
+                     for v, n in ((40.0, 63), (52.5, 126), (47.0, 189)))
+    assert quality.final_and_best(text, "mcc") == {"final": 47.0, "best": 52.5, "validations": 3,
+                                                   "final_num_updates": 189}
+    assert quality.final_and_best("no validation here", "mcc") is None
+
+
+def test_lr_is_chosen_on_the_grid_mean_and_waits_for_every_grid_run(tmp_path):
+    protocol = dict(quality.PROTOCOL, lr_grid={"adam": (1e-5, 2e-5)}, grid_seeds=(101, 102))
+    grid = tmp_path / "grid" / "CoLA"
+    _log(grid / "vanilla@lr1e-05" / "seed101", "mcc", [10, 30])
+    _log(grid / "vanilla@lr2e-05" / "seed101", "mcc", [10, 50])
+    assert quality.chosen_lrs(tmp_path, ["CoLA"], ["adam"], protocol) == {"CoLA": {"adam": None}}
+    _log(grid / "vanilla@lr1e-05" / "seed102", "mcc", [10, 40])
+    _log(grid / "vanilla@lr2e-05" / "seed102", "mcc", [90, 10])  # best epoch high, final low: final counts
+    # means of the final values: 1e-5 -> 35, 2e-5 -> 30
+    assert quality.chosen_lrs(tmp_path, ["CoLA"], ["adam"], protocol) == {"CoLA": {"adam": 1e-5}}
+
+
+def test_study_flags_apply_the_protocol_optimizer_settings():
+    flags = quality.study_flags("r3f")
+    assert flags[flags.index("--weight-decay") + 1] == "0.01"
+    assert flags[flags.index("--adam-betas") + 1] == "(0.9,0.999)"
+    assert flags.count("--weight-decay") == 1
+    pats = quality.study_flags("pats")
+    assert "--adam-betas" not in pats and pats[pats.index("--weight-decay") + 1] == "0.01"
+    assert quality.num_updates(1000) == 3 * 63
+
+
+def test_report_pairs_each_method_with_its_baseline(tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for seed, (v, r) in {1: (50.0, 52.0), 2: (48.0, 47.0), 3: (51.0, 55.0)}.items():
+        _log(runs / "main" / "CoLA" / "vanilla" / f"seed{seed}", "mcc", [30, v])
+        _log(runs / "main" / "CoLA" / "r3f" / f"seed{seed}", "mcc", [30, r])
+    _log(runs / "main" / "CoLA" / "hype_n" / "seed1", "mcc", [], status="failed")
+    text = quality.write_report(runs, results, ["CoLA"], ["vanilla", "r3f", "hype_n"], "python run.py")
+    row = next(line for line in text.splitlines() if line.startswith(f"| {get_method('r3f').label} |"))
+    # diffs +2, -1, +4: mean 5/3, 2 wins of 3
+    assert "51.33 ± 4.04 (n=3)" in row  # 52, 47, 55
+    # diffs +2, -1, +4: sd 2.517, t(0.975, 2) = 4.3027 -> half-width 6.25
+    assert "+1.67 [-4.58, +7.92], wins 2/3 (vs Vanilla)" in row
+    failed = next(line for line in text.splitlines() if line.startswith(f"| {get_method('hype_n').label} |"))
+    assert failed.rstrip().endswith("| 1 |")
+    assert (results / "CoLA.png").stat().st_size > 0
+    saved = json.loads((results / "results.json").read_text())
+    assert saved["lrs"] == {"CoLA": {"adam": None}} and len(saved["runs"]) == 7
+
+
+@pytest.mark.parametrize("task,floor", [("RTE", 100 * 146 / 277), ("CoLA", 0.0)])
+def test_plot_floor_is_the_majority_class(task, floor):
+    assert quality.floor_of(task)[0] == pytest.approx(floor)
