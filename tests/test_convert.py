@@ -147,6 +147,9 @@ def test_hub_encode_matches_bert_tokenizer(converted, hub, bert_outputs):
     expected = bert_to_fairseq_ids(tok(sentence)["input_ids"], (out / "vocab.txt").read_text().splitlines())
     assert hub.encode(sentence).tolist() == expected
     assert expected[0] == 0 and expected[-1] == 2  # [CLS] = <s>, [SEP] = </s>
+    a, b = rte_pairs()[0]  # BERT's pair layout is the hub's no_separator=True (docs/recipes.md)
+    expected = bert_to_fairseq_ids(tok(a, b)["input_ids"], (out / "vocab.txt").read_text().splitlines())
+    assert hub.encode(a, b, no_separator=True).tolist() == expected
 
 
 def test_dictionary_and_rows(converted):
