@@ -258,6 +258,8 @@ def test_no_pooler_init_flag_and_activation_check(converted):
     assert (dense.weight - hub.model.pooler.weight).abs().max() > 1e-2  # fairseq's random init
     with pytest.raises(ValueError, match="--pooler-activation-fn: is 'gelu'.*--hf-bert-no-pooler-init"):
         RobertaModel.from_pretrained(str(out), pooler_activation_fn="gelu", **kw)
+    with pytest.raises(ValueError, match="--hf-bert-type-vocab-size: must be >= 1"):
+        RobertaModel.from_pretrained(str(out), hf_bert_type_vocab_size=0, **kw)
 
 
 def test_checkpoint_from_older_converter_is_refused_with_the_fix(hub, converted):
@@ -396,3 +398,25 @@ def test_segment_table_follows_deepcopy(tiny_bert):
         changed = twin.encoder.extract_features(tokens)[0]
     assert torch.equal(before, after)
     assert (changed - before).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("no_pooler_init", [False, True])
+def test_hydra_hf_bert_pairs_and_pooler_flag(tiny_bert, tmp_path, no_pooler_init):
+    """Through scripts/hydra_train.py (hydra hands the model only the `model:` section): the model is hf_bert
+    with BERT's layout (task.separator_token=null), and +model.hf_bert_no_pooler_init reaches it."""
+    from tests.fairseq_helpers import TINY_ROBERTA_HYDRA, run_hydra_train
+
+    fs = tiny_bert / "fs"
+    data = tiny_bert / "bin" / "RTE-bin"
+    if not data.exists():
+        _tiny_rte(tiny_bert, fs / "vocab.txt", fs / "dict.txt")
+    flag = ["+model.hf_bert_no_pooler_init=true"] if no_pooler_init else []
+    run_hydra_train(*TINY_ROBERTA_HYDRA, "model._name=hf_bert", "task.separator_token=null", f"task.data={data}",
+                    f"checkpoint.restore_file={fs / 'model.pt'}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+                    "optimization.max_update=1", "dataset.batch_size=8", *flag, cwd=tmp_path)
+    state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)
+    pooler = torch.load(fs / "model.pt", weights_only=True)["model"]["pooler.weight"]
+    dense = state["model"]["classification_heads.sentence_classification_head.dense.weight"]
+    assert state["cfg"]["model"]["_name"] == "hf_bert" and state["cfg"]["task"]["separator_token"] is None
+    moved = (dense - pooler).abs().max().item()
+    assert (moved > 0.05) if no_pooler_init else (0 < moved < 2e-3), moved
