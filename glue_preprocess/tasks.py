@@ -1,118 +1,32 @@
-"""GLUE task layouts and a strict tsv parser (tab-split, no quote handling = csv.QUOTE_NONE)."""
+"""A strict GLUE tsv parser (tab-split, no quote handling = csv.QUOTE_NONE) over the layouts of the GLUE
+task table (`robustft_common.glue_tasks`)."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from robustft_common import glue_tasks
+from robustft_common.glue_tasks import TASKS, FileLayout, GlueTask
+
+__all__ = ["TASKS", "FileLayout", "TaskSpec", "GlueFormatError", "Example", "ParseResult", "resolve_task",
+           "parse_file", "split_files", "read_split"]
+
 
 class GlueFormatError(ValueError):
     """A malformed GLUE row or file; the message starts with `file:line:`."""
 
 
-@dataclass(frozen=True)
-class FileLayout:
-    """Columns of one GLUE file: `header` None = no header row; negative indices count from the end."""
-
-    n_columns: int
-    text_columns: tuple
-    label_column: int | None = None
-    header: tuple | None = None
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    name: str  # GLUE folder name
-    t2t_name: str  # lowercase HF-style name used by the text2text format
-    fields: tuple  # text2text field names, one per text column
-    labels: tuple | None  # label strings in class-id order; None = regression (STS-B)
-    label_words: tuple | None  # text2text target word per class id
-    metrics: tuple
-    # split name -> list of (file name, layout) in fairseq order (valid, valid1, ...)
-    files: dict = field(default_factory=dict)
-
-    @property
-    def regression(self) -> bool:
-        return self.labels is None
-
-    @property
-    def n_inputs(self) -> int:
-        return len(self.fields)
-
-
-def _tsv(*names):
-    return tuple(names)
-
-
-_MNLI_TRAIN_HEADER = _tsv(
-    "index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-    "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label",
-)
-_MNLI_DEV_HEADER = _MNLI_TRAIN_HEADER[:-1] + ("label2", "label3", "label4", "label5", "gold_label")
-_STSB_HEADER = _tsv(
-    "index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2", "score"
-)
-_MRPC_HEADER = _tsv("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
-
-
-def _pair_task(name, t2t, fields, labels, words, metrics, header_train, header_test, text, label, ncol, ncol_test, text_test):
-    train = FileLayout(ncol, text, label, header_train)
-    test = FileLayout(ncol_test, text_test, None, header_test)
-    return TaskSpec(name, t2t, fields, labels, words, metrics,
-                    {"train": [("train.tsv", train)], "valid": [("dev.tsv", train)], "test": [("test.tsv", test)]})
-
-
-TASKS: dict[str, TaskSpec] = {}
-
-
-def _add(spec: TaskSpec):
-    TASKS[spec.name] = spec
-
-
-_add(_pair_task("CoLA", "cola", ("sentence",), ("0", "1"), ("unacceptable", "acceptable"), ("mcc",),
-                None, _tsv("index", "sentence"), (3,), 1, 4, 2, (1,)))
-_add(_pair_task("SST-2", "sst2", ("sentence",), ("0", "1"), ("negative", "positive"), ("accuracy",),
-                _tsv("sentence", "label"), _tsv("index", "sentence"), (0,), 1, 2, 2, (1,)))
-_add(_pair_task("MRPC", "mrpc", ("sentence1", "sentence2"), ("0", "1"), ("not_equivalent", "equivalent"),
-                ("f1", "accuracy"), _MRPC_HEADER, ("index",) + _MRPC_HEADER[1:], (3, 4), 0, 5, 5, (3, 4)))
-_add(_pair_task("STS-B", "stsb", ("sentence1", "sentence2"), None, None, ("pearson", "spearman"),
-                _STSB_HEADER, _STSB_HEADER[:-1], (7, 8), 9, 10, 9, (7, 8)))
-_add(_pair_task("QQP", "qqp", ("question1", "question2"), ("0", "1"), ("not_duplicate", "duplicate"),
-                ("f1", "accuracy"), _tsv("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
-                _tsv("id", "question1", "question2"), (3, 4), 5, 6, 3, (1, 2)))
-_add(_pair_task("QNLI", "qnli", ("question", "sentence"), ("entailment", "not_entailment"),
-                ("entailment", "not_entailment"), ("accuracy",), _tsv("index", "question", "sentence", "label"),
-                _tsv("index", "question", "sentence"), (1, 2), 3, 4, 3, (1, 2)))
-_add(_pair_task("RTE", "rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"),
-                ("entailment", "not_entailment"), ("accuracy",), _tsv("index", "sentence1", "sentence2", "label"),
-                _tsv("index", "sentence1", "sentence2"), (1, 2), 3, 4, 3, (1, 2)))
-_add(_pair_task("WNLI", "wnli", ("sentence1", "sentence2"), ("0", "1"), ("not_entailment", "entailment"),
-                ("accuracy",), _tsv("index", "sentence1", "sentence2", "label"),
-                _tsv("index", "sentence1", "sentence2"), (1, 2), 3, 4, 3, (1, 2)))
-
-_MNLI_TRAIN = FileLayout(12, (8, 9), -1, _MNLI_TRAIN_HEADER)
-_MNLI_DEV = FileLayout(16, (8, 9), -1, _MNLI_DEV_HEADER)
-_MNLI_TEST = FileLayout(10, (8, 9), None, _MNLI_TRAIN_HEADER[:10])
-_AX = FileLayout(3, (1, 2), None, _tsv("index", "sentence1", "sentence2"))
-_add(TaskSpec(
-    "MNLI", "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-    ("entailment", "neutral", "contradiction"), ("accuracy",),
-    {
-        "train": [("train.tsv", _MNLI_TRAIN)],
-        "valid": [("dev_matched.tsv", _MNLI_DEV), ("dev_mismatched.tsv", _MNLI_DEV)],
-        "test": [("test_matched.tsv", _MNLI_TEST), ("test_mismatched.tsv", _MNLI_TEST),
-                 ("../diagnostic/diagnostic.tsv", _AX)],
-    },
-))
-
-_ALIASES = {k.lower().replace("-", ""): k for k in TASKS}
+# The task facts (layouts, labels, metrics) live in the one GLUE task table; this module parses files.
+TaskSpec = GlueTask
 
 
 def resolve_task(name: str) -> TaskSpec:
-    key = name.strip().lower().replace("-", "").replace("_", "")
-    if key not in _ALIASES:
-        raise ValueError(f"--tasks: unknown task {name!r}; choose from {', '.join(TASKS)} (or 'all')")
-    return TASKS[_ALIASES[key]]
+    """The task for any usual spelling; ValueError naming --tasks (the CLI also accepts 'all')."""
+    try:
+        return glue_tasks.resolve_task(name, "--tasks")
+    except ValueError as err:
+        raise ValueError(f"{err} (or 'all')") from None
 
 
 @dataclass

@@ -13,21 +13,32 @@ import re
 from collections import defaultdict
 from typing import Dict, List, Optional, Sequence
 
-from robustft_common import glue_metrics
+from robustft_common import glue_metrics, glue_tasks
 
-# text-to-text task names written by glue_preprocess; order = reporting order
-TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
-POSITIVE_CLASS = 1  # cola `acceptable`, mrpc `equivalent`, qqp `duplicate` (HF label ids)
+# text-to-text task names written by glue_preprocess, in the GLUE task table's order
+TASKS = tuple(t.t2t_name for t in glue_tasks.TASKS.values())
 INVALID_STSB = -1.0  # reference postprocessor's value for an unparseable STS-B prediction
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)")
 
 
+def _task(task: str) -> glue_tasks.GlueTask:
+    spec = glue_tasks.BY_T2T.get(task)
+    if spec is None:
+        raise ValueError(f"unknown text-to-text task {task!r}; expected one of {', '.join(TASKS)}")
+    return spec
+
+
 def task_metric_names(task: str) -> Sequence[str]:
-    return glue_metrics.TASK_METRICS[task]
+    return _task(task).metrics
 
 
 def is_regression(task: str) -> bool:
-    return task == "stsb"
+    return _task(task).regression
+
+
+def positive_class(task: str) -> int:
+    """Class id F1/MCC count as positive: cola `acceptable`, mrpc `equivalent`, qqp `duplicate`."""
+    return _task(task).positive_class
 
 
 def needs_confusion(task: str) -> bool:
@@ -68,13 +79,8 @@ def load_tasks_json(data_dir: str) -> dict:
 
 
 def default_label_words(task: str) -> List[str]:
-    """glue_preprocess's label words (README, text-to-text section), used when tasks.json lacks them."""
-    return {
-        "cola": ["unacceptable", "acceptable"], "sst2": ["negative", "positive"],
-        "mrpc": ["not_equivalent", "equivalent"], "qqp": ["not_duplicate", "duplicate"],
-        "mnli": ["entailment", "neutral", "contradiction"], "qnli": ["entailment", "not_entailment"],
-        "rte": ["entailment", "not_entailment"], "wnli": ["not_entailment", "entailment"],
-    }.get(task, [])
+    """glue_preprocess's label words (the GLUE task table), used when tasks.json lacks them."""
+    return list(_task(task).label_words or [])
 
 
 class GlueScorer:
@@ -96,8 +102,7 @@ class GlueScorer:
         return None
 
     def add(self, task: str, prediction: str, gold: float):
-        if task not in TASKS:
-            raise ValueError(f"unknown text-to-text task {task!r}; expected one of {', '.join(TASKS)}")
+        _task(task)  # unknown task: ValueError naming the known ones
         c, key = self.counts, f"_hd_{task}_"
         c[key + "n"] += 1
         if is_regression(task):
@@ -119,7 +124,7 @@ class GlueScorer:
         if needs_confusion(task):
             if pred is None:  # reference `f1_score_with_invalid`: an invalid answer counts as wrong
                 pred = 1 - gold if gold in (0, 1) else 0
-            for name, v in glue_metrics.confusion_counts([pred], [gold], POSITIVE_CLASS).items():
+            for name, v in glue_metrics.confusion_counts([pred], [gold], positive_class(task)).items():
                 c[key + name] += v
 
     def logging_counts(self) -> Dict[str, float]:

@@ -1,4 +1,5 @@
 """GLUE metrics, once: from arrays (evaluation scripts) and from summable counts (training logs).
+Which metric(s) each task reports is in the GLUE task table (`robustft_common.glue_tasks`).
 
 Count-based forms exist because fairseq sums logging outputs across data-parallel workers before
 `reduce_metrics`; a confusion matrix and the moments (n, Σx, Σy, Σx², Σy², Σxy) sum correctly where
@@ -69,22 +70,3 @@ def spearman(preds, targets) -> float:
     if len(preds) < 2:
         return float("nan")
     return float(spearmanr(preds, targets)[0])
-
-
-# GLUE's official metric(s) per task, in the order papers report them.
-TASK_METRICS = {
-    "cola": ("mcc",), "sst-2": ("accuracy",), "sst2": ("accuracy",), "mrpc": ("f1", "accuracy"),
-    "qqp": ("f1", "accuracy"), "sts-b": ("pearson", "spearman"), "stsb": ("pearson", "spearman"),
-    "mnli": ("accuracy",), "mnli-m": ("accuracy",), "mnli-mm": ("accuracy",), "qnli": ("accuracy",),
-    "rte": ("accuracy",), "wnli": ("accuracy",), "ax": ("mcc",),
-}
-
-
-def task_scores(task: str, preds, targets, positive=1) -> Dict[str, float]:
-    """All official metrics of a GLUE task, as percentages (x100), e.g. {'f1': 88.1, 'accuracy': 84.0}."""
-    fns = {"accuracy": accuracy, "mcc": lambda p, t: matthews_corr(p, t, positive),
-           "f1": lambda p, t: f1(p, t, positive), "pearson": pearson, "spearman": spearman}
-    names = TASK_METRICS.get(task.lower())
-    if names is None:
-        raise ValueError(f"unknown GLUE task {task!r}; expected one of {', '.join(sorted(TASK_METRICS))}")
-    return {name: 100.0 * fns[name](preds, targets) for name in names}
