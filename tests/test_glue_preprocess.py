@@ -229,7 +229,7 @@ def test_bad_header_and_flags(tmp_path, gpt2_files):
     (glue / "RTE" / "train.tsv").write_text("index\tpremise\thypothesis\tlabel\n0\ta\tb\tentailment\n")
     with pytest.raises(GlueFormatError, match=r"train.tsv:1: unexpected header"):
         preprocess(glue, "RTE", tmp_path / "out", **_gpt2_kwargs(gpt2_files), log=lambda s: None)
-    with pytest.raises(ValueError, match="--tasks: unknown task 'XNLI'"):
+    with pytest.raises(ValueError, match="--tasks: unknown GLUE task 'XNLI'"):
         preprocess(glue, "XNLI", tmp_path / "out", **_gpt2_kwargs(gpt2_files))
     with pytest.raises(ValueError, match="--gpt2-vocab-bpe"):
         preprocess(glue, "RTE", tmp_path / "out", "gpt2", gpt2_encoder_json=str(gpt2_files[0]))
@@ -577,3 +577,74 @@ def test_same_bytes_as_fairseq_roberta_recipe(rte_gpt2, gpt2_files, tmp_path):
     fairseq_preprocess(args)
     for ext in ("bin", "idx"):
         assert (tmp_path / "ref" / f"valid.{ext}").read_bytes() == (rte_gpt2 / "input1" / f"valid.{ext}").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------
+# the GLUE task table (robustft_common.glue_tasks) that glue_preprocess, the metrics and the report share
+
+
+def test_one_alias_resolver_for_every_spelling():
+    from glue_preprocess import resolve_task as preprocess_resolve
+    from robustft_common import glue_tasks
+    from robustft_experiments.report import canonical_task
+
+    for spelling, name in (("sts-b", "STS-B"), ("STSB", "STS-B"), ("sst_2", "SST-2"), ("SST-2", "SST-2"),
+                           ("mnli-m", "MNLI"), ("cola", "CoLA"), ("qqp", "QQP")):
+        assert glue_tasks.resolve_task(spelling).name == name
+        assert preprocess_resolve(spelling) is glue_tasks.TASKS[name]
+        assert canonical_task(spelling) == name
+    for task in glue_tasks.TASKS.values():  # the text2text names resolve to their task
+        assert glue_tasks.resolve_task(task.t2t_name) is task is glue_tasks.BY_T2T[task.t2t_name]
+    with pytest.raises(ValueError, match="--tasks: unknown GLUE task 'squad'; choose from CoLA"):
+        glue_tasks.resolve_task("squad")
+
+
+def test_task_table_train_flags_match_fairseq_metric_names():
+    """The --report-* flag of each task makes fairseq's sentence_prediction log its best metric."""
+    from robustft_common import glue_tasks
+
+    logged_by = {"--report-mcc": {"mcc"}, "--report-acc-and-f1": {"accuracy", "f1"},
+                 "--report-pearson-and-spearman": {"pearson", "spearman"}}
+    for task in glue_tasks.TASKS.values():
+        flags = task.train_flags()
+        logged = set().union(*(logged_by[f] for f in task.report_flags)) | ({"accuracy"} if task.labels else set())
+        assert task.best_metric in logged and set(task.metrics) <= logged, task.name
+        assert flags[flags.index("--num-classes") + 1] == str(len(task.labels) if task.labels else 1)
+        assert ("--regression-target" in flags) == (task.labels is None)
+        assert flags[flags.index("--best-checkpoint-metric") + 1] == task.best_metric
+
+
+@needs_glue
+def test_majority_class_scores_match_the_dev_files():
+    """dev_majority, recomputed from the parsed dev files with sklearn (always predict the top class)."""
+    from collections import Counter
+
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    from robustft_common import glue_tasks
+
+    checked = 0
+    for task in glue_tasks.TASKS.values():
+        if task.dev_majority is None or task.labels is None or not (GLUE_DIR / task.name / "dev.tsv").is_file():
+            continue
+        gold = [task.labels.index(ex.label) for ex in read_split(GLUE_DIR, task.name, "valid")[0]]
+        top = Counter(gold).most_common(1)[0][0]
+        pred = [top] * len(gold)
+        fns = {"accuracy": accuracy_score, "f1": lambda g, p: f1_score(g, p, pos_label=task.positive_class),
+               "mcc": matthews_corrcoef}
+        for metric, value in task.dev_majority.items():
+            assert value == pytest.approx(100 * fns[metric](gold, pred), abs=1e-9), (task.name, metric)
+        checked += 1
+    assert checked >= 4  # CoLA, SST-2, MRPC, RTE (QNLI dev too where present)
+
+
+def test_hyperdecoder_scoring_reads_the_table():
+    from hyperdecoder_src import glue_scoring
+    from robustft_common import glue_tasks
+
+    assert glue_scoring.TASKS == tuple(t.t2t_name for t in glue_tasks.TASKS.values())
+    assert glue_scoring.default_label_words("mrpc") == ["not_equivalent", "equivalent"]
+    assert glue_scoring.task_metric_names("stsb") == ("pearson", "spearman") and glue_scoring.is_regression("stsb")
+    assert [glue_scoring.positive_class(t) for t in ("cola", "mrpc", "qqp")] == [1, 1, 1]
+    with pytest.raises(ValueError, match="unknown text-to-text task 'squad'"):
+        glue_scoring.GlueScorer().add("squad", "yes", 1)

@@ -38,3 +38,19 @@ def test_every_registered_name_is_in_the_readme_table():
     stale = sorted(f"{k} {n}" for k, names in rows.items() for n in names
                    if (k, n) not in registered)
     assert not stale, f"README lists names that are not registered: {stale}"
+
+
+def test_method_table_is_generated_from_the_registry():
+    """The README's method table is exactly what the registry generates (regenerate: see the marker)."""
+    from robustft_common.methods import METHODS, methods_table_markdown
+
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("<!-- methods-table:start")
+    start = readme.index("\n", start) + 1
+    end = readme.index("<!-- methods-table:end -->")
+    table = readme[start:end]
+    assert table == methods_table_markdown(), (
+        "README method table differs from robustft_common/methods.py; regenerate it with "
+        "`python -m robustft_common.methods table`")
+    rows = [line.split("|")[1].strip().strip("`") for line in table.splitlines() if line.startswith("| `")]
+    assert rows == list(METHODS)  # one row per method, in the registry's order

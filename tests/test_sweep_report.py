@@ -1,31 +1,23 @@
-"""scripts/report.py on fixture fairseq logs; scripts/sweep.py end to end (real fairseq-train) and restart."""
+"""The report (robustft_experiments.report) on fixture fairseq logs; the sweep (robustft_experiments.sweep)
+end to end (real fairseq-train) and restart; scripts/sweep.py and scripts/report.py are thin entry points."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from robustft_common.methods import METHODS, method_flags
+from robustft_experiments import report, sweep
 from tests.fairseq_helpers import REPO, TINY_ROBERTA, make_sentence_prediction_data
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sweep_logs"
-
-
-def _load(name):
-    sys.path.insert(0, str(REPO / "scripts"))
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-report = _load("report")
-sweep = _load("sweep")
 
 # best dev metric per fixture run, read off the fixture logs by hand
 EXPECTED_BEST = {
@@ -88,6 +80,14 @@ def test_not_landed_and_unknown_task():
         report.canonical_task("squad")
 
 
+def test_rows_follow_the_registry_order_and_labels():
+    """Method rows in registry order with registry labels; a method the registry lacks keeps its name."""
+    names = ["pats", "hype_u_official", "vanilla", "oldmethod", "hype_u", "vanilla_adamax"]
+    rows = [{"task": "RTE", "method": m, "seed": 1, "status": "ok", "best": 50.0 + i} for i, m in enumerate(names)]
+    labels = [line.split("|")[1].strip() for line in report.markdown_table(rows).splitlines()[2:]]
+    assert labels == ["Vanilla", "HyPe-U", "HyPe-U (official code)", "Vanilla (Adamax)", "PATS", "oldmethod"]
+
+
 def test_task_flags_follow_metric():
     assert sweep.task_flags("STS-B")[:3] == ["--num-classes", "1", "--regression-target"]
     assert "--report-mcc" in sweep.task_flags("CoLA")
@@ -120,6 +120,8 @@ def test_sweep_runs_fairseq_and_reports(toy_sweep):
         assert "num_updates: 3 >= max_update: 3" in log
     r3f_cmd = json.loads((root / "out" / "runs" / "RTE" / "r3f" / "seed1" / "command.json").read_text())["cmd"]
     assert "sentence_prediction_r3f" in r3f_cmd
+    start = r3f_cmd.index("--criterion")  # the registry's flags, in order, in the command
+    assert r3f_cmd[start:start + len(METHODS["r3f"].flags)] == method_flags("r3f")
 
 
 def test_sweep_restart_skips_finished_runs(toy_sweep):
@@ -146,3 +148,19 @@ def test_unknown_method_is_rejected(tmp_path):
     with pytest.raises(SystemExit, match="unknown method 'freelb'"):
         sweep.main(["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--methods", "freelb",
                     "--dry-run"])
+
+
+def test_adamax_family_takes_its_own_lr(tmp_path):
+    args = sweep.build_parser().parse_args(["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o"),
+                                            "--methods", "vanilla,pats,sage", "--lr", "2e-5", "--lr-adamax", "1e-4"])
+    lrs = {run["method"]: run["cmd"][run["cmd"].index("--lr") + 1] for run in sweep.plan(args)}
+    assert lrs == {"vanilla": "2e-05", "pats": "0.0001", "sage": "0.0001"}
+
+
+def test_scripts_are_thin_entry_points_without_path_hacks():
+    for path in (REPO / "scripts").rglob("*.py"):
+        assert "sys.path.insert" not in path.read_text(), path
+    for name in ("sweep", "report"):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / f"{name}.py"), "--help"],
+                              capture_output=True, text=True, cwd="/")
+        assert proc.returncode == 0 and re.search(r"usage: \S+", proc.stdout), proc.stderr[-2000:]
