@@ -16,7 +16,8 @@ from fairseq.logging import metrics
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from omegaconf import II
 
-from pats_src.sensitivity_adamax import SensitivityAdamax
+from pats_src.pats_adamax import PatsAdamax
+from pats_src.sage_adamax import SageAdamax
 from robustft_common import param_filters
 from robustft_common.validation import (require, require_finite_nonnegative, require_positive,
                                          require_probability)
@@ -32,7 +33,12 @@ class AdamaxNoisyTuneConfig(FairseqDataclass):
                               metadata={"help": "betas of Adamax (as fairseq's adamax)"})
     adamax_eps: float = field(default=1e-8, metadata={"help": "epsilon of Adamax (as fairseq's adamax)"})
     weight_decay: float = field(default=0.0, metadata={
-        "help": "decoupled weight decay theta -= lr*wd*theta on every tensor (as fairseq's adamax)"})
+        "help": "decoupled weight decay theta -= lr*wd*theta (as fairseq's adamax), on every tensor "
+                "except those matching --weight-decay-exclude"})
+    weight_decay_exclude: str = field(default=param_filters.NOTHING, metadata={
+        "help": "regex (re.search on parameter names) of tensors without weight decay; '' = none, as "
+                "fairseq's adamax. SAGE's code exempts biases and LayerNorm: "
+                "robustft_common.param_filters.NO_DECAY"})
     no_bias_correction: bool = field(default=False, metadata={
         "help": "disable Adamax first-moment bias correction (as fairseq's adamax; SAGE's code has none)"})
     noisytune_lambda: float = field(default=0.0, metadata={
@@ -62,14 +68,17 @@ class AdamaxPatsConfig(AdamaxNoisyTuneConfig):
         "help": "multiply the noise by the current learning rate (reconstruction switch)"})
     pats_ema_bias_correction: bool = field(default=False, metadata={
         "help": "bias-correct the sensitivity EMA by 1/(1-beta^t) (reconstruction switch)"})
-    pats_max_ratio: float = field(default=0.0, metadata={
-        "help": "cap on sbar_W/(sbar_j+eps), i.e. noise std <= cap*sigma; 0 = uncapped (paper)"})
+    pats_max_ratio: Optional[float] = field(default=None, metadata={
+        "help": "cap on rho = sbar_W/(sbar_j+eps), i.e. noise std <= cap*sigma; default 1/--pats-margin "
+                "(no cap without a margin); 0 = uncapped, as in the paper"})
     pats_param_include: str = field(default=param_filters.ENCODER_LAYERS, metadata={
         "help": "regex (re.search on parameter names) of tensors PATS perturbs"})
     pats_param_exclude: str = field(default=param_filters.LAYER_NORM, metadata={
         "help": "regex of tensors PATS leaves alone (default: LayerNorm)"})
     pats_log_stats: bool = field(default=False, metadata={
-        "help": "log pats_frac_zeroed_by_margin, pats_frac_noised, pats_ratio_max every update"})
+        "help": "log the noise every update: pats_frac_noised, pats_frac_zeroed_by_margin, pats_ratio_max, "
+                "pats_frac_ratio_ge_1e<k>, pats_noise_max, pats_kick_max, pats_frac_kick_ge_<x> "
+                "(kick = |noise|/|theta|); --log-interval 1 for per-update values"})
 
 
 @dataclass
@@ -104,7 +113,7 @@ def start_kind(restore_file: Optional[str], finetune_from_model: Optional[str], 
 
 
 class _SensitivityAdamaxOptimizer(FairseqOptimizer):
-    mode = ""
+    torch_optimizer = None  # the SensitivityAdamax subclass this wraps
     prefix = ""
 
     def __init__(self, cfg, params):
@@ -117,6 +126,7 @@ class _SensitivityAdamaxOptimizer(FairseqOptimizer):
                                  getattr(cfg, f"{self.prefix}_param_include"),
                                  getattr(cfg, f"{self.prefix}_param_exclude"),
                                  needed=self._extras_active(cfg))
+        no_decay = self._no_weight_decay(names, params, cfg.weight_decay_exclude)
         self._noisytune_targets = []
         if cfg.noisytune_lambda > 0:
             kind = start_kind(getattr(cfg, "restore_file", None), getattr(cfg, "finetune_from_model", None),
@@ -129,12 +139,11 @@ class _SensitivityAdamaxOptimizer(FairseqOptimizer):
             self._noisytune_targets = [p for p, m in zip(params, mask) if m]
             self._start_kind = kind
         if names is not None and any(sensitive):
-            logger.info(f"{self.mode}: {sum(sensitive)} of {len(params)} tensors selected, e.g. "
+            logger.info(f"{self.prefix}: {sum(sensitive)} of {len(params)} tensors selected, e.g. "
                         f"{[n for n, s in zip(names, sensitive) if s][:3]}")
-        self._optimizer = SensitivityAdamax(params, sensitive=sensitive, mode=self.mode,
-                                            seed=int(getattr(cfg, "seed", 1) or 1),
-                                            log_stats=bool(getattr(cfg, "pats_log_stats", False)),
-                                            **self.optimizer_config)
+        self._optimizer = self.torch_optimizer(params, sensitive, no_decay,
+                                               seed=int(getattr(cfg, "seed", 1) or 1),
+                                               **self.optimizer_config)
 
     # ------------------------------------------------------------ config
     def _extras_active(self, cfg) -> bool:
@@ -157,6 +166,26 @@ class _SensitivityAdamaxOptimizer(FairseqOptimizer):
                 "per-tensor names or means) or use --memory-efficient-fp16; outside fairseq-train "
                 "call robustft_common.param_filters.tag_parameter_names(model) first")
         return param_filters.select(names, include, exclude, include_flag, exclude_flag)
+
+    @staticmethod
+    def _no_weight_decay(names, params, pattern: str):
+        """--weight-decay-exclude as a mask; like the other filters, one that matches nothing is an error."""
+        flag = "--weight-decay-exclude"
+        regex = param_filters.compile_pattern(flag, pattern)
+        if regex is None:
+            return None
+        if names is None:
+            raise ValueError(
+                f"{flag}: cannot map the optimizer's {len(params)} tensor(s) to parameter names. Under "
+                "--fp16 add --fp16-no-flatten-grads or use --memory-efficient-fp16; outside fairseq-train "
+                "call robustft_common.param_filters.tag_parameter_names(model) first")
+        mask = [bool(regex.search(n)) for n in names]
+        if not any(mask):
+            raise ValueError(f"{flag} {pattern!r} matches no parameter; fix the regex. Parameter names "
+                             f"look like: {', '.join(names[:6])}, ...")
+        logger.info(f"weight decay off for {sum(mask)} of {len(params)} tensors ({flag}), e.g. "
+                    f"{[n for n, m in zip(names, mask) if m][:3]}")
+        return mask
 
     @property
     def optimizer_config(self):
@@ -201,13 +230,13 @@ class _SensitivityAdamaxOptimizer(FairseqOptimizer):
         self._maybe_noisytune()
         super().step(closure, scale=scale, groups=groups)
         for key, value in self._optimizer.last_stats.items():
-            metrics.log_scalar(key, value, round=6)
+            metrics.log_scalar(key, value)  # unrounded: fractions of 1e-7 of the entries matter
 
 
 @register_optimizer("adamax_pats", dataclass=AdamaxPatsConfig)
 class FairseqAdamaxPats(_SensitivityAdamaxOptimizer):
     """fairseq's Adamax + PATS sensitivity-aware parameter noise (Zhang et al., EMNLP 2022)."""
-    mode = "pats"
+    torch_optimizer = PatsAdamax
     prefix = "pats"
 
     def _extras_active(self, cfg):
@@ -220,7 +249,8 @@ class FairseqAdamaxPats(_SensitivityAdamaxOptimizer):
         require_finite_nonnegative("--pats-margin", cfg.pats_margin)
         require_positive("--pats-eps", cfg.pats_eps)  # finite: inf would silently turn the noise off
         require_probability("--pats-prob", cfg.pats_prob)
-        require_finite_nonnegative("--pats-max-ratio", cfg.pats_max_ratio)
+        if cfg.pats_max_ratio is not None:
+            require_finite_nonnegative("--pats-max-ratio", cfg.pats_max_ratio)
 
     def _method_config(self):
         cfg = self.cfg
@@ -228,13 +258,13 @@ class FairseqAdamaxPats(_SensitivityAdamaxOptimizer):
                     pats_eps=cfg.pats_eps, pats_prob=cfg.pats_prob,
                     pats_noise_lr_scaled=cfg.pats_noise_lr_scaled,
                     pats_ema_bias_correction=cfg.pats_ema_bias_correction,
-                    pats_max_ratio=cfg.pats_max_ratio)
+                    pats_max_ratio=cfg.pats_max_ratio, log_stats=cfg.pats_log_stats)
 
 
 @register_optimizer("adamax_sage", dataclass=AdamaxSageConfig)
 class FairseqAdamaxSage(_SensitivityAdamaxOptimizer):
     """fairseq's Adamax with SAGE sensitivity-guided element-wise learning rates (Liang et al., 2022)."""
-    mode = "sage"
+    torch_optimizer = SageAdamax
     prefix = "sage"
 
     def _extras_active(self, cfg):

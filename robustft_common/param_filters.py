@@ -27,6 +27,10 @@ import torch
 ENCODER_LAYERS = r"(^|\.)encoder\.(.+\.)?layers\.\d+\."
 # LayerNorm weights/biases: fairseq names them `*_layer_norm`, `layer_norm`, `layernorm_embedding`.
 LAYER_NORM = r"(layer_?norm|(^|\.)ln(_\w+)?\.)"
+# Tensors SAGE's code trains without weight decay (cliang1453/SAGE mt_dnn/model.py
+# `_get_usadam_param_groups`: no_decay = bias, gamma, beta, LayerNorm.{bias,weight}), in fairseq's names:
+# every bias and every LayerNorm tensor (`emb_layer_norm`, `layernorm_embedding`, `*_layer_norm`).
+NO_DECAY = r"((^|\.)bias$|" + LAYER_NORM + ")"
 ALL = r".*"
 NOTHING = ""
 
