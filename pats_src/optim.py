@@ -24,8 +24,6 @@ from robustft_common.validation import (require, require_finite_nonnegative, req
 
 logger = logging.getLogger(__name__)
 
-param_filters.install_trainer_param_names()
-
 
 @dataclass
 class AdamaxNoisyTuneConfig(FairseqDataclass):

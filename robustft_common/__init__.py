@@ -1,14 +1,13 @@
 """Mechanisms shared by every method of the plugin (imported, never re-written per method).
 
-Importing this package checks the installed fairseq, registers the globals that fairseq
-checkpoints need under torch's safe ``weights_only`` loading, and makes processes exit cleanly when
-fairseq leaves a batch-prefetch thread running (shutdown.py).
+Importing this package checks the installed fairseq and applies the plugin's fairseq patches, all of them
+in `fairseq_patches.py` (checkpoint loading under torch's weights_only, spectral-normalised heads,
+optimizer parameter names, clean exit).
 """
-from robustft_common.compat import check_fairseq, register_checkpoint_safe_globals
+from robustft_common.compat import check_fairseq
 
 check_fairseq()
-register_checkpoint_safe_globals()
 
-from robustft_common import shutdown  # noqa: E402  (needs fairseq, checked above)
+from robustft_common import fairseq_patches  # noqa: E402  (needs fairseq, checked above)
 
-shutdown.install()
+fairseq_patches.install()

@@ -1,11 +1,9 @@
-"""fairseq version check and torch>=2.6 `weights_only` checkpoint loading for fairseq checkpoints."""
+"""fairseq version check, and the types fairseq checkpoints may pickle under torch>=2.6 `weights_only` loading
+(registered by `fairseq_patches.allow_checkpoint_globals`)."""
 from __future__ import annotations
 
 import argparse
 import collections
-import functools
-import pickle
-import re
 import typing
 
 MIN_FAIRSEQ = "0.12.2"
@@ -74,35 +72,4 @@ def register_checkpoint_safe_globals() -> None:
 
     if hasattr(torch.serialization, "add_safe_globals"):
         torch.serialization.add_safe_globals(checkpoint_safe_globals())
-    _explain_refused_checkpoints()
     _REGISTERED = True
-
-
-def _explain_refused_checkpoints() -> None:
-    """Re-raise torch's refusal of a checkpoint with the file name and safe advice.
-
-    torch's message names no file and suggests `weights_only=False` or allow-listing the offending
-    global: the two ways to execute an untrusted file. fairseq's trainer and loaders call
-    `checkpoint_utils.load_checkpoint_to_cpu` through the module attribute, so wrapping it covers them.
-    """
-    from fairseq import checkpoint_utils
-
-    original = checkpoint_utils.load_checkpoint_to_cpu
-    if getattr(original, "_robustft_explains_refusal", False):
-        return
-
-    @functools.wraps(original)
-    def load_checkpoint_to_cpu(path, *args, **kwargs):
-        try:
-            return original(path, *args, **kwargs)
-        except pickle.UnpicklingError as err:
-            found = re.search(r"GLOBAL (\S+)", str(err))
-            what = found.group(1) if found else "an object torch's weights_only loader refuses"
-            raise pickle.UnpicklingError(
-                f"refusing to load checkpoint {path}: it pickles {what}, which is not part of a "
-                f"fairseq checkpoint. robustft loads checkpoints with torch weights_only=True and the "
-                f"allow-list in robustft_common/compat.py. If this is a genuine checkpoint of another "
-                f"fairseq version, report that global so the list can be extended; do not disable "
-                f"weights_only or allow-list it for a file you did not produce.") from None
-    load_checkpoint_to_cpu._robustft_explains_refusal = True
-    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu

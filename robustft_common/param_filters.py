@@ -5,8 +5,8 @@ Selection is by parameter *name* (regexes over `model.named_parameters()` names)
 fairseq hands an optimizer bare tensors (`fairseq/trainer.py` `Trainer._build_optimizer` ->
 `optim.build_optimizer(cfg.optimizer, params)`), and under `--fp16 --fp16-no-flatten-grads` those are
 fresh fp32 copies (`FP16Optimizer.build_fp32_params`) that carry none of the model's attributes. The
-least invasive way to recover names that covers every mode: `install_trainer_param_names()` wraps
-`Trainer._build_optimizer` (behaviour unchanged) so that, while it runs, the names of the parameters it
+least invasive way to recover names that covers every mode: `fairseq_patches.publish_trainer_param_names`
+wraps `Trainer._build_optimizer` (behaviour unchanged) so that, while it runs, the names of the parameters it
 passes — `chain(model, criterion)` filtered by `requires_grad`, the order fairseq itself uses and every
 fp16 wrapper preserves — are published; an optimizer built inside picks them up with
 `names_for_params(params)` (by position, checked against shapes of the same list). Outside a Trainer
@@ -15,7 +15,6 @@ fp16 wrapper preserves — are published; an optimizer built inside picks them u
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
 from itertools import chain
 from typing import Iterable, List, Optional, Sequence
@@ -103,7 +102,7 @@ def names_for_params(params: Sequence[torch.Tensor]) -> Optional[List[str]]:
     return None
 
 
-def _trainer_named_params(trainer) -> List[tuple]:
+def trainer_named_params(trainer) -> List[tuple]:
     """The (name, param) list in the exact order `Trainer._build_optimizer` collects params."""
     # unwrapped modules: same parameters in the same order as the (DDP-)wrapped ones, clean names
     model = trainer._model if getattr(trainer, "_model", None) is not None else trainer.model
@@ -112,20 +111,3 @@ def _trainer_named_params(trainer) -> List[tuple]:
     return [(n, p) for n, p in chain(model.named_parameters(),
                                      (("criterion." + n, p) for n, p in criterion.named_parameters()))
             if p.requires_grad]
-
-
-def install_trainer_param_names() -> None:
-    """Wrap `fairseq.trainer.Trainer._build_optimizer` once to publish parameter names (idempotent)."""
-    from fairseq.trainer import Trainer
-
-    original = Trainer._build_optimizer
-    if getattr(original, "_robustft_publishes_names", False):
-        return
-
-    @functools.wraps(original)
-    def _build_optimizer(self):
-        with publish_param_names(_trainer_named_params(self)):
-            return original(self)
-
-    _build_optimizer._robustft_publishes_names = True
-    Trainer._build_optimizer = _build_optimizer

@@ -6,19 +6,17 @@ last epoch stopped by `--max-update`), CPython 3.11 kills that thread inside tor
 interpreter shutdown, and the process dies with SIGABRT ("terminate called without an active
 exception", exit -6) after training has finished: schedulers then report a finished job as failed.
 At exit we ask each such thread to stop after its current batch and let it finish, before CPython
-tears threads down.
+tears threads down (registered with atexit by `fairseq_patches.stop_prefetch_threads_at_exit`).
 """
 from __future__ import annotations
 
-import atexit
 import queue
 import threading
 import time
 
-_INSTALLED = False
-
 
 def stop_prefetch_threads(timeout_s: float = 10.0) -> None:
+    """Ask every live fairseq prefetch thread to stop after its current batch; wait for it (bounded)."""
     from fairseq.data.iterators import BackgroundConsumer
 
     consumers = [t for t in threading.enumerate() if isinstance(t, BackgroundConsumer) and t.is_alive()]
@@ -34,9 +32,3 @@ def stop_prefetch_threads(timeout_s: float = 10.0) -> None:
                 pass
             thread.join(0.05)
 
-
-def install() -> None:
-    global _INSTALLED
-    if not _INSTALLED:
-        atexit.register(stop_prefetch_threads)
-        _INSTALLED = True

@@ -13,6 +13,8 @@ from fairseq.dataclass import ChoiceEnum
 from hype_src.perturbation import HypeConfig, hype_forward
 from robustft_common.kl import symmetric_kl
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
+from robustft_common.spectral_norm_heads import check_dense_normalised
+from robustft_common.utils import unwrap_model
 from robustft_common.validation import require_choice
 from rxf_src.embedding_noise import R3F_NOISE_TYPES, noised_forward, validate_r3f_flags
 
@@ -36,7 +38,8 @@ class SentencePredictionR3FConfig(SentencePredictionConfig, HypeConfig):
                 "runs the noisy pass and ignores it)"})
     r4f_spectral_norm_dense: bool = field(default=False, metadata={
         "help": "R4F as in the paper: with --spectral-norm-classification-head also spectral-normalise the "
-                "head's dense layer (fairseq normalises out_proj only)"})
+                "head's dense layer (fairseq normalises out_proj only); applied when the model registers the "
+                "head, under fairseq-train and hydra alike (robustft_common/spectral_norm_heads.py)"})
 
 
 @register_criterion("sentence_prediction_r3f", dataclass=SentencePredictionR3FConfig)
@@ -52,8 +55,12 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         self.r3f_lambda = float(cfg.r3f_lambda)
         self.noise_type = str(cfg.noise_type)
         self.noisy_pass_on_regression = str(cfg.r3f_regression_kl) == "gaussian"
+        self._check_dense_norm = bool(cfg.r4f_spectral_norm_dense)
 
     def forward(self, model, sample, reduce=True):
+        if self._check_dense_norm:  # once: never train "R4F" with a plain dense layer, silently
+            check_dense_normalised(unwrap_model(model), self.classification_head_name)
+            self._check_dense_norm = False
         with hype_forward(model, self.cfg) as hype:  # counts HyPe's noise in both passes
             loss, sample_size, logging_output = super().forward(model, sample, reduce)
         logging_output.update(hype.logging_output)

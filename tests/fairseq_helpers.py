@@ -75,6 +75,32 @@ def run_tool(tool: str, *args, env=None, check=True, cwd=None) -> subprocess.Com
     return proc
 
 
+def run_hydra_train(*overrides, cwd, config_name="rte", check=True) -> subprocess.CompletedProcess:
+    """`scripts/hydra_train.py` (fairseq-hydra-train with the plugin imported first) on a finetuning yaml of
+    scripts/configs/finetuning, with hydra's own outputs in `cwd`."""
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "hydra_train.py"), "--config-dir",
+         str(REPO / "scripts" / "configs" / "finetuning"), "--config-name", config_name,
+         f"hydra.run.dir={cwd}", *map(str, overrides)],
+        capture_output=True, text=True, env=full_env, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hydra_train.py exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
+                             f"\n--- stderr ---\n{proc.stderr[-6000:]}")
+    return proc
+
+
+# The tiny RoBERTa and a CPU fp32 run, as hydra overrides of scripts/configs/finetuning/*.yaml.
+TINY_ROBERTA_HYDRA = [
+    "+model.encoder_layers=2", "+model.encoder_embed_dim=64", "+model.encoder_ffn_embed_dim=128",
+    "+model.encoder_attention_heads=2", "task.max_positions=64", "common.fp16=false", "common.cpu=true",
+    "common.log_interval=1", "common.seed=1", "dataset.num_workers=0", "optimization.lr=[1e-3]",
+    # the yamls' polynomial decay ends at max_update by default: fix its horizon so that a run stopped
+    # early and resumed follows the same learning rates as a straight one
+    "lr_scheduler.warmup_updates=0", "+lr_scheduler.total_num_update=1000",
+]
+
+
 def sentence_prediction_args(
     data: Path, save_dir: Path, *extra, criterion="sentence_prediction", num_classes=2, max_update=8
 ):

@@ -1,12 +1,20 @@
-"""R4F (--spectral-norm-classification-head, rxf_src/r4f.py): train, save, resume, reload for inference,
-and the paper's variant that also normalises the head's dense layer."""
+"""R4F (--spectral-norm-classification-head; robustft_common/spectral_norm_heads.py, installed by
+fairseq_patches.py): train, save, resume, reload for inference, and the paper's variant that also normalises
+the head's dense layer, under fairseq-train and under hydra."""
+import shutil
+
 import pytest
 import torch
 from fairseq.models.roberta import RobertaModel
 
-import rxf_src  # noqa: F401  (installs the spectral-norm-aware state-dict upgrade)
-from rxf_src.r4f import is_spectral_normed
-from tests.fairseq_helpers import REPO, json_logs, run_tool, sentence_prediction_args
+import rxf_src  # noqa: F401  (registers sentence_prediction_r3f; robustft_common installs the patches)
+from robustft_common.spectral_norm_heads import is_spectral_normed
+from omegaconf import OmegaConf
+
+from robustft_common.spectral_norm_heads import check_dense_normalised, dense_norm_requested
+from tests.fairseq_helpers import (
+    REPO, TINY_ROBERTA_HYDRA, json_logs, run_hydra_train, run_tool, sentence_prediction_args,
+)
 from tests.test_r3f import HEAD, build, shared_cls_data
 
 PREFIX = f"classification_heads.{HEAD}."
@@ -115,3 +123,59 @@ def test_bart_r4f_state_reloads(data, tmp_path):
         expected, _ = model(**sample["net_input"], features_only=True, classification_head_name=HEAD)
         got, _ = fresh(**sample["net_input"], features_only=True, classification_head_name=HEAD)
     torch.testing.assert_close(got, expected)
+
+
+def hydra_r4f(data, save_dir, max_update, *extra):
+    """The paper's R4F through the hydra launcher: the dense flag lives in the `criterion:` section only."""
+    save_dir.mkdir(exist_ok=True)
+    proc = run_hydra_train(
+        f"task.data={data}", f"checkpoint.save_dir={save_dir}", "checkpoint.restore_file=checkpoint_last.pt",
+        "checkpoint.reset_optimizer=false", "checkpoint.reset_dataloader=false", "checkpoint.reset_meters=false",
+        "criterion._name=sentence_prediction_r3f", "+criterion.eps=1e-2", "+criterion.r4f_spectral_norm_dense=true",
+        "+model.spectral_norm_classification_head=true", *TINY_ROBERTA_HYDRA, f"optimization.max_update={max_update}",
+        *extra, cwd=save_dir)
+    return proc.stdout + proc.stderr
+
+
+def test_dense_flag_reaches_the_head_under_hydra_and_resumes_exactly(data, tmp_path):
+    """hydra hands the model only the `model:` section; the head still gets the dense spectral norm, the
+    optimizer is built over the normalised parameters (a resumed run equals a straight one, bit for bit),
+    and the checkpoint reloads with both matrices normalised."""
+    straight = hydra_r4f(data, tmp_path / "straight", 4, "checkpoint.save_interval_updates=2")
+    assert [int(r["num_updates"]) for r in json_logs(straight) if "symm_kl" in r] == [1, 2, 3, 4]
+    (tmp_path / "resumed").mkdir()
+    shutil.copy(tmp_path / "straight" / "checkpoint_1_2.pt", tmp_path / "resumed" / "checkpoint_last.pt")
+    second = hydra_r4f(data, tmp_path / "resumed", 4)
+    assert "Loaded checkpoint" in second and "@ 2 updates" in second
+    assert [int(r["num_updates"]) for r in json_logs(second) if "symm_kl" in r] == [3, 4]
+
+    a = load_state(tmp_path / "straight" / "checkpoint_last.pt")
+    b = load_state(tmp_path / "resumed" / "checkpoint_last.pt")
+    assert all(PREFIX + f"{name}.weight{s}" in a for name in ("dense", "out_proj") for s in ("_orig", "_u", "_v"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    hub = RobertaModel.from_pretrained(str(tmp_path / "resumed"), checkpoint_file="checkpoint_last.pt",
+                                       data_name_or_path=str(data), user_dir=str(REPO / "robustft"), bpe=None)
+    head = hub.model.classification_heads[HEAD]
+    assert is_spectral_normed(head.dense) and is_spectral_normed(head.out_proj)
+
+
+def test_dense_flag_is_read_from_either_config_form(data, tmp_path):
+    """argparse namespace (fairseq-train), the `model:` node of a whole config (hydra, hub reload), and a
+    detached model node, which cannot see the criterion: the criterion then refuses to train."""
+    import argparse
+
+    assert dense_norm_requested(argparse.Namespace(r4f_spectral_norm_dense=True))
+    assert not dense_norm_requested(argparse.Namespace())
+    run = OmegaConf.create({"model": {"_name": "roberta"}, "criterion": {"r4f_spectral_norm_dense": True}})
+    OmegaConf.set_struct(run, True)
+    assert dense_norm_requested(run.model)
+    assert not dense_norm_requested(OmegaConf.create({"_name": "roberta"}))
+
+    argv = sentence_prediction_args(data, tmp_path, "--spectral-norm-classification-head",
+                                    criterion="sentence_prediction_r3f")
+    _, plain_model, _, _ = build(argv)
+    with pytest.raises(ValueError, match="--r4f-spectral-norm-dense: classification head .* not spectral-normalised"):
+        check_dense_normalised(plain_model, HEAD)

@@ -1,0 +1,130 @@
+"""State dicts of spectral-normalised classification heads, and R4F's dense-layer spectral norm.
+
+Pure helpers (no fairseq class is touched here); `robustft_common/fairseq_patches.py` wraps fairseq's
+RobertaModel / BARTModel methods with them.
+
+fairseq's `--spectral-norm-classification-head` wraps the head's `out_proj` in
+`torch.nn.utils.spectral_norm` (fairseq/models/roberta/model.py:519-524, bart/model.py:312-313), so the
+head's state holds `out_proj.weight_orig/_u/_v` instead of `out_proj.weight`, while RobertaModel's and
+BARTModel's `upgrade_state_dict_named` read `...out_proj.weight` / `...dense.weight` to size every head
+(roberta/model.py:414-419, bart/model.py:182-187): KeyError on every reload (resume, `--restore-file`,
+`from_pretrained`). `spectral_norm_aware_upgrade` runs the stock upgrade with
+  * each normalised matrix visible under its plain name (`weight_orig` has the same shape), the alias
+    removed again afterwards;
+  * a checkpoint matrix saved normalised loaded into a plain layer as the normalised matrix it represented
+    (W_orig / sigma with the saved u, v: exactly what the layer computed in eval), and a plain matrix loaded
+    into a normalised layer as its `weight_orig` (keeping the layer's fresh u, v).
+
+R4F as in the paper normalises the head's `dense` too: `--r4f-spectral-norm-dense`, a flag of the
+`sentence_prediction_r3f` criterion. `dense_norm_requested(model_args)` reads it as the model sees its config
+(see there), so the head is normalised when it is registered, before the optimizer collects the parameters
+and before a checkpoint is loaded into it.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from robustft_common.validation import require
+
+logger = logging.getLogger(__name__)
+
+HEAD_MATRICES = ("dense", "out_proj")
+DENSE_FLAG = "r4f_spectral_norm_dense"
+_SN_SUFFIXES = ("_orig", "_u", "_v")
+
+
+def is_spectral_normed(linear: torch.nn.Module) -> bool:
+    return hasattr(linear, "weight_orig") and hasattr(linear, "weight_u")
+
+
+def normalised_weight(w_orig: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The matrix torch's spectral_norm (dim 0) uses in eval: W / (u^T W v)."""
+    w = w_orig.float()
+    sigma = torch.dot(u.float(), torch.mv(w.reshape(w.size(0), -1), v.float()))
+    return (w / sigma).to(w_orig.dtype)
+
+
+def _head_keys(state_dict, prefix: str):
+    heads = prefix + "classification_heads."
+    return sorted({k[: k.rindex(".")] for k in state_dict if k.startswith(heads)
+                   and k.rsplit(".", 1)[-1] in ("weight", "weight_orig")
+                   and k[len(heads):].count(".") == 2})
+
+
+def alias_normalised_weights(state_dict, prefix: str) -> list:
+    """Expose every head's `weight_orig` as `weight` too (what the stock upgrade reads); returns the aliases."""
+    aliases = []
+    for module_key in _head_keys(state_dict, prefix):
+        if module_key + ".weight_orig" in state_dict and module_key + ".weight" not in state_dict:
+            state_dict[module_key + ".weight"] = state_dict[module_key + ".weight_orig"]
+            aliases.append(module_key + ".weight")
+    return aliases
+
+
+def remove_aliases(state_dict, aliases) -> None:
+    for key in aliases:
+        if key[: -len(".weight")] + ".weight_orig" in state_dict:
+            state_dict.pop(key, None)
+
+
+def match_model_form(model, state_dict, prefix: str) -> None:
+    """Convert each head matrix of `state_dict` to the form (plain / normalised) of `model`'s layer."""
+    heads = getattr(model, "classification_heads", None)
+    if heads is None:
+        return
+    for head_name, head in heads.items():
+        for name in HEAD_MATRICES:
+            linear = getattr(head, name, None)
+            if linear is None:
+                continue
+            key = f"{prefix}classification_heads.{head_name}.{name}.weight"
+            saved_normalised = all(key + s in state_dict for s in _SN_SUFFIXES)
+            if is_spectral_normed(linear) and key in state_dict and not saved_normalised:
+                logger.info("loading plain %s as weight_orig of a spectral-normalised layer", key)
+                state_dict[key + "_orig"] = state_dict.pop(key)
+                state_dict[key + "_u"] = linear.weight_u.detach().clone()
+                state_dict[key + "_v"] = linear.weight_v.detach().clone()
+            elif not is_spectral_normed(linear) and saved_normalised:
+                logger.info("loading spectral-normalised %s into a plain layer (W / sigma)", key)
+                state_dict[key] = normalised_weight(*(state_dict.pop(key + s) for s in _SN_SUFFIXES))
+
+
+def dense_norm_requested(model_args) -> bool:
+    """`--r4f-spectral-norm-dense` as seen from the model's config.
+
+    fairseq-train hands the model the whole argparse namespace, criterion flags included; hydra
+    (fairseq_cli/hydra_train.py) hands `task.build_model` only the `model:` node of the run's config
+    (fairseq_cli/train.py:96), whose sibling `criterion:` holds the flag. The same holds for a model rebuilt
+    from a checkpoint's config (checkpoint_utils.load_model_ensemble_and_task). A model node detached from
+    its config has no sibling: the criterion then refuses to train (`check_dense_normalised`).
+    """
+    value = getattr(model_args, DENSE_FLAG, None)
+    if value is None and OmegaConf.is_config(model_args):
+        try:
+            value = OmegaConf.select(model_args, f"..criterion.{DENSE_FLAG}", default=None)
+        except OmegaConfBaseException:  # a node without a parent
+            value = None
+    return bool(value)
+
+
+def normalise_dense(model_args, head: torch.nn.Module) -> None:
+    """R4F as in the paper: spectral norm on the head's `dense` as well as on fairseq's `out_proj`."""
+    require(bool(getattr(model_args, "spectral_norm_classification_head", False)), "--r4f-spectral-norm-dense",
+            "normalises the head's dense layer on top of R4F; also pass --spectral-norm-classification-head "
+            "(hydra: model.spectral_norm_classification_head=true)")
+    if not is_spectral_normed(head.dense):
+        head.dense = torch.nn.utils.spectral_norm(head.dense)
+
+
+def check_dense_normalised(model, head_name: str) -> None:
+    """The criterion's guard: with `--r4f-spectral-norm-dense` the head must already be normalised."""
+    head = model.classification_heads[head_name]
+    require(is_spectral_normed(head.dense), "--r4f-spectral-norm-dense",
+            f"classification head {head_name!r} was built without it (its dense layer is not "
+            "spectral-normalised): the model's config could not see the criterion's flag. Build the model "
+            "from the run's whole config (fairseq-train, scripts/hydra_train.py), or set "
+            f"model.{DENSE_FLAG}=true")

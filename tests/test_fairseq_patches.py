@@ -1,0 +1,201 @@
+"""robustft_common/fairseq_patches.py: each patch's guard (fails when the fairseq code it relies on changes),
+idempotent installation, and a run through the plugin that uses none of its components trains
+bit-identically to stock fairseq."""
+import argparse
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import robustft  # noqa: F401  (installs the patches, as --user-dir does)
+from robustft_common import fairseq_patches
+from tests.fairseq_helpers import json_logs, make_sentence_prediction_data, run_tool, sentence_prediction_args
+
+
+def _source(fn) -> str:
+    """fairseq's own source of `fn` (under our wrapper, if any), whitespace-normalised."""
+    return re.sub(r"\s+", " ", inspect.getsource(inspect.unwrap(fn)))
+
+
+def _params(fn):
+    return [(p.name, p.default) for p in inspect.signature(inspect.unwrap(fn)).parameters.values()]
+
+
+# -- installation ----------------------------------------------------------------------------------
+def _patched():
+    from fairseq import checkpoint_utils
+    from fairseq.models.bart.model import BARTModel
+    from fairseq.models.roberta.model import RobertaModel
+    from fairseq.trainer import Trainer
+
+    return [checkpoint_utils.load_checkpoint_to_cpu, Trainer._build_optimizer,
+            RobertaModel.upgrade_state_dict_named, BARTModel.upgrade_state_dict_named,
+            RobertaModel.register_classification_head, BARTModel.register_classification_head]
+
+
+def test_install_is_idempotent_and_wraps_fairseq_once():
+    fairseq_patches.install()
+    fairseq_patches.install()
+    for fn in _patched():
+        assert getattr(fn, "_robustft_patch", False), fn
+        stock = fn.__wrapped__
+        assert not hasattr(stock, "__wrapped__") and stock.__module__.startswith("fairseq"), fn
+    assert len(fairseq_patches._EXIT_HOOK) == 1
+
+
+# -- guards: what each patch relies on in fairseq-fixed 0.12.3.1 ----------------------------------
+def test_guard_checkpoints_are_loaded_with_torch_default_weights_only():
+    """allow_checkpoint_globals: fairseq's torch.load calls pass no `weights_only`, so torch's safe loader
+    and our allow-list apply (a `weights_only=False` in fairseq would silently make the list moot)."""
+    from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
+
+    assert 'torch.load(f, map_location=torch.device("cpu"))' in _source(checkpoint_utils.load_checkpoint_to_cpu)
+    assert 'torch.load(buffer, map_location="cpu")' in _source(distributed_utils._broadcast_object_slow)
+    assert "_TensorPlaceholder(" in _source(distributed_utils._split_tensors_from_obj)
+    assert argparse.Namespace in torch.serialization.get_safe_globals()
+
+
+def test_guard_checkpoint_loads_go_through_the_module_attribute():
+    """explain_refused_checkpoints: replacing `checkpoint_utils.load_checkpoint_to_cpu` reaches every caller."""
+    from fairseq import checkpoint_utils
+    from fairseq.trainer import Trainer
+
+    assert _params(checkpoint_utils.load_checkpoint_to_cpu) == [
+        ("path", inspect.Parameter.empty), ("arg_overrides", None), ("load_on_all_ranks", False)]
+    assert "checkpoint_utils.load_checkpoint_to_cpu(" in _source(Trainer.load_checkpoint)
+    assert "load_checkpoint_to_cpu(filename, arg_overrides)" in _source(
+        checkpoint_utils.load_model_ensemble_and_task)
+    # nobody outside examples/ binds the function at import time (the wrapper would miss them)
+    root = Path(checkpoint_utils.__file__).parent
+    binders = [str(p.relative_to(root)) for p in root.rglob("*.py") if "examples" not in p.parts
+               and re.search(r"from fairseq\.checkpoint_utils import .*load_checkpoint_to_cpu", p.read_text())]
+    assert binders == []
+
+
+def test_guard_trainer_collects_optimizer_params_as_published():
+    """publish_trainer_param_names: the names are published in the order `_build_optimizer` collects params."""
+    from fairseq.trainer import Trainer
+
+    src = _source(Trainer._build_optimizer)
+    assert ("filter( lambda p: p.requires_grad, chain(self.model.parameters(), "
+            "self.criterion.parameters()), )") in src
+    assert "optim.build_optimizer(self.cfg.optimizer, params)" in src
+    assert _params(Trainer._build_optimizer) == [("self", inspect.Parameter.empty)]
+
+
+@pytest.mark.parametrize("module", ["roberta", "bart"])
+def test_guard_head_upgrade_and_registration(module):
+    """reload_spectral_norm_heads / r4f_dense_spectral_norm: the signatures we wrap, the plain-name lookups
+    that fail on normalised heads, and where fairseq puts the spectral norm."""
+    if module == "roberta":
+        from fairseq.models.roberta.model import RobertaClassificationHead as Head, RobertaModel as Model
+    else:
+        from fairseq.models.bart.model import BARTClassificationHead as Head, BARTModel as Model
+
+    assert _params(Model.upgrade_state_dict_named) == [
+        ("self", inspect.Parameter.empty), ("state_dict", inspect.Parameter.empty), ("name", inspect.Parameter.empty)]
+    upgrade = _source(Model.upgrade_state_dict_named)
+    assert '".out_proj.weight" ].size(0)' in upgrade and '".dense.weight" ].size(0)' in upgrade
+    assert _params(Model.register_classification_head) == [
+        ("self", inspect.Parameter.empty), ("name", inspect.Parameter.empty), ("num_classes", None),
+        ("inner_dim", None), ("kwargs", inspect.Parameter.empty)]
+    assert "self.classification_heads[name] = " in _source(Model.register_classification_head)
+    assert "self.dense = nn.Linear(input_dim, inner_dim)" in _source(Head.__init__)
+    assert "self.out_proj = torch.nn.utils.spectral_norm(self.out_proj)" in _source(Head.__init__)
+    # torch's spectral norm stores the names spectral_norm_heads converts
+    linear = torch.nn.utils.spectral_norm(torch.nn.Linear(3, 2))
+    assert {"weight_orig", "bias"} == {n for n, _ in linear.named_parameters()}
+    assert {"weight_u", "weight_v"} == {n for n, _ in linear.named_buffers()}
+
+
+def test_guard_head_is_registered_before_criterion_optimizer_and_checkpoint():
+    """r4f_dense_spectral_norm: normalising at registration comes before the optimizer and checkpoint load."""
+    import fairseq_cli.train as train
+    from fairseq.tasks.sentence_prediction import SentencePredictionTask
+
+    build = _source(SentencePredictionTask.build_model)
+    assert build.index("models.build_model(cfg, self, from_checkpoint)") < build.index(
+        "model.register_classification_head(")
+    main = _source(train.main)
+    order = ["task.build_model(cfg.model)", "task.build_criterion(cfg.criterion)",
+             "Trainer(cfg, task, model, criterion, quantizer)", "checkpoint_utils.load_checkpoint("]
+    positions = [main.index(s) for s in order]
+    assert positions == sorted(positions)
+
+
+def test_guard_prefetch_thread_fields():
+    """stop_prefetch_threads_at_exit: BackgroundConsumer's queue and length bound, and the loop that reads it."""
+    from fairseq.data.iterators import BackgroundConsumer
+
+    init, run = _source(BackgroundConsumer.__init__), _source(BackgroundConsumer.run)
+    assert "self._queue = queue" in init and "self._max_len = max_len" in init
+    assert "if self._max_len is not None and self.count >= self._max_len: break" in run
+    assert "self._queue.put(item)" in run and "self._queue.put(_sentinel)" in run
+
+
+# -- a run that uses none of the plugin's components ---------------------------------------------
+TIMING = {"wps", "ups", "wpb_per_sec", "train_wall", "wall", "gb_free"}
+
+
+def _without_user_dir(args):
+    i = args.index("--user-dir")
+    return args[:i] + args[i + 2:]
+
+
+def _train(args, save_dir: Path, strict: bool):
+    """Run fairseq-train; returns its log records. Without the plugin fairseq may abort at exit (-6) while
+    its prefetch thread collates (robustft_common/shutdown.py): accepted only after the run finished and
+    wrote its last checkpoint, so what is compared below is complete."""
+    proc = run_tool("fairseq-train", *args, check=strict)
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        assert proc.returncode == -6, log[-3000:]
+        assert "done training" in log and re.search(r"Saved checkpoint \S*checkpoint_last\.pt", log), log[-3000:]
+    assert (save_dir / "checkpoint_last.pt").exists()
+    return [{k: v for k, v in r.items() if not _is_timing(k)}
+            for r in json_logs(log) if "loss" in r or "train_loss" in r or "valid_loss" in r]
+
+
+def _is_timing(key: str) -> bool:
+    return key in TIMING or key.endswith(tuple("_" + t for t in TIMING))
+
+
+def _tensors(state, prefix="") -> dict:
+    """Every tensor in a nested checkpoint structure, by path."""
+    if torch.is_tensor(state):
+        return {prefix: state}
+    if isinstance(state, dict):
+        children = state.items()
+    elif isinstance(state, (list, tuple)):
+        children = enumerate(state)
+    else:
+        return {}
+    out = {}
+    for key, value in children:
+        out.update(_tensors(value, f"{prefix}/{key}"))
+    return out
+
+
+def test_stock_run_is_bit_identical_with_and_without_the_plugin(tmp_path):
+    data = make_sentence_prediction_data(tmp_path / "data")
+    plugin = sentence_prediction_args(data, tmp_path / "plugin", max_update=6)  # stock criterion + adam
+    assert plugin[plugin.index("--criterion") + 1] == "sentence_prediction"
+    assert plugin[plugin.index("--optimizer") + 1] == "adam"
+    stock = _without_user_dir(sentence_prediction_args(data, tmp_path / "stock", max_update=6))
+    assert "--user-dir" not in stock
+
+    logs_plugin = _train(plugin, tmp_path / "plugin", strict=True)
+    logs_stock = _train(stock, tmp_path / "stock", strict=False)
+    assert len([r for r in logs_stock if "num_updates" in r and "loss" in r]) == 6
+    assert logs_plugin == logs_stock  # every logged loss, accuracy, lr, gnorm, validation value
+
+    a = torch.load(tmp_path / "plugin" / "checkpoint_last.pt")
+    b = torch.load(tmp_path / "stock" / "checkpoint_last.pt")
+    for part in ("model", "last_optimizer_state"):
+        ta, tb = _tensors(a[part]), _tensors(b[part])
+        assert ta.keys() == tb.keys() and len(ta) > 10
+        for key in ta:
+            assert torch.equal(ta[key], tb[key]), (part, key)
