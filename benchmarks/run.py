@@ -4,8 +4,15 @@ For every configuration the real fairseq pieces are built (`options.parse_args_a
 `convert_namespace_to_omegaconf` -> `tasks.setup_task` -> `task.build_model` / `build_criterion` ->
 `fairseq.trainer.Trainer`) and `trainer.train_step([sample])` is timed on one fixed synthetic batch.
 
+Every method configuration takes its flags from the method registry (`robustft_common.methods`); the
+baselines `vanilla` / `adamax` are the registry's baselines with fairseq's own `sentence_prediction` loss
+(what a user has without the plugin). Besides the train step, `--optimizer-steps N` times
+`optimizer.step()` alone on the last step's gradients, and `--layers/--dim/--batch/--seq-len` change the
+shape of the named size (e.g. HyPe's cost at another width).
+
 Process layout (see benchmarks/README.md):
-  * this script, run without `--worker`, is a light orchestrator (no torch import);
+  * this script, run without `--worker`, is the orchestrator (it reads the method registry, so it imports
+    fairseq, but builds no model);
   * worker `robustft` (one process, `--user-dir robustft`) runs all of our configurations;
   * worker `reference` (one process, `--user-dir fairseq/examples/rxf/rxf_src`) runs fairseq's own R3F and
     a vanilla run of its own: the two `sentence_prediction_r3f` registrations cannot share a process.
@@ -28,9 +35,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
+
+from robustft_common.methods import method_flags
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL_FD_ENV = "ROBUSTFT_BENCH_FD"
@@ -76,40 +85,90 @@ class Config:
     what: str
     baseline: Optional[str] = None  # the configuration it is compared with besides vanilla
     target: Optional[float] = None  # max ratio to `baseline` (issue #9, item 4)
+    # PatsAdamax.cpu_chunk_numel override (0 = the flat kernels on CPU too; None = the optimizer's default)
+    pats_cpu_chunk: Optional[int] = None
+    on_demand: bool = False  # an implementation comparison: runs only when named in --only
 
 
-ADAM = ("--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--adam-eps", "1e-6")
-ADAMAX = ("--adamax-betas", "(0.9,0.999)", "--adamax-eps", "1e-8")
-# the reference's own recipe flags; our criterion takes the same names
-R3F = ("--criterion", "sentence_prediction_r3f", "--noise-type", "uniform", "--r3f-lambda", "0.7",
-       "--eps", "1e-5")
-SP = ("--criterion", "sentence_prediction")
+ADAM = ("--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--adam-eps", "1e-6")  # Hyperdecoder configs
+
+
+def registry(method: str, overrides: Optional[Mapping[str, Optional[str]]] = None) -> tuple:
+    """The method's flags from the method registry (its R3F flags are the reference plugin's names too)."""
+    return tuple(method_flags(method, overrides))
+
+
+def stock(method: str, overrides: Optional[Mapping[str, Optional[str]]] = None) -> tuple:
+    """A method's registry flags with fairseq's own `sentence_prediction` loss in place of the plugin's
+    (baselines, optimizer-only methods: the reference process knows no other criterion)."""
+    return registry(method, {"--criterion": "sentence_prediction", "--hype-type": None, **(overrides or {})})
+
+
+# HyPe's recipe turns dropout off; kept on here so that the ratio is the cost of the noise alone
+KEEP_DROPOUT = {"--dropout": None}
 
 CONFIGS: List[Config] = [
-    Config("vanilla", "robustft", "sp", SP + ADAM, "sentence_prediction + adam"),
-    Config("adamax", "robustft", "sp", SP + ("--optimizer", "adamax") + ADAMAX,
-           "sentence_prediction + fairseq adamax", baseline="vanilla"),
-    Config("r3f", "robustft", "sp", R3F + ADAM, "sentence_prediction_r3f", baseline="vanilla", target=2.0),
-    Config("r4f", "robustft", "sp", R3F + ADAM + ("--spectral-norm-classification-head",),
-           "sentence_prediction_r3f --spectral-norm-classification-head", baseline="vanilla"),
-    Config("hype", "robustft", "sp", ("--criterion", "hype_sentence_prediction") + ADAM,
-           "hype_sentence_prediction (HyPe-N, eps 1e-5)", baseline="vanilla", target=1.03),
-    Config("hype_r3f", "robustft", "sp", R3F + ("--hype-type", "normal") + ADAM,
-           "sentence_prediction_r3f --hype-type normal", baseline="vanilla"),
-    Config("adamax_pats", "robustft", "sp", SP + ("--optimizer", "adamax_pats") + ADAMAX,
-           "sentence_prediction + adamax_pats", baseline="adamax", target=1.08),
-    Config("adamax_sage", "robustft", "sp", SP + ("--optimizer", "adamax_sage") + ADAMAX,
-           "sentence_prediction + adamax_sage", baseline="adamax"),
+    Config("vanilla", "robustft", "sp", stock("vanilla"), "sentence_prediction + adam (registry vanilla)"),
+    Config("adamax", "robustft", "sp", stock("vanilla_adamax"),
+           "sentence_prediction + fairseq adamax (registry vanilla_adamax)", baseline="vanilla"),
+    Config("r3f", "robustft", "sp", registry("r3f"), "sentence_prediction_r3f (registry r3f)", baseline="vanilla",
+           target=2.0),
+    Config("r4f", "robustft", "sp", registry("r4f"), "registry r4f: r3f + spectral-norm head (dense, out_proj)",
+           baseline="vanilla"),
+    Config("hype", "robustft", "sp", registry("hype_n", KEEP_DROPOUT),
+           "hype_sentence_prediction (registry hype_n: HyPe-N, eps 1e-5), dropout kept", baseline="vanilla",
+           target=1.03),
+    Config("hype_r3f", "robustft", "sp", registry("hype_r3f", KEEP_DROPOUT),
+           "sentence_prediction_r3f + HyPe-N (registry hype_r3f), dropout kept", baseline="vanilla"),
+    Config("adamax_pats", "robustft", "sp", stock("pats"), "sentence_prediction + adamax_pats (registry pats)",
+           baseline="adamax", target=1.08),
+    Config("adamax_pats_noise0", "robustft", "sp", stock("pats", {"--pats-noise": "0"}),
+           "adamax_pats --pats-noise 0: its Adamax path alone", baseline="adamax", on_demand=True),
+    Config("adamax_pats_flat", "robustft", "sp", stock("pats"),
+           "adamax_pats without the CPU-chunked noise path (pats_src/cpu_chunked.py)", baseline="adamax",
+           pats_cpu_chunk=0, on_demand=True),
+    Config("adamax_sage", "robustft", "sp", stock("sage"), "sentence_prediction + adamax_sage (registry sage)",
+           baseline="adamax"),
     Config("single_adapter", "robustft", "t2t", ("--encoder-adapter", "manual", "--decoder-adapter", "manual"),
            "hyperdecoder_bart, manual encoder + manual decoder adapters"),
     Config("hyperdecoder", "robustft", "t2t", ("--encoder-adapter", "manual", "--decoder-adapter", "generated"),
            "hyperdecoder_bart, manual encoder + generated decoder adapters", baseline="single_adapter",
            target=1.15),
-    Config("ref_vanilla", "reference", "sp", SP + ADAM, "sentence_prediction + adam, in the reference process"),
-    Config("ref_r3f", "reference", "sp", R3F + ADAM, "fairseq examples/rxf sentence_prediction_r3f",
+    Config("ref_vanilla", "reference", "sp", stock("vanilla"),
+           "sentence_prediction + adam, in the reference process"),
+    Config("ref_r3f", "reference", "sp", registry("r3f"),
+           "fairseq examples/rxf sentence_prediction_r3f, same flags",
            baseline="ref_vanilla"),
 ]
 CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
+
+SHAPE_OPTIONS = ("layers", "dim", "batch", "seq_len")
+
+
+def shape_overrides(opts) -> Dict[str, int]:
+    return {k: getattr(opts, k) for k in SHAPE_OPTIONS if getattr(opts, k, None)}
+
+
+def size_for(opts) -> Size:
+    """The named size with --layers/--dim (RoBERTa configurations) and --batch/--seq-len (all) applied."""
+    size, shape = SIZES[opts.size], shape_overrides(opts)
+    roberta = list(size.roberta)
+    if "layers" in shape:
+        roberta += ["--encoder-layers", str(shape["layers"])]
+    if "dim" in shape:
+        d = shape["dim"]
+        roberta += ["--encoder-embed-dim", str(d), "--encoder-ffn-embed-dim", str(4 * d),
+                    "--encoder-attention-heads", str(max(1, d // 64))]
+    if "seq_len" in shape:
+        positions = int(roberta[roberta.index("--max-positions") + 1]) if "--max-positions" in roberta else 512
+        roberta += ["--max-positions", str(max(positions, shape["seq_len"]))]
+    return replace(size, roberta=tuple(roberta), batch=shape.get("batch", size.batch),
+                   seq_len=shape.get("seq_len", size.seq_len))
+
+
+def result_stem(opts) -> str:
+    """Output file stem: the size name, plus the shape options when any is given (tiny-layers1-dim32)."""
+    return "-".join([opts.size] + [f"{k.replace('_', '')}{v}" for k, v in shape_overrides(opts).items()])
 
 
 def reference_user_dir() -> Path:
@@ -218,13 +277,18 @@ class Worker:
         model = task.build_model(fcfg.model)
         criterion = task.build_criterion(fcfg.criterion)
         trainer = Trainer(fcfg, task, model, criterion)
+        if cfg.pats_cpu_chunk is not None:
+            inner = trainer.optimizer  # builds it now (fairseq builds it lazily at the first step)
+            while not hasattr(inner, "cpu_chunk_numel"):  # fp16 wrapper -> fairseq optimizer -> torch
+                inner = inner.optimizer
+            inner.cpu_chunk_numel = cfg.pats_cpu_chunk
         return trainer, self.sample(task, cfg.kind)
 
     def _sync(self):
         if self.cuda:
             self.torch.cuda.synchronize()
 
-    def block(self, cfg: Config, warmup: int, steps: int) -> dict:
+    def block(self, cfg: Config, warmup: int, steps: int, opt_steps: int = 0) -> dict:
         import gc
 
         from fairseq.logging import metrics
@@ -255,7 +319,15 @@ class Worker:
                     skipped += 1
                 else:
                     losses.append(float(log.get("loss", float("nan"))))
-        result = {"config": cfg.name, "times_s": times, "cpu_times_s": cpu_times, "build_s": build_s, "skipped_steps": skipped,
+        opt_times = []
+        for _ in range(opt_steps):  # optimizer.step() alone, on the gradients the last train step left
+            self._sync()
+            start = time.perf_counter()
+            trainer.optimizer.step()
+            self._sync()
+            opt_times.append(time.perf_counter() - start)
+        result = {"config": cfg.name, "times_s": times, "cpu_times_s": cpu_times, "opt_times_s": opt_times,
+                  "build_s": build_s, "skipped_steps": skipped,
                   "loss": losses[-1] if losses else None, "rss_before_mb": rss_before,
                   "peak_rss_mb": _proc_status_mb("VmHWM"),
                   "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
@@ -302,7 +374,7 @@ def worker_main(opts) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    size = SIZES[opts.size]
+    size = size_for(opts)
     worker = Worker(size, Path(opts.data), opts.threads)
     device_name = (worker.torch.cuda.get_device_name() if worker.cuda
                    else f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs")
@@ -311,7 +383,8 @@ def worker_main(opts) -> None:
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            answer = worker.block(CONFIG_BY_NAME[request["config"]], request["warmup"], request["steps"])
+            answer = worker.block(CONFIG_BY_NAME[request["config"]], request["warmup"], request["steps"],
+                                  request.get("opt_steps", 0))
         except Exception as err:  # report and keep serving; the orchestrator decides
             import traceback
 
@@ -328,7 +401,8 @@ class WorkerProcess:
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--worker", group, "--size", opts.size, "--data", str(opts.data),
-             "--threads", str(opts.threads)],
+             "--threads", str(opts.threads),
+             *[a for k, v in shape_overrides(opts).items() for a in (f"--{k.replace('_', '-')}", str(v))]],
             stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env,
             pass_fds=(write_fd,), cwd=str(REPO))
         os.close(write_fd)
@@ -344,8 +418,9 @@ class WorkerProcess:
                              + self.log_path.read_text()[-4000:])
         return json.loads(line)
 
-    def run(self, config: str, warmup: int, steps: int) -> dict:
-        self.proc.stdin.write(json.dumps({"config": config, "warmup": warmup, "steps": steps}) + "\n")
+    def run(self, config: str, warmup: int, steps: int, opt_steps: int = 0) -> dict:
+        self.proc.stdin.write(json.dumps({"config": config, "warmup": warmup, "steps": steps,
+                                          "opt_steps": opt_steps}) + "\n")
         self.proc.stdin.flush()
         return self._read()
 
@@ -374,6 +449,9 @@ def summarize(blocks: Dict[str, List[dict]]) -> Dict[str, dict]:
             "params": runs[0]["params"], "trainable_params": runs[0]["trainable_params"],
             "skipped_steps": sum(r["skipped_steps"] for r in runs), "last_loss": runs[-1]["loss"],
         }
+        opt_times = [t for run in runs for t in run.get("opt_times_s", [])]
+        if opt_times:
+            rows[name]["opt_step_median_ms"] = 1000 * statistics.median(opt_times)
         if "cuda_peak_mb" in runs[0]:
             rows[name]["cuda_peak_mb"] = statistics.median(r["cuda_peak_mb"] for r in runs)
             rows[name]["cuda_peak_mb_max"] = max(r["cuda_peak_mb"] for r in runs)
@@ -396,6 +474,8 @@ def ratios(rows: Dict[str, dict]) -> None:
             row["cpu_x_baseline"] = row["cpu_median_ms"] / base["cpu_median_ms"]
             paired = [a / b for a, b in zip(row["round_medians_ms"], base["round_medians_ms"])]
             row["x_baseline_paired"] = statistics.median(paired)
+            if "opt_step_median_ms" in row and "opt_step_median_ms" in base:
+                row["opt_step_x_baseline"] = row["opt_step_median_ms"] / base["opt_step_median_ms"]
     if "ref_r3f" in rows and "vanilla" in rows:
         rows["ref_r3f"]["x_vanilla_of_robustft_process"] = rows["ref_r3f"]["median_ms"] / rows["vanilla"]["median_ms"]
 
@@ -463,6 +543,15 @@ def markdown(result: dict) -> str:
         if "x_vanilla_of_robustft_process" in rows.get("ref_r3f", {}):
             lines.append(f"Reference R3F over our process's vanilla (wall): "
                          f"{rows['ref_r3f']['x_vanilla_of_robustft_process']:.3f}.")
+    timed_opt = [c for c in CONFIGS if "opt_step_median_ms" in rows.get(c.name, {})]
+    if timed_opt:
+        lines += ["", f"`optimizer.step()` alone, {meta['optimizer_steps']} per block on the gradients of the block's "
+                      "last train step (wall ms, median; x the baseline's):", "",
+                  "| config | optimizer.step ms | x baseline |", "|---|---|---|"]
+        for cfg in timed_opt:
+            r = rows[cfg.name]
+            x = f"{r['opt_step_x_baseline']:.3f} ({r['baseline']})" if "opt_step_x_baseline" in r else ""
+            lines.append(f"| `{cfg.name}` | {r['opt_step_median_ms']:.2f} | {x} |")
     memory = ("max_memory_allocated during the block minus the allocation before the build" if cuda else
               "high-water RSS during the block (build + all steps) minus RSS before the build")
     lines += ["", f"Memory: {memory}, median over the configuration's blocks."]
@@ -471,8 +560,8 @@ def markdown(result: dict) -> str:
 
 # ----------------------------------------------------------------------------------------- main
 def orchestrate(opts) -> dict:
-    size = SIZES[opts.size]
-    names = opts.only.split(",") if opts.only else [c.name for c in CONFIGS]
+    size, stem = size_for(opts), result_stem(opts)
+    names = opts.only.split(",") if opts.only else [c.name for c in CONFIGS if not c.on_demand]
     unknown = [n for n in names if n not in CONFIG_BY_NAME]
     if unknown:
         raise SystemExit(f"--only: unknown configuration(s) {unknown}; choose from {sorted(CONFIG_BY_NAME)}")
@@ -486,7 +575,7 @@ def orchestrate(opts) -> dict:
     write_dictionaries(opts.data, size.vocab)
 
     groups = sorted({CONFIG_BY_NAME[n].group for n in names})
-    workers = {g: WorkerProcess(g, opts, out / f"{opts.size}-worker-{g}.log") for g in groups}
+    workers = {g: WorkerProcess(g, opts, out / f"{stem}-worker-{g}.log") for g in groups}
     blocks: Dict[str, List[dict]] = {n: [] for n in names}
     try:
         # one discarded block per worker: first-use costs (lazy imports, allocator and thread-pool
@@ -499,9 +588,9 @@ def orchestrate(opts) -> dict:
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]  # rotate: no fixed position per config
             for name in order:
-                answer = workers[CONFIG_BY_NAME[name].group].run(name, warmup, steps)
+                answer = workers[CONFIG_BY_NAME[name].group].run(name, warmup, steps, opts.optimizer_steps)
                 if "error" in answer:
-                    raise SystemExit(f"{name}: {answer['error']} (log: {out}/{opts.size}-worker-*.log)")
+                    raise SystemExit(f"{name}: {answer['error']} (log: {out}/{stem}-worker-*.log)")
                 blocks[name].append(answer)
                 print(f"round {r + 1}/{rounds} {name}: median "
                       f"{1000 * statistics.median(answer['times_s']):.1f} ms", file=sys.stderr, flush=True)
@@ -517,6 +606,7 @@ def orchestrate(opts) -> dict:
                  "torch": next(iter(workers.values())).hello["torch"],
                  "batch": size.batch, "seq_len": size.seq_len, "tgt_len": size.tgt_len, "vocab": size.vocab,
                  "rounds": rounds, "warmup": warmup, "steps": steps, "threads": opts.threads,
+                 "optimizer_steps": opts.optimizer_steps, "shape_overrides": shape_overrides(opts),
                  "date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
                  "import_rss_mb": {g: w.hello["import_rss_mb"] for g, w in workers.items()},
                  "command": " ".join([Path(sys.executable).name, "benchmarks/run.py", *sys.argv[1:]])},
@@ -526,8 +616,8 @@ def orchestrate(opts) -> dict:
         "raw_blocks": blocks,
     }
     result["targets"] = targets(rows)
-    (out / f"{opts.size}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{opts.size}.md").write_text(markdown(result))
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
     return result
 
 
@@ -539,7 +629,15 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, help="round-robin rounds (default: per size)")
     parser.add_argument("--steps", type=int, help="timed train steps per block (default: per size)")
     parser.add_argument("--warmup", type=int, help="untimed train steps per block (default: per size)")
-    parser.add_argument("--only", help="comma-separated configurations (default: all)")
+    parser.add_argument("--only", help="comma-separated configurations (default: all but the on-demand "
+                        "implementation comparisons, e.g. adamax_pats_flat)")
+    parser.add_argument("--optimizer-steps", type=int, default=0,
+                        help="also time optimizer.step() alone this many times per block, on the gradients of "
+                             "the block's last train step (e.g. --only adamax,adamax_pats,adamax_pats_noise0)")
+    parser.add_argument("--layers", type=int, help="encoder layers of the RoBERTa configurations (overrides the size)")
+    parser.add_argument("--dim", type=int, help="RoBERTa configurations' width: embed dim d, FFN 4d, d/64 heads")
+    parser.add_argument("--batch", type=int, help="sentences per batch (overrides the size)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sentence (overrides the size)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
                         help="torch threads per worker (default: $OMP_NUM_THREADS or 1)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

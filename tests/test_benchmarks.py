@@ -27,7 +27,8 @@ def _run(*args):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = _run("--size", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "0", "--out", out)
+    proc = _run("--size", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "0", "--optimizer-steps", "2",
+                "--out", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out, json.loads((out / "tiny.json").read_text()), (out / "tiny.md").read_text(), proc.stdout
 
@@ -45,16 +46,43 @@ def test_every_configuration_ran_real_train_steps(tiny):
     rows = result["configs"]
     assert rows["hyperdecoder"]["params"] > rows["single_adapter"]["params"]
     assert rows["r4f"]["params"] == rows["r3f"]["params"] == rows["vanilla"]["params"]
+    # optimizer.step() alone (what scripts/bench_pats_overhead.py timed), after the train steps
+    for name, blocks in result["raw_blocks"].items():
+        assert len(blocks[0]["opt_times_s"]) == 2 and min(blocks[0]["opt_times_s"]) > 0, name
+
+
+def test_method_configurations_take_the_registry_flags(tiny):
+    """Each method configuration runs the registry's flags (dropout kept for HyPe: the noise's cost alone);
+    the baselines are the registry's with fairseq's own loss."""
+    from robustft_common.methods import method_flags
+
+    argv = tiny[1]["argv"]
+
+    def tail(name, n):
+        return argv[name][-n:]
+
+    for name, method, overrides in (("r3f", "r3f", {}), ("r4f", "r4f", {}), ("hype", "hype_n", {"--dropout": None}),
+                                    ("hype_r3f", "hype_r3f", {"--dropout": None}), ("ref_r3f", "r3f", {})):
+        flags = method_flags(method, overrides)
+        assert tail(name, len(flags)) == flags, name
+    stock = {"--criterion": "sentence_prediction", "--hype-type": None}
+    for name, method in (("vanilla", "vanilla"), ("adamax", "vanilla_adamax"), ("adamax_pats", "pats"),
+                         ("adamax_sage", "sage"), ("ref_vanilla", "vanilla")):
+        flags = method_flags(method, stock)
+        assert tail(name, len(flags)) == flags, name
 
 
 def test_ratios_match_the_raw_step_times(tiny):
     _, result, _, _ = tiny
     raw = {n: [t for b in blocks for t in b["times_s"]] for n, blocks in result["raw_blocks"].items()}
     rows = result["configs"]
+    opt = {n: [t for b in blocks for t in b["opt_times_s"]] for n, blocks in result["raw_blocks"].items()}
     for name, base in BASELINES.items():
         expected = statistics.median(raw[name]) / statistics.median(raw[base])
         assert rows[name]["x_baseline"] == pytest.approx(expected, rel=1e-9), name
         assert rows[name]["baseline"] == base
+        assert rows[name]["opt_step_x_baseline"] == pytest.approx(
+            statistics.median(opt[name]) / statistics.median(opt[base]), rel=1e-9), name
     assert rows["ref_r3f"]["x_vanilla"] == pytest.approx(
         statistics.median(raw["ref_r3f"]) / statistics.median(raw["ref_vanilla"]), rel=1e-9)
     checks = {c["check"]: c for c in result["targets"]}
@@ -71,12 +99,42 @@ def test_ratios_match_the_raw_step_times(tiny):
 def test_markdown_table_has_one_row_per_configuration(tiny):
     out, result, md, stdout = tiny
     assert md == stdout
-    rows = [line for line in md.splitlines() if line.startswith("| `")]
-    assert [r.split("`")[1] for r in rows] == EXPECTED
+    step_table, opt_table = md.split("| config | optimizer.step ms |")  # --optimizer-steps: a second table
+
+    def names(text):
+        return [line.split("`")[1] for line in text.splitlines() if line.startswith("| `")]
+
+    assert names(step_table) == EXPECTED and names(opt_table) == EXPECTED
     assert "| config | what | wall ms" in md and "reference R3F" in md
     # each configuration's real command line is recorded
     assert "--spectral-norm-classification-head" in result["argv"]["r4f"]
     assert any(a.endswith("examples/rxf/rxf_src") for a in result["argv"]["ref_r3f"])
+
+
+def test_shape_options_and_on_demand_configurations(tmp_path):
+    """--layers/--dim/--batch/--seq-len reshape the RoBERTa configurations (scripts/bench_hype_overhead.py's
+    knobs); adamax_pats_noise0 (scripts/bench_pats_overhead.py's "noise 0" row) runs when named."""
+    proc = _run("--size", "tiny", "--rounds", "1", "--steps", "1", "--warmup", "0", "--out", tmp_path,
+                "--only", "vanilla,hype,adamax,adamax_pats_noise0", "--layers", "1", "--dim", "32",
+                "--batch", "2", "--seq-len", "16")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    result = json.loads((tmp_path / "tiny-layers1-dim32-batch2-seqlen16.json").read_text())
+    assert result["meta"]["shape_overrides"] == {"layers": 1, "dim": 32, "batch": 2, "seq_len": 16}
+    assert (result["meta"]["batch"], result["meta"]["seq_len"]) == (2, 16)
+    rows = result["configs"]
+    assert list(rows) == ["vanilla", "hype", "adamax", "adamax_pats_noise0"]
+    assert rows["adamax_pats_noise0"]["baseline"] == "adamax"
+    # RoBERTa with 1 layer of width 32 (FFN 128, 1 head), 1000-entry dictionary (specials and <mask>
+    # included), 128 + 2 learned positions, counted by hand:
+    d, ffn, vocab, positions = 32, 128, 1000, 128 + 2
+    layer = 4 * (d * d + d) + 2 * 2 * d + (d * ffn + ffn) + (ffn * d + d)
+    embeddings = vocab * d + positions * d + 2 * d  # tokens, learned positions, embedding LayerNorm
+    lm_head = d * d + d + 2 * d + vocab  # dense, LayerNorm, output bias (weight tied to the embeddings)
+    head = d * d + d + 2 * d + 2  # classification head: dense, out_proj to 2 classes
+    assert rows["vanilla"]["params"] == embeddings + layer + lm_head + head
+    from robustft_common.methods import flag_value
+
+    assert flag_value(result["argv"]["adamax_pats_noise0"], "--pats-noise") == "0"
 
 
 def test_unknown_configuration_is_named():
