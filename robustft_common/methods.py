@@ -30,8 +30,6 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from robustft_common.param_filters import NO_DECAY
 
-FAMILIES = ("adam", "adamax")
-
 
 @dataclass(frozen=True)
 class Method:
