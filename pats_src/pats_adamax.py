@@ -153,9 +153,11 @@ class PatsAdamax(SensitivityAdamax):
 
     Low-sensitivity entries get noise larger than sigma; kappa zeroes the noise of the most sensitive
     entries (rho < kappa). The cap is not in the paper: rho grows without bound as sbar_j -> 0 (theta_j
-    or g_j ~ 0), and on MiniLM/RTE single entries got kicks of 1e6 times their size (pats_src/README.md).
-    Its default, 1 / kappa, mirrors the margin: noise std within [kappa sigma, sigma / kappa]. Draws come from a generator reseeded with `update_seed(seed, update number)`
-    at every step: DDP replicas draw the same noise, a resumed run what the uninterrupted one would have.
+    or g_j ~ 0); uncapped, MiniLM on RTE got rho up to 1.2e6 and a noise of 1.09 on weights of RMS 0.065
+    in one step (pats_src/README.md). Its default, 1 / kappa, mirrors the margin: the noise std stays
+    within [kappa sigma, sigma / kappa]. Draws come from a generator reseeded with
+    `update_seed(seed, update number)` at every step: DDP replicas draw the same noise, a resumed run
+    what the uninterrupted one would have.
 
     Args: those of `SensitivityAdamax`, plus the PATS constants (`pats_noise` sigma, `pats_beta` beta,
     `pats_margin` kappa, `pats_eps` eps, `pats_prob` p, `pats_noise_lr_scaled`,

@@ -111,6 +111,27 @@ def test_noisytune_once_then_pats_resume_exact_memory_efficient_fp16(data, tmp_p
     assert logs and 0.3 < float(logs[0]["pats_frac_noised"]) < 0.7
 
 
+def test_logged_noise_statistics_and_the_default_cap(data, tmp_path):
+    """--pats-log-stats in real runs, read by scripts/pats_noise_stats.py: every update logs the ratio and
+    kick statistics; uncapped (--pats-max-ratio 0, the paper) rho exceeds 1/kappa = 200 at update 1 on the
+    tiny model, the default run stays within it."""
+    script = runpy.run_path(str(REPO / "scripts" / "pats_noise_stats.py"))
+    rows = {}
+    for label, extra in (("uncapped", ["--pats-max-ratio", "0"]), ("default", [])):
+        proc = train(data, tmp_path / label, *PATS, *extra, max_update=2)
+        (tmp_path / label / "train.log").write_text(proc.stdout + proc.stderr)
+        rows[label] = script["read_stats"](tmp_path / label)
+        assert [r["num_updates"] for r in rows[label]] == [1, 2]
+        assert {"pats_kick_max", "pats_noise_max", "pats_frac_kick_ge_1", "pats_frac_ratio_ge_1e6"} <= set(
+            rows[label][0])
+    assert rows["uncapped"][0]["pats_ratio_max"] > 200
+    assert all(r["pats_ratio_max"] <= 200 for r in rows["default"])
+    # same draws, same raw ratios: the cap changes only what is added
+    assert rows["default"][0]["pats_frac_ratio_ge_1e3"] == rows["uncapped"][0]["pats_frac_ratio_ge_1e3"] > 0
+    table = script["table"](rows["uncapped"])
+    assert table.count("\n| 1 |") == 1 and "max over updates" in table
+
+
 def test_noisytune_from_scratch_is_an_error(data, tmp_path):
     proc = train(data, tmp_path / "scratch", "--optimizer", "adamax_pats", "--noisytune-lambda", "0.15",
                  max_update=1, check=False)

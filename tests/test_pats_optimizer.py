@@ -400,7 +400,8 @@ def _tiny_roberta():
     args = argparse.Namespace(encoder_layers=1, encoder_embed_dim=16, encoder_ffn_embed_dim=32,
                               encoder_attention_heads=2, max_positions=32)
     base_architecture(args)
-    model = RobertaModel.build_model(args, SimpleNamespace(source_dictionary=dictionary, dictionary=dictionary))
+    task = SimpleNamespace(source_dictionary=dictionary, dictionary=dictionary)
+    model = RobertaModel.build_model(args, task)
     model.register_classification_head("sentence_classification_head", num_classes=2)
     return model
 
