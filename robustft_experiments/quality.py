@@ -42,6 +42,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 from robustft_common import glue_tasks
@@ -68,6 +69,39 @@ PROTOCOL: Dict[str, object] = {
     "lr_grid": {"adam": (2e-5, 5e-5, 1e-4), "adamax": (5e-5, 1e-4, 2e-4)},
 }
 FAMILY_BASELINE = {"adam": "vanilla", "adamax": "vanilla_adamax"}
+
+
+@dataclass(frozen=True)
+class Control:
+    """A study-only variant of a registered method (not a method users run): `base`'s flags plus `extra`,
+    compared with `base`'s baseline. It separates a method's mechanism from a setting it changes too."""
+
+    name: str
+    label: str
+    base: str
+    extra: tuple
+    why: str
+
+    @property
+    def baseline(self) -> str:
+        return get_method(self.base).baseline or self.base
+
+    @property
+    def optimizer_family(self) -> str:
+        return get_method(self.base).optimizer_family
+
+
+# HyPe's recipe turns dropout off (0.1 -> 0); this control is vanilla with only that change, so a HyPe
+# gain can be split into "noise" and "no dropout".
+CONTROLS: Dict[str, Control] = {c.name: c for c in (
+    Control("vanilla_dropout0", "Vanilla, dropout 0 (control)", "vanilla", ("--dropout", "0.0"),
+            "HyPe's recipe sets --dropout 0.0; vanilla with only that change"),
+)}
+
+
+def spec_of(name: str):
+    """The registered method or the study control called `name` (label, baseline, optimizer family)."""
+    return CONTROLS[name] if name in CONTROLS else get_method(name)
 RESULTS_DIR = REPO / "benchmarks" / "results" / "quality"
 
 
@@ -81,7 +115,10 @@ def num_updates(n_train: int, protocol=PROTOCOL) -> int:
 
 
 def study_flags(method: str, protocol=PROTOCOL) -> List[str]:
-    """The method's registry flags with the protocol's optimizer settings (betas, weight decay)."""
+    """The method's registry flags with the protocol's optimizer settings (betas, weight decay); a
+    control's extra flags come last."""
+    if method in CONTROLS:
+        return study_flags(CONTROLS[method].base, protocol) + list(CONTROLS[method].extra)
     family = get_method(method).optimizer_family
     overrides = {"--weight-decay": str(protocol["weight_decay"])}
     if family == "adam":
@@ -233,7 +270,7 @@ def main_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, methods, seeds
         n = train_size(data)
         for seed in seeds:
             for method in methods:
-                lr = lrs[task][get_method(method).optimizer_family]
+                lr = lrs[task][spec_of(method).optimizer_family]
                 if lr is None:
                     continue
                 run_dir = runs_root / "main" / task / method / f"seed{seed}"
@@ -288,7 +325,7 @@ def task_table(task: str, rows: List[dict], methods) -> str:
     lines = [f"| method | {metric} after 3 epochs, mean ± std | vs baseline: mean paired diff [95 % CI], wins | "
              f"best epoch, mean | failed |", "|---|---|---|---|---|"]
     for method in methods:
-        m = get_method(method)
+        m = spec_of(method)
         values = per.get((task, method), {})
         failed = sum(1 for r in rows if r["task"] == task and r["method"] == method and r["status"] == "failed")
         if not values and not failed:
@@ -329,7 +366,7 @@ def plot_task(task: str, rows: List[dict], methods, path: Path, title: str) -> N
         ax.axhline(floor, color="tab:red", linestyle="--", linewidth=1, label=f"{floor_label} ({floor:.1f})")
     ax.set_ylim(math.floor(low) - 1, None)  # starts at the floor, or lower if a seed fell below it
     ax.set_xticks(range(len(shown)))
-    ax.set_xticklabels([get_method(m).label for m in shown], rotation=30, ha="right", fontsize=8)
+    ax.set_xticklabels([spec_of(m).label for m in shown], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"dev {glue_tasks.resolve_task(task).best_metric} after 3 epochs")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
@@ -349,7 +386,7 @@ def git_commit() -> str:
 def write_report(runs: Path, results: Path, tasks, methods, command: str, protocol=PROTOCOL) -> str:
     results.mkdir(parents=True, exist_ok=True)
     rows = collect(runs, tasks, methods)
-    families = sorted({get_method(m).optimizer_family for m in methods})
+    families = sorted({spec_of(m).optimizer_family for m in methods})
     lrs = chosen_lrs(runs, tasks, families, protocol)
     anchors = {}
     for task in tasks:
@@ -412,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where results.md/json and plots go")
     p.add_argument("--glue-dir", type=Path, default=REPO.parent / "shared" / "data" / "glue")
     p.add_argument("--tasks", default="CoLA,RTE")
-    p.add_argument("--methods", default="all", help=f"'all' or a comma list of {', '.join(METHODS)}")
+    p.add_argument("--methods", default="all",
+                   help=f"'all' or a comma list of {', '.join(METHODS)} and the controls {', '.join(CONTROLS)}")
     p.add_argument("--seeds", default=",".join(map(str, PROTOCOL["seeds"])))
     p.add_argument("--stages", default="grid,main,anchor,report")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
@@ -424,14 +462,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = "python benchmarks/quality/run.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     tasks = [glue_tasks.canonical_name(t) for t in args.tasks.split(",") if t]
-    methods = list(METHODS) if args.methods == "all" else [get_method(m).name for m in args.methods.split(",") if m]
+    methods = (list(METHODS) + list(CONTROLS) if args.methods == "all"
+               else [spec_of(m).name for m in args.methods.split(",") if m])
     seeds = [int(s) for s in args.seeds.split(",") if s]
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - {"grid", "main", "anchor", "report"}
     if unknown:
         raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from grid, main, anchor, report")
     work = args.work_dir.resolve()
-    families = sorted({get_method(m).optimizer_family for m in methods})
+    families = sorted({spec_of(m).optimizer_family for m in methods})
     needs_runs = bool(set(stages) - {"report"})
     pretrained = prepare_model(work) if needs_runs else None
     runs_root = args.results.resolve() / "runs"

@@ -70,3 +70,13 @@ def test_report_pairs_each_method_with_its_baseline(tmp_path):
 @pytest.mark.parametrize("task,floor", [("RTE", 100 * 146 / 277), ("CoLA", 0.0)])
 def test_plot_floor_is_the_majority_class(task, floor):
     assert quality.floor_of(task)[0] == pytest.approx(floor)
+
+
+def test_dropout_control_is_vanilla_with_only_dropout_off():
+    control = quality.study_flags("vanilla_dropout0")
+    vanilla = quality.study_flags("vanilla")
+    assert control == vanilla + ["--dropout", "0.0"]
+    assert quality.spec_of("vanilla_dropout0").baseline == "vanilla"
+    assert quality.spec_of("vanilla_dropout0").optimizer_family == "adam"
+    with pytest.raises(ValueError, match="unknown method"):
+        quality.spec_of("nope")
