@@ -35,9 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
 
 from robustft_common.methods import method_flags
 
@@ -63,7 +63,7 @@ class Size:
 TINY_ROBERTA = ("--arch", "roberta_base", "--encoder-layers", "2", "--encoder-embed-dim", "64",
                 "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2", "--max-positions", "128")
 
-SIZES: Dict[str, Size] = {
+SIZES: dict[str, Size] = {
     "tiny": Size(TINY_ROBERTA, ("--arch", "hyperdecoder_bart_tiny"), vocab=1000, batch=16, seq_len=64,
                  tgt_len=8, device="cpu", rounds=5, warmup=2, steps=5),
     "base": Size(("--arch", "roberta_base", "--max-positions", "512"),
@@ -83,22 +83,22 @@ class Config:
     kind: str  # sp (sentence_prediction) | t2t (hyperdecoder_glue)
     flags: tuple
     what: str
-    baseline: Optional[str] = None  # the configuration it is compared with besides vanilla
-    target: Optional[float] = None  # max ratio to `baseline` (issue #9, item 4)
+    baseline: str | None = None  # the configuration it is compared with besides vanilla
+    target: float | None = None  # max ratio to `baseline` (issue #9, item 4)
     # PatsAdamax.cpu_chunk_numel override (0 = the flat kernels on CPU too; None = the optimizer's default)
-    pats_cpu_chunk: Optional[int] = None
+    pats_cpu_chunk: int | None = None
     on_demand: bool = False  # an implementation comparison: runs only when named in --only
 
 
 ADAM = ("--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--adam-eps", "1e-6")  # Hyperdecoder configs
 
 
-def registry(method: str, overrides: Optional[Mapping[str, Optional[str]]] = None) -> tuple:
+def registry(method: str, overrides: Mapping[str, str | None] | None = None) -> tuple:
     """The method's flags from the method registry (its R3F flags are the reference plugin's names too)."""
     return tuple(method_flags(method, overrides))
 
 
-def stock(method: str, overrides: Optional[Mapping[str, Optional[str]]] = None) -> tuple:
+def stock(method: str, overrides: Mapping[str, str | None] | None = None) -> tuple:
     """A method's registry flags with fairseq's own `sentence_prediction` loss in place of the plugin's
     (baselines, optimizer-only methods: the reference process knows no other criterion)."""
     return registry(method, {"--criterion": "sentence_prediction", "--hype-type": None, **(overrides or {})})
@@ -107,7 +107,7 @@ def stock(method: str, overrides: Optional[Mapping[str, Optional[str]]] = None) 
 # HyPe's recipe turns dropout off; kept on here so that the ratio is the cost of the noise alone
 KEEP_DROPOUT = {"--dropout": None}
 
-CONFIGS: List[Config] = [
+CONFIGS: list[Config] = [
     Config("vanilla", "robustft", "sp", stock("vanilla"), "sentence_prediction + adam (registry vanilla)"),
     Config("adamax", "robustft", "sp", stock("vanilla_adamax"),
            "sentence_prediction + fairseq adamax (registry vanilla_adamax)", baseline="vanilla"),
@@ -145,7 +145,7 @@ CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
 SHAPE_OPTIONS = ("layers", "dim", "batch", "seq_len")
 
 
-def shape_overrides(opts) -> Dict[str, int]:
+def shape_overrides(opts) -> dict[str, int]:
     return {k: getattr(opts, k) for k in SHAPE_OPTIONS if getattr(opts, k, None)}
 
 
@@ -186,7 +186,7 @@ def user_dir(group: str) -> Path:
     return REPO / "robustft" if group == "robustft" else reference_user_dir()
 
 
-def config_argv(cfg: Config, size: Size, data: Path) -> List[str]:
+def config_argv(cfg: Config, size: Size, data: Path) -> list[str]:
     """The fairseq-train command line of one configuration (printed into the results too)."""
     common = ["--user-dir", str(user_dir(cfg.group)), "--seed", "1", "--lr", "1e-5", "--clip-norm", "0.0",
               "--dropout", "0.1", "--attention-dropout", "0.1", "--batch-size", str(size.batch),
@@ -431,7 +431,7 @@ class WorkerProcess:
 
 
 # ----------------------------------------------------------------------------------------- report
-def summarize(blocks: Dict[str, List[dict]]) -> Dict[str, dict]:
+def summarize(blocks: dict[str, list[dict]]) -> dict[str, dict]:
     rows = {}
     for name, runs in blocks.items():
         times = [t for run in runs for t in run["times_s"]]
@@ -458,7 +458,7 @@ def summarize(blocks: Dict[str, List[dict]]) -> Dict[str, dict]:
     return rows
 
 
-def ratios(rows: Dict[str, dict]) -> None:
+def ratios(rows: dict[str, dict]) -> None:
     """Ratio of medians to vanilla (same process) and to the configuration's own baseline; the paired
     ratio (median over rounds of round-median / baseline's round-median) is kept as a drift check."""
     for name, row in rows.items():
@@ -480,7 +480,7 @@ def ratios(rows: Dict[str, dict]) -> None:
         rows["ref_r3f"]["x_vanilla_of_robustft_process"] = rows["ref_r3f"]["median_ms"] / rows["vanilla"]["median_ms"]
 
 
-def targets(rows: Dict[str, dict]) -> List[dict]:
+def targets(rows: dict[str, dict]) -> list[dict]:
     checks = []
     for cfg in CONFIGS:
         if cfg.target is not None and cfg.name in rows and "x_baseline" in rows[cfg.name]:
@@ -576,7 +576,7 @@ def orchestrate(opts) -> dict:
 
     groups = sorted({CONFIG_BY_NAME[n].group for n in names})
     workers = {g: WorkerProcess(g, opts, out / f"{stem}-worker-{g}.log") for g in groups}
-    blocks: Dict[str, List[dict]] = {n: [] for n in names}
+    blocks: dict[str, list[dict]] = {n: [] for n in names}
     try:
         # one discarded block per worker: first-use costs (lazy imports, allocator and thread-pool
         # growth) would otherwise land on whichever configuration happens to run first

@@ -11,7 +11,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 from robustft_common import glue_metrics, glue_tasks
 
@@ -45,7 +45,7 @@ def needs_confusion(task: str) -> bool:
     return any(m in ("f1", "mcc") for m in task_metric_names(task))
 
 
-def count_keys(task: str) -> List[str]:
+def count_keys(task: str) -> list[str]:
     """Private (hidden, summable) logging keys of one task."""
     names = ["n", "invalid"]
     if is_regression(task):
@@ -61,7 +61,7 @@ def pairs_key(task: str) -> str:
     return f"_hd_{task}_pairs"
 
 
-def parse_number(text: str) -> Optional[float]:
+def parse_number(text: str) -> float | None:
     """First number in the text ("3.8", " 3.80 </s>", "score: 4") or None."""
     match = _NUMBER.search(text)
     if match is None:
@@ -78,7 +78,7 @@ def load_tasks_json(data_dir: str) -> dict:
         return json.load(f)
 
 
-def default_label_words(task: str) -> List[str]:
+def default_label_words(task: str) -> list[str]:
     """glue_preprocess's label words (the GLUE task table), used when tasks.json lacks them."""
     return list(_task(task).label_words or [])
 
@@ -86,12 +86,12 @@ def default_label_words(task: str) -> List[str]:
 class GlueScorer:
     """Accumulates one evaluation's per-task counts from (task, prediction text, gold) triples."""
 
-    def __init__(self, label_words: Optional[Dict[str, List[str]]] = None):
+    def __init__(self, label_words: dict[str, list[str]] | None = None):
         self.label_words = {t: (label_words or {}).get(t) or default_label_words(t) for t in TASKS}
-        self.counts: Dict[str, float] = defaultdict(float)
-        self.pairs: Dict[str, List[List[float]]] = defaultdict(lambda: [[], []])
+        self.counts: dict[str, float] = defaultdict(float)
+        self.pairs: dict[str, list[list[float]]] = defaultdict(lambda: [[], []])
 
-    def predicted_class(self, task: str, text: str) -> Optional[int]:
+    def predicted_class(self, task: str, text: str) -> int | None:
         text = text.strip()
         words = self.label_words[task]
         if text in words:
@@ -127,17 +127,17 @@ class GlueScorer:
             for name, v in glue_metrics.confusion_counts([pred], [gold], positive_class(task)).items():
                 c[key + name] += v
 
-    def logging_counts(self) -> Dict[str, float]:
+    def logging_counts(self) -> dict[str, float]:
         """Every task's count keys (zeros included: workers must log identical keys to sum them)."""
         return {k: self.counts.get(k, 0.0) for t in TASKS for k in count_keys(t)}
 
 
-def scores_from_counts(counts: Dict[str, float], pairs: Optional[Dict[str, List[List[float]]]] = None
-                       ) -> Dict[str, Dict[str, float]]:
+def scores_from_counts(counts: dict[str, float], pairs: dict[str, list[list[float]]] | None = None
+                       ) -> dict[str, dict[str, float]]:
     """{task: {metric: value x 100, ...}} for tasks with at least one example."""
     out = {}
     for task in TASKS:
-        get = lambda name: counts.get(f"_hd_{task}_{name}", 0.0)  # noqa: E731
+        get = lambda name, task=task: counts.get(f"_hd_{task}_{name}", 0.0)  # noqa: E731
         n = get("n")
         if n <= 0:
             continue
@@ -164,7 +164,7 @@ def scores_from_counts(counts: Dict[str, float], pairs: Optional[Dict[str, List[
     return out
 
 
-def glue_average(per_task: Dict[str, Dict[str, float]]) -> float:
+def glue_average(per_task: dict[str, dict[str, float]]) -> float:
     """Mean over tasks of each task's mean metric (paper README: pairs averaged first)."""
     task_means = []
     for task, scores in per_task.items():
@@ -174,7 +174,7 @@ def glue_average(per_task: Dict[str, Dict[str, float]]) -> float:
     return sum(task_means) / len(task_means) if task_means else float("nan")
 
 
-def format_table(per_task: Dict[str, Dict[str, float]]) -> str:
+def format_table(per_task: dict[str, dict[str, float]]) -> str:
     lines = [f"{'task':<6} {'n':>6} {'invalid':>7}  metrics"]
     for task, scores in per_task.items():
         metrics = "  ".join(f"{m} {scores[m]:.2f}" for m in task_metric_names(task) if m in scores)

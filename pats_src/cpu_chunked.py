@@ -8,7 +8,7 @@ is processed in chunks of `CPU_CHUNK_NUMEL` elements with int32 masks. `benchmar
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ class Workspace:
     """Reused flat scratch buffers of one device (never part of the optimizer's state dict)."""
 
     def __init__(self):
-        self._buffers: Dict[str, Tensor] = {}
+        self._buffers: dict[str, Tensor] = {}
 
     def buffer(self, name: str, numel: int, dtype=torch.float32, device="cpu") -> Tensor:
         """A buffer of at least `numel` elements (grown on demand), viewed to `numel`."""
@@ -37,7 +37,7 @@ class Workspace:
         return buf[:numel]
 
 
-def sensitivity_ema(params: List[Tensor], grads: List[Tensor], emas: List[Tensor], *, beta: float,
+def sensitivity_ema(params: list[Tensor], grads: list[Tensor], emas: list[Tensor], *, beta: float,
                     chunk_numel: int, workspace: Workspace) -> None:
     """sbar <- beta sbar + (1 - beta) |theta * g|: the ops of `_multi_tensor_sensitivity`, chunk by
     chunk through one cached buffer (no model-sized temporary)."""
@@ -50,7 +50,7 @@ def sensitivity_ema(params: List[Tensor], grads: List[Tensor], emas: List[Tensor
             e[start:stop].mul_(beta).add_(sens, alpha=1 - beta)
 
 
-def bucket_noise(params: List[Tensor], emas: List[Tensor], means: Tensor, corr: Optional[Tensor],
+def bucket_noise(params: list[Tensor], emas: list[Tensor], means: Tensor, corr: Tensor | None,
                  z: Tensor, u: Tensor, *, sigma: float, kappa: float, prob: float, eps: float, cap: float,
                  chunk_numel: int, workspace: Workspace, stats=None) -> None:
     """`pats_adamax._bucket_noise` tensor by tensor, chunk by chunk. Dropped entries are cleared with a

@@ -19,8 +19,7 @@ from omegaconf import II
 from pats_src.pats_adamax import PatsAdamax
 from pats_src.sage_adamax import SageAdamax
 from robustft_common import param_filters
-from robustft_common.validation import (require, require_finite_nonnegative, require_positive,
-                                         require_probability)
+from robustft_common.validation import require, require_finite_nonnegative, require_positive, require_probability
 
 logger = logging.getLogger(__name__)
 

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from pats_src import cpu_chunked
-from pats_src.sensitivity_adamax import (GroupTensors, SensitivityAdamax, _multi_tensor_sensitivity,
-                                         _single_tensor_sensitivity, kernel, update_seed)
+from pats_src.sensitivity_adamax import (
+    GroupTensors,
+    SensitivityAdamax,
+    _multi_tensor_sensitivity,
+    _single_tensor_sensitivity,
+    kernel,
+    update_seed,
+)
 
 # Noise is drawn per bucket of consecutive tensors (bounded temporaries; flat, vectorised math).
 NOISE_BUCKET_NUMEL = 1 << 24
@@ -18,7 +24,7 @@ RATIO_DECADES = (0, 1, 2, 3, 4, 5, 6)
 KICK_LEVELS = (0.01, 0.1, 1.0)
 
 
-def noise_buckets(numels: Sequence[int], limit: int = NOISE_BUCKET_NUMEL) -> List[List[int]]:
+def noise_buckets(numels: Sequence[int], limit: int = NOISE_BUCKET_NUMEL) -> list[list[int]]:
     """Indices of consecutive tensors grouped so that each group holds at most `limit` elements
     (a bigger tensor gets a bucket of its own)."""
     buckets, current, size = [], [], 0
@@ -73,7 +79,7 @@ class NoiseStats:
         for i, level in enumerate(KICK_LEVELS):
             self.kick_ge[i] += int((kick >= level).sum())
 
-    def summary(self) -> Dict[str, float]:
+    def summary(self) -> dict[str, float]:
         n = self.n
         out = {"pats_frac_zeroed_by_margin": self.margin / n, "pats_frac_noised": self.kept / n,
                "pats_ratio_max": self.ratio_max}
@@ -83,9 +89,9 @@ class NoiseStats:
         return out
 
 
-def _bucket_noise(params: List[Tensor], emas: List[Tensor], means: Tensor, counts: Tensor,
-                  corr: Optional[Tensor], z: Tensor, u: Tensor, *, sigma: float, kappa: float, prob: float,
-                  eps: float, cap: float, stats: Optional[NoiseStats] = None) -> None:
+def _bucket_noise(params: list[Tensor], emas: list[Tensor], means: Tensor, counts: Tensor,
+                  corr: Tensor | None, z: Tensor, u: Tensor, *, sigma: float, kappa: float, prob: float,
+                  eps: float, cap: float, stats: NoiseStats | None = None) -> None:
     """theta += keep * z * sigma * ratio for one bucket as flat tensors (few, large kernels: the
     accelerator path); `z`, `u` are consumed."""
     ema_flat = torch.cat([e.reshape(-1) for e in emas])
@@ -107,10 +113,10 @@ def _bucket_noise(params: List[Tensor], emas: List[Tensor], means: Tensor, count
     torch._foreach_add_(params, [c.view_as(w) for c, w in zip(noise.split(counts.tolist()), params)])
 
 
-def _add_noise(params: List[Tensor], emas: List[Tensor], steps: List[int], *, generator: torch.Generator,
+def _add_noise(params: list[Tensor], emas: list[Tensor], steps: list[int], *, generator: torch.Generator,
                sigma: float, beta: float, kappa: float, prob: float, eps: float, cap: float,
                ema_bias_correction: bool, chunk_numel: int, workspace: cpu_chunked.Workspace,
-               stats: Optional[NoiseStats] = None) -> None:
+               stats: NoiseStats | None = None) -> None:
     """PATS noise on `params` in buckets: per bucket z ~ N(0,1)^n then u ~ U[0,1)^n from `generator`
     (n = bucket numel; this draw order is what DDP replicas and resumed runs rely on)."""
     device = params[0].device
@@ -169,7 +175,7 @@ class PatsAdamax(SensitivityAdamax):
     def __init__(self, params, sensitive=None, no_weight_decay=None, *, pats_noise: float = 1e-6,
                  pats_beta: float = 0.75, pats_margin: float = 5e-3, pats_eps: float = 1e-12,
                  pats_prob: float = 0.5, pats_noise_lr_scaled: bool = False,
-                 pats_ema_bias_correction: bool = False, pats_max_ratio: Optional[float] = None,
+                 pats_ema_bias_correction: bool = False, pats_max_ratio: float | None = None,
                  log_stats: bool = False, **adamax):
         if pats_max_ratio is None:
             pats_max_ratio = default_max_ratio(pats_margin)
@@ -179,9 +185,9 @@ class PatsAdamax(SensitivityAdamax):
             pats_ema_bias_correction=pats_ema_bias_correction, pats_max_ratio=pats_max_ratio), **adamax)
         self.log_stats = log_stats
         self.cpu_chunk_numel = cpu_chunked.CPU_CHUNK_NUMEL  # 0 = the flat kernels on CPU too
-        self._workspaces: Dict[torch.device, cpu_chunked.Workspace] = {}
+        self._workspaces: dict[torch.device, cpu_chunked.Workspace] = {}
         self._seeded: set = set()
-        self._stats: Optional[NoiseStats] = None
+        self._stats: NoiseStats | None = None
 
     def _begin_step(self) -> None:
         self._seeded = set()

@@ -1,19 +1,23 @@
 """SAGE (Liang et al., ICLR 2022): Adamax with sensitivity-guided element-wise learning rates."""
 from __future__ import annotations
 
-from typing import List
-
 import torch
 from torch import Tensor
 
-from pats_src.sensitivity_adamax import (GroupTensors, SensitivityAdamax, _multi_tensor_moments,
-                                         _multi_tensor_sensitivity, _single_tensor_moments,
-                                         _single_tensor_sensitivity, kernel)
+from pats_src.sensitivity_adamax import (
+    GroupTensors,
+    SensitivityAdamax,
+    _multi_tensor_moments,
+    _multi_tensor_sensitivity,
+    _single_tensor_moments,
+    _single_tensor_sensitivity,
+    kernel,
+)
 
 
-def _single_tensor_sage(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                        exp_infs: List[Tensor], sens: List[Tensor], emas: List[Tensor],
-                        corrections: List[float], *, beta1: float, beta2: float, lr: float,
+def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                        exp_infs: list[Tensor], sens: list[Tensor], emas: list[Tensor],
+                        corrections: list[float], *, beta1: float, beta2: float, lr: float,
                         weight_decay: float, eps: float, sage_eps: float) -> None:
     """theta -= lr * |I - Ibar| / (Ibar + e^2) * (m / (u + eps) * c + wd * theta)."""
     _single_tensor_moments(grads, exp_avgs, exp_infs, beta1=beta1, beta2=beta2)
@@ -25,9 +29,9 @@ def _single_tensor_sage(params: List[Tensor], grads: List[Tensor], exp_avgs: Lis
         w.addcmul_(factor, direction, value=-lr)
 
 
-def _multi_tensor_sage(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                       exp_infs: List[Tensor], sens: List[Tensor], emas: List[Tensor],
-                       corrections: List[float], *, beta1: float, beta2: float, lr: float,
+def _multi_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                       exp_infs: list[Tensor], sens: list[Tensor], emas: list[Tensor],
+                       corrections: list[float], *, beta1: float, beta2: float, lr: float,
                        weight_decay: float, eps: float, sage_eps: float) -> None:
     _multi_tensor_moments(grads, exp_avgs, exp_infs, beta1=beta1, beta2=beta2)
     factor = torch._foreach_sub(sens, emas)

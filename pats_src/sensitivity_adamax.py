@@ -8,8 +8,8 @@ tensors and state and call kernels.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ def update_seed(seed: int, update: int, stream: int = 0) -> int:
 
 
 def kernel(single_tensor: Callable, multi_tensor: Callable, params: Sequence[Tensor],
-           foreach: Optional[bool]) -> Callable:
+           foreach: bool | None) -> Callable:
     """The one dispatcher: the foreach kernel, or the per-tensor one. `foreach=None` picks foreach when
     every tensor is on one device (torch's foreach ops need a single device per list)."""
     if foreach is None:
@@ -34,7 +34,7 @@ def kernel(single_tensor: Callable, multi_tensor: Callable, params: Sequence[Ten
 
 
 # ----------------------------------------------------------------------------------- Adamax kernels
-def _single_tensor_moments(grads: List[Tensor], exp_avgs: List[Tensor], exp_infs: List[Tensor], *,
+def _single_tensor_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_infs: list[Tensor], *,
                            beta1: float, beta2: float) -> None:
     """m <- beta1 m + (1 - beta1) g;  u <- max(beta2 u, |g|)  (fairseq/optim/adamax.py:148-155)."""
     for m, u, g in zip(exp_avgs, exp_infs, grads):
@@ -42,7 +42,7 @@ def _single_tensor_moments(grads: List[Tensor], exp_avgs: List[Tensor], exp_infs
         torch.max(u.mul_(beta2), g.abs(), out=u)
 
 
-def _multi_tensor_moments(grads: List[Tensor], exp_avgs: List[Tensor], exp_infs: List[Tensor], *,
+def _multi_tensor_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_infs: list[Tensor], *,
                           beta1: float, beta2: float) -> None:
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
@@ -50,8 +50,8 @@ def _multi_tensor_moments(grads: List[Tensor], exp_avgs: List[Tensor], exp_infs:
     torch._foreach_maximum_(exp_infs, torch._foreach_abs(grads))
 
 
-def _single_tensor_adamax(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                          exp_infs: List[Tensor], step_sizes: List[float], *, beta1: float, beta2: float,
+def _single_tensor_adamax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                          exp_infs: list[Tensor], step_sizes: list[float], *, beta1: float, beta2: float,
                           lr: float, weight_decay: float, eps: float) -> None:
     """fairseq's Adamax update (fairseq/optim/adamax.py:147-167): decoupled decay with the plain lr,
     then theta -= step_size * m / (u + eps)."""
@@ -62,8 +62,8 @@ def _single_tensor_adamax(params: List[Tensor], grads: List[Tensor], exp_avgs: L
         w.addcdiv_(m, u.add(eps), value=-step_size)
 
 
-def _multi_tensor_adamax(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor],
-                         exp_infs: List[Tensor], step_sizes: List[float], *, beta1: float, beta2: float,
+def _multi_tensor_adamax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                         exp_infs: list[Tensor], step_sizes: list[float], *, beta1: float, beta2: float,
                          lr: float, weight_decay: float, eps: float) -> None:
     _multi_tensor_moments(grads, exp_avgs, exp_infs, beta1=beta1, beta2=beta2)
     if weight_decay != 0:
@@ -73,8 +73,8 @@ def _multi_tensor_adamax(params: List[Tensor], grads: List[Tensor], exp_avgs: Li
 
 
 # ------------------------------------------------------------------------------ sensitivity kernels
-def _single_tensor_sensitivity(params: List[Tensor], grads: List[Tensor], emas: List[Tensor], *,
-                               beta: float) -> List[Tensor]:
+def _single_tensor_sensitivity(params: list[Tensor], grads: list[Tensor], emas: list[Tensor], *,
+                               beta: float) -> list[Tensor]:
     """s = |theta * g| (theta before the step, as SAGE);  sbar <- beta sbar + (1 - beta) s.
     Returns s (SAGE needs it)."""
     sens = [(w * g).abs_() for w, g in zip(params, grads)]
@@ -83,8 +83,8 @@ def _single_tensor_sensitivity(params: List[Tensor], grads: List[Tensor], emas: 
     return sens
 
 
-def _multi_tensor_sensitivity(params: List[Tensor], grads: List[Tensor], emas: List[Tensor], *,
-                              beta: float) -> List[Tensor]:
+def _multi_tensor_sensitivity(params: list[Tensor], grads: list[Tensor], emas: list[Tensor], *,
+                              beta: float) -> list[Tensor]:
     sens = torch._foreach_mul(params, grads)
     torch._foreach_abs_(sens)
     torch._foreach_mul_(emas, beta)
@@ -97,12 +97,12 @@ def _multi_tensor_sensitivity(params: List[Tensor], grads: List[Tensor], emas: L
 class GroupTensors:
     """What one step of one parameter group works on: parameters with a gradient, their fp32 views
     (copies for fp16/bf16 parameters, written back after the step), gradients (fp32) and state."""
-    params: List[Tensor]
-    params32: List[Tensor]
-    grads: List[Tensor]
-    states: List[dict]
+    params: list[Tensor]
+    params32: list[Tensor]
+    grads: list[Tensor]
+    states: list[dict]
 
-    def state_list(self, key: str) -> List[Tensor]:
+    def state_list(self, key: str) -> list[Tensor]:
         return [s[key] for s in self.states]
 
 
@@ -137,11 +137,11 @@ class SensitivityAdamax(torch.optim.Optimizer):
     # Per-tensor means and name-based selection are meaningless on one flat fp32 buffer.
     supports_flat_params = False
 
-    def __init__(self, params, sensitive: Optional[Sequence[bool]] = None,
-                 no_weight_decay: Optional[Sequence[bool]] = None, *, lr: float = 2e-3,
+    def __init__(self, params, sensitive: Sequence[bool] | None = None,
+                 no_weight_decay: Sequence[bool] | None = None, *, lr: float = 2e-3,
                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 bias_correction: bool = True, seed: int = 1, foreach: Optional[bool] = None,
-                 method_defaults: Optional[dict] = None):
+                 bias_correction: bool = True, seed: int = 1, foreach: bool | None = None,
+                 method_defaults: dict | None = None):
         params = list(params)
         if params and isinstance(params[0], dict):
             raise ValueError(f"{type(self).__name__} takes a list of tensors (selection via `sensitive`)")
@@ -165,13 +165,13 @@ class SensitivityAdamax(torch.optim.Optimizer):
         self.seed = int(seed)
         self.foreach = foreach
         # Filled by subclasses that measure something per step (logged by the fairseq wrapper).
-        self.last_stats: Dict[str, float] = {}
+        self.last_stats: dict[str, float] = {}
         # Checkpointed with the optimizer state (see state_dict): the update counter seeds the noise.
         self.global_state = {"updates": 0, "noisytune_done": False}
-        self._generators: Dict[torch.device, torch.Generator] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     @staticmethod
-    def _mask(name: str, mask: Optional[Sequence[bool]], n: int) -> List[bool]:
+    def _mask(name: str, mask: Sequence[bool] | None, n: int) -> list[bool]:
         mask = [False] * n if mask is None else [bool(m) for m in mask]
         if len(mask) != n:
             raise ValueError(f"`{name}` has {len(mask)} entries for {n} tensors")
@@ -263,7 +263,7 @@ class SensitivityAdamax(torch.optim.Optimizer):
             beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"])
 
     @staticmethod
-    def step_sizes(group, tensors: GroupTensors) -> List[float]:
+    def step_sizes(group, tensors: GroupTensors) -> list[float]:
         """gamma c_t per tensor (fairseq/optim/adamax.py:157-160: lr / (1 - beta1^t))."""
         if not group["bias_correction"]:
             return [group["lr"]] * len(tensors.states)
@@ -272,7 +272,7 @@ class SensitivityAdamax(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- NoisyTune
     @torch.no_grad()
-    def noisytune_(self, noise_lambda: float, selected: Optional[Sequence[Tensor]] = None) -> Dict:
+    def noisytune_(self, noise_lambda: float, selected: Sequence[Tensor] | None = None) -> dict:
         """W += U(-lambda/2, lambda/2) * std(W) per tensor, once (Wu et al. 2022).
 
         std is the unbiased std of the whole tensor in fp32; one-element tensors (std undefined) are

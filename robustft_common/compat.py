@@ -37,9 +37,9 @@ def checkpoint_safe_globals() -> list:
     weights_only.
     """
     import numpy as np
+    from fairseq.distributed.utils import _TensorPlaceholder
     from omegaconf import DictConfig, ListConfig
     from omegaconf.base import ContainerMetadata, Metadata
-    from fairseq.distributed.utils import _TensorPlaceholder
     from omegaconf.nodes import AnyNode, BooleanNode, EnumNode, FloatNode, IntegerNode, StringNode
 
     safe = [

@@ -8,7 +8,7 @@ lists of predictions do not (fairseq's stock criterion crashes there with >1 pro
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -19,7 +19,7 @@ def accuracy(preds: Sequence, targets: Sequence) -> float:
     return float((preds == targets).mean()) if len(targets) else float("nan")
 
 
-def confusion_counts(preds: Sequence, targets: Sequence, positive=1) -> Dict[str, int]:
+def confusion_counts(preds: Sequence, targets: Sequence, positive=1) -> dict[str, int]:
     preds, targets = np.asarray(preds) == positive, np.asarray(targets) == positive
     return {
         "tp": int((preds & targets).sum()), "fp": int((preds & ~targets).sum()),
@@ -56,7 +56,7 @@ def pearson_from_moments(n, sx, sy, sxx, syy, sxy) -> float:
     return cov / math.sqrt(var_x * var_y)
 
 
-def moments(preds, targets) -> Dict[str, float]:
+def moments(preds, targets) -> dict[str, float]:
     x, y = np.asarray(preds, dtype=np.float64), np.asarray(targets, dtype=np.float64)
     return {"n": len(x), "sx": x.sum(), "sy": y.sum(), "sxx": (x * x).sum(), "syy": (y * y).sum(),
             "sxy": (x * y).sum()}

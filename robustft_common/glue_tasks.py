@@ -22,7 +22,6 @@ Facts and their sources:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,8 @@ class FileLayout:
 
     n_columns: int
     text_columns: tuple
-    label_column: Optional[int] = None
-    header: Optional[tuple] = None
+    label_column: int | None = None
+    header: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -40,16 +39,16 @@ class GlueTask:
     name: str  # GLUE folder name, the canonical spelling ("SST-2")
     t2t_name: str  # lowercase HF-style name of the text2text format ("sst2")
     fields: tuple  # text2text field names, one per text column
-    labels: Optional[tuple]  # label strings in class-id order (= the fairseq label dictionary); None = regression
-    label_words: Optional[tuple]  # text2text target word per class id
+    labels: tuple | None  # label strings in class-id order (= the fairseq label dictionary); None = regression
+    label_words: tuple | None  # text2text target word per class id
     metrics: tuple  # GLUE's official metric(s), report order
     best_metric: str  # fairseq --best-checkpoint-metric (maximized)
     report_flags: tuple  # fairseq sentence_prediction --report-* flags
     # split name -> ((file name, layout), ...) in fairseq order (valid, valid1, ...)
-    files: Dict[str, tuple] = field(default_factory=dict)
-    positive_class: Optional[int] = None  # class id F1 / MCC count as positive
+    files: dict[str, tuple] = field(default_factory=dict)
+    positive_class: int | None = None  # class id F1 / MCC count as positive
     aliases: tuple = ()  # extra spellings accepted by resolve_task
-    dev_majority: Optional[Dict[str, float]] = None  # majority-class dev scores, x100
+    dev_majority: dict[str, float] | None = None  # majority-class dev scores, x100
 
     @property
     def regression(self) -> bool:
@@ -85,7 +84,7 @@ _MRPC_HEADER = ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
 _PAIR_HEADER = ("index", "sentence1", "sentence2")
 
 
-def _files(train: FileLayout, test: FileLayout) -> Dict[str, tuple]:
+def _files(train: FileLayout, test: FileLayout) -> dict[str, tuple]:
     """train.tsv / dev.tsv (same layout) / test.tsv: every task but MNLI."""
     return {"train": (("train.tsv", train),), "valid": (("dev.tsv", train),), "test": (("test.tsv", test),)}
 
@@ -153,19 +152,19 @@ _TASK_LIST = (
                FileLayout(3, (1, 2), None, _PAIR_HEADER))),
 )
 
-TASKS: Dict[str, GlueTask] = {t.name: t for t in _TASK_LIST}
-TASK_ORDER: Tuple[str, ...] = tuple(TASKS)
+TASKS: dict[str, GlueTask] = {t.name: t for t in _TASK_LIST}
+TASK_ORDER: tuple[str, ...] = tuple(TASKS)
 # column order of the papers' GLUE tables (RoBERTa, R3F: MNLI QQP QNLI SST-2 CoLA STS-B MRPC RTE), WNLI last
-REPORT_ORDER: Tuple[str, ...] = ("MNLI", "QQP", "QNLI", "SST-2", "CoLA", "STS-B", "MRPC", "RTE", "WNLI")
+REPORT_ORDER: tuple[str, ...] = ("MNLI", "QQP", "QNLI", "SST-2", "CoLA", "STS-B", "MRPC", "RTE", "WNLI")
 # text-to-text name -> task ("sst2" -> SST-2)
-BY_T2T: Dict[str, GlueTask] = {t.t2t_name: t for t in _TASK_LIST}
+BY_T2T: dict[str, GlueTask] = {t.t2t_name: t for t in _TASK_LIST}
 
 
 def _key(name: str) -> str:
     return name.strip().lower().replace("-", "").replace("_", "")
 
 
-_ALIASES: Dict[str, str] = {}
+_ALIASES: dict[str, str] = {}
 for _task in _TASK_LIST:
     for _spelling in (_task.name, _task.t2t_name, *_task.aliases):
         _ALIASES[_key(_spelling)] = _task.name

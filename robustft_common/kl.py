@@ -1,8 +1,6 @@
 """Symmetric KL divergence between two categorical distributions given as logits (R3F's consistency term)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -16,7 +14,7 @@ def _symmetric_kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.
 
 
 def symmetric_kl(
-    logits_p: torch.Tensor, logits_q: torch.Tensor, mask: Optional[torch.Tensor] = None
+    logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """KL(p||q) + KL(q||p) per position, in fp32, with p = softmax(logits_p), q = softmax(logits_q).
 

@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from robustft_common.param_filters import NO_DECAY
 
@@ -35,10 +35,10 @@ from robustft_common.param_filters import NO_DECAY
 class Method:
     name: str  # "r3f"
     label: str  # "R3F" (table label)
-    flags: Tuple[str, ...]  # fairseq-train flags of the method, optimizer included, schedule excluded
-    baseline: Optional[str]  # the method it is compared with; None for the baselines themselves
+    flags: tuple[str, ...]  # fairseq-train flags of the method, optimizer included, schedule excluded
+    baseline: str | None  # the method it is compared with; None for the baselines themselves
     optimizer_family: str  # "adam" or "adamax": which lr grid a study uses
-    needs: Tuple[Tuple[str, str], ...]  # registered components, e.g. (("criterion", "sentence_prediction_r3f"),)
+    needs: tuple[tuple[str, str], ...]  # registered components, e.g. (("criterion", "sentence_prediction_r3f"),)
     recipe: dict  # the paper's recipe values for this method ...
     source: str  # ... and where each comes from (paper table / official code file)
     description: str
@@ -92,7 +92,7 @@ SRC_MTDNN = ("PATS paper §4 recipe (Adamax, batch 32, 10 epochs, warmup 0.1, lr
              "mt_dnn/model.py parameter groups (wd 0.01 except bias/LayerNorm) (pats.md §1.3, §2)")
 
 
-def _hype_recipe(noise: str, uniform: Optional[str] = None) -> dict:
+def _hype_recipe(noise: str, uniform: str | None = None) -> dict:
     out = {"hype_type": noise, "hype_eps": 1e-5}
     if uniform:
         out["hype_uniform"] = uniform
@@ -186,7 +186,7 @@ _METHOD_LIST = (
         "sigma * mean sensitivity / entry sensitivity (larger for less sensitive entries)."),
 )
 
-METHODS: Dict[str, Method] = {m.name: m for m in _METHOD_LIST}
+METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
 # names the sweep, demo, fp16 check and benchmarks used before the registry
 _FORMER_NAMES = {"hype": "hype_n, hype_u or hype_u_official", "adamax_pats": "pats", "adamax_sage": "sage",
                  "adamax": "vanilla_adamax"}
@@ -201,7 +201,7 @@ def get_method(name: str) -> Method:
     return method
 
 
-def method_flags(name: str, overrides: Optional[Mapping[str, Optional[str]]] = None) -> List[str]:
+def method_flags(name: str, overrides: Mapping[str, str | None] | None = None) -> list[str]:
     """The method's fairseq-train flags as a new list.
 
     `overrides` {flag: value} replaces the value of a flag the method has (value None removes the flag
@@ -224,7 +224,7 @@ def method_flags(name: str, overrides: Optional[Mapping[str, Optional[str]]] = N
     return flags
 
 
-def flag_value(flags: Sequence[str], flag: str) -> Optional[str]:
+def flag_value(flags: Sequence[str], flag: str) -> str | None:
     """The value `flag` has in `flags` (the last one, as argparse), or None when absent."""
     value = None
     for i, token in enumerate(flags[:-1]):
@@ -239,7 +239,7 @@ def _cell(text: str, code: bool = False) -> str:
     return f"`{text}`" if code else text.replace("<", "&lt;")
 
 
-def _without(flags: Sequence[str], block: Sequence[str]) -> List[str]:
+def _without(flags: Sequence[str], block: Sequence[str]) -> list[str]:
     """`flags` less the first contiguous occurrence of `block` (the family's shared optimizer flags)."""
     flags, n = list(flags), len(block)
     for i in range(len(flags) - n + 1):
@@ -275,7 +275,7 @@ def _bash(name: str) -> str:
             f"METHOD_SCHEDULE={shlex.quote(str(m.recipe.get('schedule', '')))}\n")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"list": 0, "table": 0, "flags": 1, "show": 1, "bash": 1}
     if not argv or argv[0] not in commands or len(argv) != 1 + commands[argv[0]]:

@@ -6,8 +6,6 @@ that cast, so `add_noise` also counts how many entries actually changed (`*_nois
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from robustft_common.validation import require_choice, require_finite_nonnegative
@@ -22,7 +20,7 @@ def validate_noise_flags(type_flag: str, noise_type: str, eps_flag: str, eps: fl
 
 
 def sample_noise(
-    like: torch.Tensor, eps: float, noise_type: str, generator: Optional[torch.Generator] = None
+    like: torch.Tensor, eps: float, noise_type: str, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """fp32 noise with `like`'s shape on `like`'s device."""
     noise = torch.empty(like.shape, dtype=torch.float32, device=like.device)
@@ -35,7 +33,7 @@ def sample_noise(
     raise ValueError(f"unknown noise type {noise_type!r}; expected one of {', '.join(NOISE_TYPES)}")
 
 
-def add_noise(x: torch.Tensor, noise: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def add_noise(x: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (x + noise computed in fp32 and cast to x.dtype, number of entries that changed).
 
     The count is a 0-dim tensor (no device sync); divide by x.numel() for the effective fraction.

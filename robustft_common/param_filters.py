@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterable, Sequence
 from itertools import chain
-from typing import Iterable, List, Optional, Sequence
 
 import torch
 
@@ -36,7 +36,7 @@ NOTHING = ""
 NAME_ATTR = "_robustft_name"
 
 
-def compile_pattern(flag: str, pattern: str) -> Optional[re.Pattern]:
+def compile_pattern(flag: str, pattern: str) -> re.Pattern | None:
     """Empty pattern = matches nothing; a bad regex raises naming the flag."""
     if not pattern:
         return None
@@ -47,7 +47,7 @@ def compile_pattern(flag: str, pattern: str) -> Optional[re.Pattern]:
 
 
 def select(names: Sequence[str], include: str, exclude: str, include_flag: str,
-           exclude_flag: str) -> List[bool]:
+           exclude_flag: str) -> list[bool]:
     """Mask over `names`: matches `include` (re.search) and not `exclude`.
 
     A filter that selects nothing is a configuration error (a silent no-op method otherwise).
@@ -72,7 +72,7 @@ def tag_parameter_names(*modules: torch.nn.Module, prefixes: Sequence[str] = ())
             setattr(p, NAME_ATTR, prefix + name)
 
 
-_pending_names: List[List[tuple]] = []  # stack of [(name, shape)] published by the Trainer hook
+_pending_names: list[list[tuple]] = []  # stack of [(name, shape)] published by the Trainer hook
 
 
 @contextlib.contextmanager
@@ -85,7 +85,7 @@ def publish_param_names(named_params: Iterable[tuple]):
         _pending_names.pop()
 
 
-def names_for_params(params: Sequence[torch.Tensor]) -> Optional[List[str]]:
+def names_for_params(params: Sequence[torch.Tensor]) -> list[str] | None:
     """Names of `params` if they can be recovered, else None.
 
     Order of preference: `_robustft_name` tags on every tensor; else the list published by the
@@ -102,7 +102,7 @@ def names_for_params(params: Sequence[torch.Tensor]) -> Optional[List[str]]:
     return None
 
 
-def trainer_named_params(trainer) -> List[tuple]:
+def trainer_named_params(trainer) -> list[tuple]:
     """The (name, param) list in the exact order `Trainer._build_optimizer` collects params."""
     # unwrapped modules: same parameters in the same order as the (DDP-)wrapped ones, clean names
     model = trainer._model if getattr(trainer, "_model", None) is not None else trainer.model

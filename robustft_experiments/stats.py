@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence
 
 from scipy.stats import t as student_t
 
@@ -17,8 +17,8 @@ from scipy.stats import t as student_t
 @dataclass(frozen=True)
 class Summary:
     n: int
-    mean: Optional[float]
-    std: Optional[float]  # sample std (n - 1); None for n < 2
+    mean: float | None
+    std: float | None  # sample std (n - 1); None for n < 2
 
     def text(self, digits: int = 2) -> str:
         if self.n == 0 or self.mean is None:
@@ -31,9 +31,9 @@ class Summary:
 @dataclass(frozen=True)
 class Paired:
     n: int  # seeds present for both the method and its baseline
-    mean_diff: Optional[float]
-    ci_low: Optional[float]  # 95 % t interval of the mean difference; None for n < 2
-    ci_high: Optional[float]
+    mean_diff: float | None
+    ci_low: float | None  # 95 % t interval of the mean difference; None for n < 2
+    ci_high: float | None
     wins: int  # seeds where the method beat its baseline
     ties: int
     seeds: tuple
@@ -54,7 +54,7 @@ def summarize(values: Sequence[float]) -> Summary:
     return Summary(len(vals), statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None)
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[Optional[float], Optional[float]]:
+def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float | None, float | None]:
     """Two-sided Student-t interval of the mean; (None, None) for fewer than two values."""
     n = len(values)
     if n < 2:
@@ -75,9 +75,9 @@ def paired(method: Mapping[int, float], baseline: Mapping[int, float], level: fl
                   sum(d == 0 for d in diffs), seeds)
 
 
-def by_seed(rows: Sequence[Mapping], value_key: str = "value") -> Dict[tuple, Dict[int, float]]:
+def by_seed(rows: Sequence[Mapping], value_key: str = "value") -> dict[tuple, dict[int, float]]:
     """{(task, method): {seed: value}} from rows with task, method, seed and a finished value."""
-    out: Dict[tuple, Dict[int, float]] = {}
+    out: dict[tuple, dict[int, float]] = {}
     for r in rows:
         if r.get(value_key) is None:
             continue

@@ -7,8 +7,8 @@ indexed datasets — without paying a fairseq-preprocess process start (seconds)
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def build_dictionary(*corpora: Sequence[str]):
@@ -35,14 +35,14 @@ def binarize_lines(dictionary, lines: Sequence[str], prefix: Path) -> None:
 
 
 def toy_rows(n: int, seed: int, vocab: int = 40, min_len: int = 3, max_len: int = 10
-             ) -> List[Tuple[List[str], List[str]]]:
+             ) -> list[tuple[list[str], list[str]]]:
     """n pairs of random sentences over words w0..w{vocab-1} (a reproducible toy corpus)."""
     rng = random.Random(seed)
     sentence = lambda: [f"w{rng.randrange(vocab)}" for _ in range(rng.randint(min_len, max_len))]  # noqa: E731
     return [(sentence(), sentence()) for _ in range(n)]
 
 
-def write_sentence_prediction(out: Path, columns: Dict[str, Dict[str, List[str]]],
+def write_sentence_prediction(out: Path, columns: dict[str, dict[str, list[str]]],
                               regression: bool = False) -> Path:
     """RoBERTa GLUE layout: `columns[name][split]` lines for name in input0, input1 (optional), label.
 
@@ -62,8 +62,8 @@ def write_sentence_prediction(out: Path, columns: Dict[str, Dict[str, List[str]]
     return out
 
 
-def write_text2text(out: Path, splits: Dict[str, Tuple[List[str], List[str]]],
-                    dictionary_from: Optional[str] = "train") -> Path:
+def write_text2text(out: Path, splits: dict[str, tuple[list[str], list[str]]],
+                    dictionary_from: str | None = "train") -> Path:
     """Translation layout with one joint src/tgt dictionary (glue_preprocess --format text2text)."""
     out.mkdir(parents=True, exist_ok=True)
     src_train, tgt_train = splits[dictionary_from]
@@ -77,7 +77,7 @@ def write_text2text(out: Path, splits: Dict[str, Tuple[List[str], List[str]]],
 
 
 def toy_classification(root: Path, n_train: int, n_valid: int, vocab: int = 40, min_len: int = 3,
-                       max_len: int = 10) -> Tuple[Path, Path]:
+                       max_len: int = 10) -> tuple[Path, Path]:
     """A binary toy task (label: is the first word in the lower half of the vocab?) written twice:
     RoBERTa GLUE layout (`root/sp-bin`, input0 + label) and text-to-text layout (`root/t2t-bin`)."""
     splits = {}

@@ -136,9 +136,10 @@ def landed(method: str) -> tuple[bool, str]:
     """Whether the plugin registers what `method` needs (its registry entry's `needs`), so a missing
     method is reported, not faked."""
     try:
-        import robustft  # noqa: F401
         from fairseq.criterions import CRITERION_REGISTRY
         from fairseq.optim import OPTIMIZER_REGISTRY
+
+        import robustft  # noqa: F401
     except Exception as err:  # the plugin itself fails to import: nothing landed
         return False, f"robustft import failed: {err}"
     registries = {"criterion": CRITERION_REGISTRY, "optimizer": OPTIMIZER_REGISTRY}

@@ -6,8 +6,9 @@ before fairseq parses `--arch` is why this launcher exists (fairseq accepts a si
 """
 import sys
 
-import hf2fairseq  # noqa: F401  (registers --arch hf_bert; also in spawned workers: module level)
 from fairseq_cli.train import cli_main
+
+import hf2fairseq  # noqa: F401  (registers --arch hf_bert; also in spawned workers: module level)
 
 
 def torchrun_flags(argv, env) -> list:

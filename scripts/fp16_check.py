@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from robustft_common.methods import ADAM, METHODS as REGISTRY, flag_value, method_flags
+from robustft_common.methods import ADAM, flag_value, method_flags
+from robustft_common.methods import METHODS as REGISTRY
 from robustft_testing.synthetic_data import toy_classification
 
 REPO = Path(__file__).resolve().parents[1]

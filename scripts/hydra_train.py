@@ -14,9 +14,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("ROBUSTFT_USER_DIR", str(REPO / "robustft"))
 
-import robustft  # noqa: E402,F401  (criterions, optimizers, models, tasks into hydra's ConfigStore)
-import hf2fairseq  # noqa: E402,F401  (model hf_bert)
 from fairseq_cli.hydra_train import cli_main  # noqa: E402
+
+import hf2fairseq  # noqa: E402,F401  (model hf_bert)
+import robustft  # noqa: E402,F401  (criterions, optimizers, models, tasks into hydra's ConfigStore)
 
 if __name__ == "__main__":
     cli_main()

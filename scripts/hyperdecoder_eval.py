@@ -40,10 +40,10 @@ def evaluate(args):
     from fairseq import checkpoint_utils, utils
 
     utils.import_user_module(argparse.Namespace(user_dir=args.user_dir))
-    from hyperdecoder_src import glue_scoring
-
     from fairseq import tasks
     from omegaconf import open_dict
+
+    from hyperdecoder_src import glue_scoring
 
     state = checkpoint_utils.load_checkpoint_to_cpu(args.checkpoint)
     cfg = state["cfg"]  # the training config: dataset/task settings (padding side, lengths) carry over

@@ -181,6 +181,7 @@ def test_dictionary_and_rows(converted):
 def test_glue_preprocess_wordpiece_ids_match_converted_model(converted, bert_outputs, tmp_path):
     """`glue_preprocess --tokenizer wordpiece --srcdict dict.txt` ids == the converted BERT ids (+ </s>)."""
     from fairseq.data import Dictionary, data_utils
+
     from glue_preprocess import preprocess
 
     _, out, _ = converted

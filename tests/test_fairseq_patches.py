@@ -91,9 +91,11 @@ def test_guard_head_upgrade_and_registration(module):
     """reload_spectral_norm_heads / r4f_dense_spectral_norm: the signatures we wrap, the plain-name lookups
     that fail on normalised heads, and where fairseq puts the spectral norm."""
     if module == "roberta":
-        from fairseq.models.roberta.model import RobertaClassificationHead as Head, RobertaModel as Model
+        from fairseq.models.roberta.model import RobertaClassificationHead as Head
+        from fairseq.models.roberta.model import RobertaModel as Model
     else:
-        from fairseq.models.bart.model import BARTClassificationHead as Head, BARTModel as Model
+        from fairseq.models.bart.model import BARTClassificationHead as Head
+        from fairseq.models.bart.model import BARTModel as Model
 
     assert _params(Model.upgrade_state_dict_named) == [
         ("self", inspect.Parameter.empty), ("state_dict", inspect.Parameter.empty), ("name", inspect.Parameter.empty)]

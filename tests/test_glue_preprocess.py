@@ -630,7 +630,7 @@ def test_majority_class_scores_match_the_dev_files():
         gold = [task.labels.index(ex.label) for ex in read_split(GLUE_DIR, task.name, "valid")[0]]
         top = Counter(gold).most_common(1)[0][0]
         pred = [top] * len(gold)
-        fns = {"accuracy": accuracy_score, "f1": lambda g, p: f1_score(g, p, pos_label=task.positive_class),
+        fns = {"accuracy": accuracy_score, "f1": lambda g, p, task=task: f1_score(g, p, pos_label=task.positive_class),
                "mcc": matthews_corrcoef}
         for metric, value in task.dev_majority.items():
             assert value == pytest.approx(100 * fns[metric](gold, pred), abs=1e-9), (task.name, metric)

@@ -13,7 +13,11 @@ from fairseq.tasks.sentence_prediction import SentencePredictionTask
 
 import hype_src  # noqa: F401  (registers hype_sentence_prediction)
 from hype_src.perturbation import (
-    attach_hype, detach_hype, hype_logging_output, hype_settings, layer_stacks,
+    attach_hype,
+    detach_hype,
+    hype_logging_output,
+    hype_settings,
+    layer_stacks,
 )
 from tests.fairseq_helpers import REPO
 
@@ -267,8 +271,9 @@ def test_encoder_decoder_layers_with_hype_decoder():
 
 def test_hyperdecoder_arch_gets_encoder_and_decoder_noise():
     try:
-        import hyperdecoder_src  # noqa: F401
         from fairseq.models import ARCH_MODEL_REGISTRY
+
+        import hyperdecoder_src  # noqa: F401
     except Exception as err:  # built in parallel: runs once the package imports
         pytest.skip(f"hyperdecoder_src not importable yet: {err}")
     if "hyperdecoder_bart_tiny" not in ARCH_MODEL_REGISTRY:

@@ -3,7 +3,11 @@ under fp16, and composed with the R3F criterion and the adamax_pats optimizer on
 import pytest
 
 from tests.fairseq_helpers import (
-    REPO, json_logs, make_sentence_prediction_data, run_tool, sentence_prediction_args,
+    REPO,
+    json_logs,
+    make_sentence_prediction_data,
+    run_tool,
+    sentence_prediction_args,
 )
 
 HYPE_ONLY = ("--user-dir", REPO / "hype_src")  # independent of the other packages' state

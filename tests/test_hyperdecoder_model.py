@@ -3,7 +3,6 @@ import math
 
 import pytest
 import torch
-
 from fairseq import options
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf

@@ -15,9 +15,10 @@ from tests.fairseq_helpers import REPO, TINY_ROBERTA
 
 def _parse(flags):
     """fairseq's own parser over a full sentence-prediction command line (raises on an unknown flag)."""
-    import robustft  # noqa: F401  (registers the plugin's components)
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    import robustft  # noqa: F401  (registers the plugin's components)
 
     args = options.parse_args_and_arch(options.get_training_parser(), [
         "/nonexistent", "--user-dir", str(REPO / "robustft"), "--task", "sentence_prediction",
@@ -37,9 +38,10 @@ def test_flags_parse_and_select_the_components_the_method_needs(name):
 
 
 def test_needed_components_are_registered():
-    import robustft  # noqa: F401
     from fairseq.criterions import CRITERION_REGISTRY
     from fairseq.optim import OPTIMIZER_REGISTRY
+
+    import robustft  # noqa: F401
 
     registries = {"criterion": CRITERION_REGISTRY, "optimizer": OPTIMIZER_REGISTRY}
     for method in METHODS.values():

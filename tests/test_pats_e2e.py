@@ -8,8 +8,14 @@ import sys
 import pytest
 import torch
 
-from tests.fairseq_helpers import (BIN, REPO, json_logs, make_sentence_prediction_data, run_tool,
-                                   sentence_prediction_args)
+from tests.fairseq_helpers import (
+    BIN,
+    REPO,
+    json_logs,
+    make_sentence_prediction_data,
+    run_tool,
+    sentence_prediction_args,
+)
 
 PATS = ["--optimizer", "adamax_pats", "--pats-noise", "1e-3", "--pats-log-stats"]
 SAGE = ["--optimizer", "adamax_sage", "--weight-decay", "0.01"]

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from tests.fairseq_helpers import (
-    REPO, json_logs, make_sentence_prediction_data, run_tool, sentence_prediction_args,
+    REPO,
+    json_logs,
+    make_sentence_prediction_data,
+    run_tool,
+    sentence_prediction_args,
 )
 
 

@@ -6,14 +6,17 @@ import shutil
 import pytest
 import torch
 from fairseq.models.roberta import RobertaModel
-
-import rxf_src  # noqa: F401  (registers sentence_prediction_r3f; robustft_common installs the patches)
-from robustft_common.spectral_norm_heads import is_spectral_normed
 from omegaconf import OmegaConf
 
-from robustft_common.spectral_norm_heads import check_dense_normalised, dense_norm_requested
+import rxf_src  # noqa: F401  (registers sentence_prediction_r3f; robustft_common installs the patches)
+from robustft_common.spectral_norm_heads import check_dense_normalised, dense_norm_requested, is_spectral_normed
 from tests.fairseq_helpers import (
-    REPO, TINY_ROBERTA_HYDRA, json_logs, run_hydra_train, run_tool, sentence_prediction_args,
+    REPO,
+    TINY_ROBERTA_HYDRA,
+    json_logs,
+    run_hydra_train,
+    run_tool,
+    sentence_prediction_args,
 )
 from tests.test_r3f import HEAD, build, shared_cls_data
 

@@ -7,11 +7,12 @@ OUR_PACKAGES = {"rxf_src", "hype_src", "pats_src", "hyperdecoder_src", "robustft
 
 
 def _registered():
-    import robustft  # noqa: F401
     from fairseq.criterions import CRITERION_REGISTRY
     from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
     from fairseq.optim import OPTIMIZER_REGISTRY
     from fairseq.tasks import TASK_REGISTRY
+
+    import robustft  # noqa: F401
 
     found = set()
     for kind, registry in (("criterion", CRITERION_REGISTRY), ("optimizer", OPTIMIZER_REGISTRY),

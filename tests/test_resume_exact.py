@@ -15,8 +15,17 @@ import shutil
 import pytest
 
 from tests.test_distributed import (
-    METHODS, SENTENCE_PREDICTION_METHODS, assert_states_equal, job_error, load_state, make_sp_data,
-    make_t2t_data, method_argv, run_launcher, split_by_job, train_records,
+    METHODS,
+    SENTENCE_PREDICTION_METHODS,
+    assert_states_equal,
+    job_error,
+    load_state,
+    make_sp_data,
+    make_t2t_data,
+    method_argv,
+    run_launcher,
+    split_by_job,
+    train_records,
 )
 
 N = 4  # 48 examples / batch 16 = 3 updates per epoch: the resumed half crosses the epoch boundary

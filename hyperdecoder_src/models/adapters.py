@@ -5,7 +5,6 @@ Shapes follow fairseq: activations are T x B x C; generated weights are per inst
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # (w_down [R, C, a], b_down [R, a], w_up [R, a, C], b_up [R, C]) for one layer, R rows.
-AdapterWeights = Tuple[Tensor, Tensor, Tensor, Tensor]
+AdapterWeights = tuple[Tensor, Tensor, Tensor, Tensor]
 
 # Module-name fragments of every parameter this plugin adds to BART (warm start adds exactly these).
 ADAPTER_KEY_FRAGMENTS = (".adapter.", "param_gen.", "mlp.")
@@ -49,7 +48,7 @@ def apply_generated_adapter(u: Tensor, weights: AdapterWeights) -> Tensor:
     return torch.einsum("tba,bac->tbc", hidden, w_up) + b_up.unsqueeze(0)
 
 
-def masked_mean(x: Tensor, padding_mask: Optional[Tensor]) -> Tensor:
+def masked_mean(x: Tensor, padding_mask: Tensor | None) -> Tensor:
     """Mean of T x B x C `x` over the non-pad positions of each instance -> B x C."""
     if padding_mask is None:
         return x.mean(dim=0)
@@ -109,7 +108,7 @@ class AdapterHypernetwork(nn.Module):
             nn.init.uniform_(head.weight, -bound, bound)
             nn.init.zeros_(head.bias)
 
-    def forward(self, instance_embedding: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, instance_embedding: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """instance_embedding B x D -> (w_down B x L x C x a, b_down B x L x a, w_up B x L x a x C, b_up B x L x C)."""
         bsz = instance_embedding.size(0)
         layers = self.layer_embed.weight.unsqueeze(0).expand(bsz, -1, -1)
@@ -132,16 +131,16 @@ class GeneratedAdapterSlot:
     """
 
     def __init__(self):
-        self.weights: Optional[Tuple[Tensor, Tensor, Tensor, Tensor]] = None
-        self.rows: Optional[Tensor] = None
+        self.weights: tuple[Tensor, Tensor, Tensor, Tensor] | None = None
+        self.rows: Tensor | None = None
 
-    def set(self, weights, rows: Optional[Tensor] = None):
+    def set(self, weights, rows: Tensor | None = None):
         self.weights, self.rows = weights, rows
 
     def clear(self):
         self.weights, self.rows = None, None
 
-    def for_layer(self, layer_idx: int) -> Optional[AdapterWeights]:
+    def for_layer(self, layer_idx: int) -> AdapterWeights | None:
         if self.weights is None:
             return None
         per_layer = tuple(w[:, layer_idx] for w in self.weights)
@@ -158,13 +157,13 @@ class ParallelAdapterMixin:
     adds A(h) (A(fc1 input) with --adapter-norm-input). Nothing of fairseq's forward is copied.
     """
 
-    def init_parallel_adapter(self, adapter_dim: int, manual: bool, slot: Optional[GeneratedAdapterSlot],
+    def init_parallel_adapter(self, adapter_dim: int, manual: bool, slot: GeneratedAdapterSlot | None,
                               layer_idx: int, norm_input: bool):
         self.adapter = BottleneckAdapter(self.embed_dim, adapter_dim) if manual else None
         self.generated_adapter_slot = slot
         self.layer_idx = layer_idx
         self.adapter_norm_input = norm_input
-        self._ffn_input: Optional[Tensor] = None
+        self._ffn_input: Tensor | None = None
         if manual or slot is not None:
             self.fc1.register_forward_pre_hook(self._remember_ffn_input)
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-
 from fairseq import utils
 from fairseq.data import BaseWrapperDataset, ConcatDataset, LanguagePairDataset, encoders
 from fairseq.logging import metrics
