@@ -1,4 +1,5 @@
 """Robust fine-tuning plugin for fairseq: R3F/R4F, HyPe, PATS (+ NoisyTune, SAGE), Hyperdecoders."""
+
 from setuptools import find_packages, setup
 
 PACKAGES = [
@@ -19,9 +20,7 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=[
-        p for p in find_packages(include=[f"{top}*" for top in PACKAGES])
-    ],
+    packages=[p for p in find_packages(include=[f"{top}*" for top in PACKAGES])],
     # fairseq itself is installed by `make install` with --no-deps (its metadata pulls torchaudio);
     # the plugin checks its version at import time.
     install_requires=["torch>=2.1", "numpy", "sentencepiece", "tokenizers", "safetensors"],

@@ -23,6 +23,7 @@ block's peak memory is the configuration's own: CPU = high-water RSS (VmHWM, res
 /proc/self/clear_refs before the block) minus RSS before the build; CUDA = max_memory_allocated minus
 memory_allocated before the build (after reset_peak_memory_stats).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,18 +61,58 @@ class Size:
     steps: int
 
 
-TINY_ROBERTA = ("--arch", "roberta_base", "--encoder-layers", "2", "--encoder-embed-dim", "64",
-                "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2", "--max-positions", "128")
+TINY_ROBERTA = (
+    "--arch",
+    "roberta_base",
+    "--encoder-layers",
+    "2",
+    "--encoder-embed-dim",
+    "64",
+    "--encoder-ffn-embed-dim",
+    "128",
+    "--encoder-attention-heads",
+    "2",
+    "--max-positions",
+    "128",
+)
 
 SIZES: dict[str, Size] = {
-    "tiny": Size(TINY_ROBERTA, ("--arch", "hyperdecoder_bart_tiny"), vocab=1000, batch=16, seq_len=64,
-                 tgt_len=8, device="cpu", rounds=5, warmup=2, steps=5),
-    "base": Size(("--arch", "roberta_base", "--max-positions", "512"),
-                 ("--arch", "hyperdecoder_bart_base"), vocab=50265, batch=4, seq_len=128, tgt_len=8,
-                 device="cpu", rounds=2, warmup=1, steps=2),
-    "large": Size(("--arch", "roberta_large", "--max-positions", "512"),
-                  ("--arch", "hyperdecoder_bart_large"), vocab=50265, batch=16, seq_len=256, tgt_len=8,
-                  device="cuda", rounds=5, warmup=3, steps=10),
+    "tiny": Size(
+        TINY_ROBERTA,
+        ("--arch", "hyperdecoder_bart_tiny"),
+        vocab=1000,
+        batch=16,
+        seq_len=64,
+        tgt_len=8,
+        device="cpu",
+        rounds=5,
+        warmup=2,
+        steps=5,
+    ),
+    "base": Size(
+        ("--arch", "roberta_base", "--max-positions", "512"),
+        ("--arch", "hyperdecoder_bart_base"),
+        vocab=50265,
+        batch=4,
+        seq_len=128,
+        tgt_len=8,
+        device="cpu",
+        rounds=2,
+        warmup=1,
+        steps=2,
+    ),
+    "large": Size(
+        ("--arch", "roberta_large", "--max-positions", "512"),
+        ("--arch", "hyperdecoder_bart_large"),
+        vocab=50265,
+        batch=16,
+        seq_len=256,
+        tgt_len=8,
+        device="cuda",
+        rounds=5,
+        warmup=3,
+        steps=10,
+    ),
 }
 
 
@@ -109,36 +150,109 @@ KEEP_DROPOUT = {"--dropout": None}
 
 CONFIGS: list[Config] = [
     Config("vanilla", "robustft", "sp", stock("vanilla"), "sentence_prediction + adam (registry vanilla)"),
-    Config("adamax", "robustft", "sp", stock("vanilla_adamax"),
-           "sentence_prediction + fairseq adamax (registry vanilla_adamax)", baseline="vanilla"),
-    Config("r3f", "robustft", "sp", registry("r3f"), "sentence_prediction_r3f (registry r3f)", baseline="vanilla",
-           target=2.0),
-    Config("r4f", "robustft", "sp", registry("r4f"), "registry r4f: r3f + spectral-norm head (dense, out_proj)",
-           baseline="vanilla"),
-    Config("hype", "robustft", "sp", registry("hype_n", KEEP_DROPOUT),
-           "hype_sentence_prediction (registry hype_n: HyPe-N, eps 1e-5), dropout kept", baseline="vanilla",
-           target=1.03),
-    Config("hype_r3f", "robustft", "sp", registry("hype_r3f", KEEP_DROPOUT),
-           "sentence_prediction_r3f + HyPe-N (registry hype_r3f), dropout kept", baseline="vanilla"),
-    Config("adamax_pats", "robustft", "sp", stock("pats"), "sentence_prediction + adamax_pats (registry pats)",
-           baseline="adamax", target=1.08),
-    Config("adamax_pats_noise0", "robustft", "sp", stock("pats", {"--pats-noise": "0"}),
-           "adamax_pats --pats-noise 0: its Adamax path alone", baseline="adamax", on_demand=True),
-    Config("adamax_pats_flat", "robustft", "sp", stock("pats"),
-           "adamax_pats without the CPU-chunked noise path (pats_src/cpu_chunked.py)", baseline="adamax",
-           pats_cpu_chunk=0, on_demand=True),
-    Config("adamax_sage", "robustft", "sp", stock("sage"), "sentence_prediction + adamax_sage (registry sage)",
-           baseline="adamax"),
-    Config("single_adapter", "robustft", "t2t", ("--encoder-adapter", "manual", "--decoder-adapter", "manual"),
-           "hyperdecoder_bart, manual encoder + manual decoder adapters"),
-    Config("hyperdecoder", "robustft", "t2t", ("--encoder-adapter", "manual", "--decoder-adapter", "generated"),
-           "hyperdecoder_bart, manual encoder + generated decoder adapters", baseline="single_adapter",
-           target=1.15),
-    Config("ref_vanilla", "reference", "sp", stock("vanilla"),
-           "sentence_prediction + adam, in the reference process"),
-    Config("ref_r3f", "reference", "sp", registry("r3f"),
-           "fairseq examples/rxf sentence_prediction_r3f, same flags",
-           baseline="ref_vanilla"),
+    Config(
+        "adamax",
+        "robustft",
+        "sp",
+        stock("vanilla_adamax"),
+        "sentence_prediction + fairseq adamax (registry vanilla_adamax)",
+        baseline="vanilla",
+    ),
+    Config(
+        "r3f",
+        "robustft",
+        "sp",
+        registry("r3f"),
+        "sentence_prediction_r3f (registry r3f)",
+        baseline="vanilla",
+        target=2.0,
+    ),
+    Config(
+        "r4f",
+        "robustft",
+        "sp",
+        registry("r4f"),
+        "registry r4f: r3f + spectral-norm head (dense, out_proj)",
+        baseline="vanilla",
+    ),
+    Config(
+        "hype",
+        "robustft",
+        "sp",
+        registry("hype_n", KEEP_DROPOUT),
+        "hype_sentence_prediction (registry hype_n: HyPe-N, eps 1e-5), dropout kept",
+        baseline="vanilla",
+        target=1.03,
+    ),
+    Config(
+        "hype_r3f",
+        "robustft",
+        "sp",
+        registry("hype_r3f", KEEP_DROPOUT),
+        "sentence_prediction_r3f + HyPe-N (registry hype_r3f), dropout kept",
+        baseline="vanilla",
+    ),
+    Config(
+        "adamax_pats",
+        "robustft",
+        "sp",
+        stock("pats"),
+        "sentence_prediction + adamax_pats (registry pats)",
+        baseline="adamax",
+        target=1.08,
+    ),
+    Config(
+        "adamax_pats_noise0",
+        "robustft",
+        "sp",
+        stock("pats", {"--pats-noise": "0"}),
+        "adamax_pats --pats-noise 0: its Adamax path alone",
+        baseline="adamax",
+        on_demand=True,
+    ),
+    Config(
+        "adamax_pats_flat",
+        "robustft",
+        "sp",
+        stock("pats"),
+        "adamax_pats without the CPU-chunked noise path (pats_src/cpu_chunked.py)",
+        baseline="adamax",
+        pats_cpu_chunk=0,
+        on_demand=True,
+    ),
+    Config(
+        "adamax_sage",
+        "robustft",
+        "sp",
+        stock("sage"),
+        "sentence_prediction + adamax_sage (registry sage)",
+        baseline="adamax",
+    ),
+    Config(
+        "single_adapter",
+        "robustft",
+        "t2t",
+        ("--encoder-adapter", "manual", "--decoder-adapter", "manual"),
+        "hyperdecoder_bart, manual encoder + manual decoder adapters",
+    ),
+    Config(
+        "hyperdecoder",
+        "robustft",
+        "t2t",
+        ("--encoder-adapter", "manual", "--decoder-adapter", "generated"),
+        "hyperdecoder_bart, manual encoder + generated decoder adapters",
+        baseline="single_adapter",
+        target=1.15,
+    ),
+    Config("ref_vanilla", "reference", "sp", stock("vanilla"), "sentence_prediction + adam, in the reference process"),
+    Config(
+        "ref_r3f",
+        "reference",
+        "sp",
+        registry("r3f"),
+        "fairseq examples/rxf sentence_prediction_r3f, same flags",
+        baseline="ref_vanilla",
+    ),
 ]
 CONFIG_BY_NAME = {c.name: c for c in CONFIGS}
 
@@ -157,13 +271,20 @@ def size_for(opts) -> Size:
         roberta += ["--encoder-layers", str(shape["layers"])]
     if "dim" in shape:
         d = shape["dim"]
-        roberta += ["--encoder-embed-dim", str(d), "--encoder-ffn-embed-dim", str(4 * d),
-                    "--encoder-attention-heads", str(max(1, d // 64))]
+        roberta += [
+            "--encoder-embed-dim",
+            str(d),
+            "--encoder-ffn-embed-dim",
+            str(4 * d),
+            "--encoder-attention-heads",
+            str(max(1, d // 64)),
+        ]
     if "seq_len" in shape:
         positions = int(roberta[roberta.index("--max-positions") + 1]) if "--max-positions" in roberta else 512
         roberta += ["--max-positions", str(max(positions, shape["seq_len"]))]
-    return replace(size, roberta=tuple(roberta), batch=shape.get("batch", size.batch),
-                   seq_len=shape.get("seq_len", size.seq_len))
+    return replace(
+        size, roberta=tuple(roberta), batch=shape.get("batch", size.batch), seq_len=shape.get("seq_len", size.seq_len)
+    )
 
 
 def result_stem(opts) -> str:
@@ -188,21 +309,78 @@ def user_dir(group: str) -> Path:
 
 def config_argv(cfg: Config, size: Size, data: Path) -> list[str]:
     """The fairseq-train command line of one configuration (printed into the results too)."""
-    common = ["--user-dir", str(user_dir(cfg.group)), "--seed", "1", "--lr", "1e-5", "--clip-norm", "0.0",
-              "--dropout", "0.1", "--attention-dropout", "0.1", "--batch-size", str(size.batch),
-              "--required-batch-size-multiple", "1", "--num-workers", "0", "--log-format", "none"]
+    common = [
+        "--user-dir",
+        str(user_dir(cfg.group)),
+        "--seed",
+        "1",
+        "--lr",
+        "1e-5",
+        "--clip-norm",
+        "0.0",
+        "--dropout",
+        "0.1",
+        "--attention-dropout",
+        "0.1",
+        "--batch-size",
+        str(size.batch),
+        "--required-batch-size-multiple",
+        "1",
+        "--num-workers",
+        "0",
+        "--log-format",
+        "none",
+    ]
     if size.device == "cpu":
         common += ["--cpu"]
     else:  # the RoBERTa GLUE recipe's fp16 flags; non-flat fp32 master params for every optimizer
         # (PATS/SAGE and fairseq's adamax need per-tensor parameters under --fp16)
-        common += ["--fp16", "--fp16-init-scale", "4", "--threshold-loss-scale", "1", "--fp16-scale-window",
-                   "128", "--fp16-no-flatten-grads"]
+        common += [
+            "--fp16",
+            "--fp16-init-scale",
+            "4",
+            "--threshold-loss-scale",
+            "1",
+            "--fp16-scale-window",
+            "128",
+            "--fp16-no-flatten-grads",
+        ]
     if cfg.kind == "sp":
-        return [str(data / "sp"), "--task", "sentence_prediction", "--num-classes", "2", "--init-token", "0",
-                "--separator-token", "2", "--weight-decay", "0.1", *size.roberta, *common, *cfg.flags]
-    return [str(data / "t2t"), "--task", "hyperdecoder_glue", "-s", "src", "-t", "tgt", *size.bart,
-            "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1", *ADAM,
-            "--weight-decay", "0.01", *common, *cfg.flags]
+        return [
+            str(data / "sp"),
+            "--task",
+            "sentence_prediction",
+            "--num-classes",
+            "2",
+            "--init-token",
+            "0",
+            "--separator-token",
+            "2",
+            "--weight-decay",
+            "0.1",
+            *size.roberta,
+            *common,
+            *cfg.flags,
+        ]
+    return [
+        str(data / "t2t"),
+        "--task",
+        "hyperdecoder_glue",
+        "-s",
+        "src",
+        "-t",
+        "tgt",
+        *size.bart,
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        *ADAM,
+        "--weight-decay",
+        "0.01",
+        *common,
+        *cfg.flags,
+    ]
 
 
 def write_dictionaries(data: Path, vocab: int) -> None:
@@ -252,17 +430,28 @@ class Worker:
 
         if kind == "sp":
             src = torch.cat([column(dictionary.bos()), words(size.seq_len - 2), column(dictionary.eos())], 1)
-            return {"id": torch.arange(bsz), "nsentences": bsz, "ntokens": src.numel(),
-                    "net_input": {"src_tokens": src, "src_lengths": torch.full((bsz,), src.size(1))},
-                    "target": torch.randint(0, 2, (bsz,), generator=gen)}
+            return {
+                "id": torch.arange(bsz),
+                "nsentences": bsz,
+                "ntokens": src.numel(),
+                "net_input": {"src_tokens": src, "src_lengths": torch.full((bsz,), src.size(1))},
+                "target": torch.randint(0, 2, (bsz,), generator=gen),
+            }
         eos = dictionary.eos()
         src = torch.cat([words(size.seq_len - 1), column(eos)], 1)
         tgt = torch.cat([words(size.tgt_len - 1), column(eos)], 1)
         prev = torch.cat([column(eos), tgt[:, :-1]], 1)
-        return {"id": torch.arange(bsz), "nsentences": bsz, "ntokens": tgt.numel(),
-                "net_input": {"src_tokens": src, "src_lengths": torch.full((bsz,), src.size(1)),
-                              "prev_output_tokens": prev},
-                "target": tgt}
+        return {
+            "id": torch.arange(bsz),
+            "nsentences": bsz,
+            "ntokens": tgt.numel(),
+            "net_input": {
+                "src_tokens": src,
+                "src_lengths": torch.full((bsz,), src.size(1)),
+                "prev_output_tokens": prev,
+            },
+            "target": tgt,
+        }
 
     def build(self, cfg: Config):
         from fairseq import options, tasks, utils
@@ -326,12 +515,19 @@ class Worker:
             trainer.optimizer.step()
             self._sync()
             opt_times.append(time.perf_counter() - start)
-        result = {"config": cfg.name, "times_s": times, "cpu_times_s": cpu_times, "opt_times_s": opt_times,
-                  "build_s": build_s, "skipped_steps": skipped,
-                  "loss": losses[-1] if losses else None, "rss_before_mb": rss_before,
-                  "peak_rss_mb": _proc_status_mb("VmHWM"),
-                  "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-                  "params": sum(p.numel() for p in trainer.model.parameters())}
+        result = {
+            "config": cfg.name,
+            "times_s": times,
+            "cpu_times_s": cpu_times,
+            "opt_times_s": opt_times,
+            "build_s": build_s,
+            "skipped_steps": skipped,
+            "loss": losses[-1] if losses else None,
+            "rss_before_mb": rss_before,
+            "peak_rss_mb": _proc_status_mb("VmHWM"),
+            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "params": sum(p.numel() for p in trainer.model.parameters()),
+        }
         result["peak_rss_over_before_mb"] = result["peak_rss_mb"] - rss_before
         if self.cuda:
             result["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - cuda_before) / 2**20
@@ -376,15 +572,28 @@ def worker_main(opts) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     size = size_for(opts)
     worker = Worker(size, Path(opts.data), opts.threads)
-    device_name = (worker.torch.cuda.get_device_name() if worker.cuda
-                   else f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs")
-    proto.write(json.dumps({"ready": True, "import_rss_mb": worker.import_rss_mb, "device_name": device_name,
-                            "torch": worker.torch.__version__}) + "\n")
+    device_name = (
+        worker.torch.cuda.get_device_name()
+        if worker.cuda
+        else f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs"
+    )
+    proto.write(
+        json.dumps(
+            {
+                "ready": True,
+                "import_rss_mb": worker.import_rss_mb,
+                "device_name": device_name,
+                "torch": worker.torch.__version__,
+            }
+        )
+        + "\n"
+    )
     for line in sys.stdin:
         request = json.loads(line)
         try:
-            answer = worker.block(CONFIG_BY_NAME[request["config"]], request["warmup"], request["steps"],
-                                  request.get("opt_steps", 0))
+            answer = worker.block(
+                CONFIG_BY_NAME[request["config"]], request["warmup"], request["steps"], request.get("opt_steps", 0)
+            )
         except Exception as err:  # report and keep serving; the orchestrator decides
             import traceback
 
@@ -396,15 +605,32 @@ def worker_main(opts) -> None:
 class WorkerProcess:
     def __init__(self, group: str, opts, log_path: Path):
         read_fd, write_fd = os.pipe()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(opts.threads),
-                   **{PROTOCOL_FD_ENV: str(write_fd)})
+        env = dict(
+            os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(opts.threads), **{PROTOCOL_FD_ENV: str(write_fd)}
+        )
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", group, "--size", opts.size, "--data", str(opts.data),
-             "--threads", str(opts.threads),
-             *[a for k, v in shape_overrides(opts).items() for a in (f"--{k.replace('_', '-')}", str(v))]],
-            stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, text=True, env=env,
-            pass_fds=(write_fd,), cwd=str(REPO))
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                group,
+                "--size",
+                opts.size,
+                "--data",
+                str(opts.data),
+                "--threads",
+                str(opts.threads),
+                *[a for k, v in shape_overrides(opts).items() for a in (f"--{k.replace('_', '-')}", str(v))],
+            ],
+            stdin=subprocess.PIPE,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            pass_fds=(write_fd,),
+            cwd=str(REPO),
+        )
         os.close(write_fd)
         self.answers = os.fdopen(read_fd)
         self.group, self.log_path = group, log_path
@@ -414,13 +640,16 @@ class WorkerProcess:
         line = self.answers.readline()
         if not line:
             self.proc.wait()
-            raise SystemExit(f"worker {self.group} exited {self.proc.returncode}; log: {self.log_path}\n"
-                             + self.log_path.read_text()[-4000:])
+            raise SystemExit(
+                f"worker {self.group} exited {self.proc.returncode}; log: {self.log_path}\n"
+                + self.log_path.read_text()[-4000:]
+            )
         return json.loads(line)
 
     def run(self, config: str, warmup: int, steps: int, opt_steps: int = 0) -> dict:
-        self.proc.stdin.write(json.dumps({"config": config, "warmup": warmup, "steps": steps,
-                                          "opt_steps": opt_steps}) + "\n")
+        self.proc.stdin.write(
+            json.dumps({"config": config, "warmup": warmup, "steps": steps, "opt_steps": opt_steps}) + "\n"
+        )
         self.proc.stdin.flush()
         return self._read()
 
@@ -438,16 +667,21 @@ def summarize(blocks: dict[str, list[dict]]) -> dict[str, dict]:
         cpu_times = [t for run in runs for t in run["cpu_times_s"]]
         q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
         rows[name] = {
-            "median_ms": 1000 * statistics.median(times), "p25_ms": 1000 * q[0], "p75_ms": 1000 * q[2],
+            "median_ms": 1000 * statistics.median(times),
+            "p25_ms": 1000 * q[0],
+            "p75_ms": 1000 * q[2],
             "cpu_median_ms": 1000 * statistics.median(cpu_times),
-            "n_steps": len(times), "round_medians_ms": [1000 * statistics.median(r["times_s"]) for r in runs],
+            "n_steps": len(times),
+            "round_medians_ms": [1000 * statistics.median(r["times_s"]) for r in runs],
             # median over blocks: robust to a block that pays a one-off allocation; max kept too
             "peak_rss_over_before_mb": statistics.median(r["peak_rss_over_before_mb"] for r in runs),
             "peak_rss_over_before_mb_max": max(r["peak_rss_over_before_mb"] for r in runs),
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "rss_before_mb": [r["rss_before_mb"] for r in runs],
-            "params": runs[0]["params"], "trainable_params": runs[0]["trainable_params"],
-            "skipped_steps": sum(r["skipped_steps"] for r in runs), "last_loss": runs[-1]["loss"],
+            "params": runs[0]["params"],
+            "trainable_params": runs[0]["trainable_params"],
+            "skipped_steps": sum(r["skipped_steps"] for r in runs),
+            "last_loss": runs[-1]["loss"],
         }
         opt_times = [t for run in runs for t in run.get("opt_times_s", [])]
         if opt_times:
@@ -485,15 +719,30 @@ def targets(rows: dict[str, dict]) -> list[dict]:
     for cfg in CONFIGS:
         if cfg.target is not None and cfg.name in rows and "x_baseline" in rows[cfg.name]:
             value, cpu = rows[cfg.name]["x_baseline"], rows[cfg.name]["cpu_x_baseline"]
-            checks.append({"config": cfg.name, "check": f"{cfg.name} <= {cfg.target:g}x {cfg.baseline}",
-                           "value": value, "met": value <= cfg.target, "cpu_value": cpu,
-                           "cpu_met": cpu <= cfg.target})
+            checks.append(
+                {
+                    "config": cfg.name,
+                    "check": f"{cfg.name} <= {cfg.target:g}x {cfg.baseline}",
+                    "value": value,
+                    "met": value <= cfg.target,
+                    "cpu_value": cpu,
+                    "cpu_met": cpu <= cfg.target,
+                }
+            )
     if all(k in rows and "x_vanilla" in rows[k] for k in ("r3f", "ref_r3f")):
         ours, ref = rows["r3f"]["x_vanilla"], rows["ref_r3f"]["x_vanilla"]
         cpu_ours, cpu_ref = rows["r3f"]["cpu_x_vanilla"], rows["ref_r3f"]["cpu_x_vanilla"]
-        checks.append({"check": "r3f x vanilla <= reference R3F x its vanilla", "value": ours,
-                       "reference": ref, "met": ours <= ref, "cpu_value": cpu_ours, "cpu_reference": cpu_ref,
-                       "cpu_met": cpu_ours <= cpu_ref})
+        checks.append(
+            {
+                "check": "r3f x vanilla <= reference R3F x its vanilla",
+                "value": ours,
+                "reference": ref,
+                "met": ours <= ref,
+                "cpu_value": cpu_ours,
+                "cpu_reference": cpu_ref,
+                "cpu_met": cpu_ours <= cpu_ref,
+            }
+        )
     return checks
 
 
@@ -531,29 +780,44 @@ def markdown(result: dict) -> str:
         r = rows[cfg.name]
         x_base = f"{_ratio(r, 'x_baseline')} ({r['baseline']})" if "x_baseline" in r else ""
         target = f"<= {cfg.target:g}: {_verdict(checks[cfg.name])}" if cfg.name in checks else ""
-        lines.append(f"| `{cfg.name}` | {cfg.what} | {r['median_ms']:.1f} [{r['p25_ms']:.1f}-{r['p75_ms']:.1f}] "
-                     f"| {r['cpu_median_ms']:.1f} | {_ratio(r, 'x_vanilla')} | {x_base} | {r[mem_key]:.0f} "
-                     f"| {target} |")
+        lines.append(
+            f"| `{cfg.name}` | {cfg.what} | {r['median_ms']:.1f} [{r['p25_ms']:.1f}-{r['p75_ms']:.1f}] "
+            f"| {r['cpu_median_ms']:.1f} | {_ratio(r, 'x_vanilla')} | {x_base} | {r[mem_key]:.0f} "
+            f"| {target} |"
+        )
     ref_check = [c for c in result["targets"] if c["check"].startswith("r3f x vanilla")]
     if ref_check:
         c = ref_check[0]
-        lines += ["", f"R3F vs fairseq's reference R3F, each over the vanilla of its own process (wall / CPU): "
-                      f"ours {c['value']:.3f} / {c['cpu_value']:.3f}, reference {c['reference']:.3f} / "
-                      f"{c['cpu_reference']:.3f}: not slower: {_verdict(c)}."]
+        lines += [
+            "",
+            f"R3F vs fairseq's reference R3F, each over the vanilla of its own process (wall / CPU): "
+            f"ours {c['value']:.3f} / {c['cpu_value']:.3f}, reference {c['reference']:.3f} / "
+            f"{c['cpu_reference']:.3f}: not slower: {_verdict(c)}.",
+        ]
         if "x_vanilla_of_robustft_process" in rows.get("ref_r3f", {}):
-            lines.append(f"Reference R3F over our process's vanilla (wall): "
-                         f"{rows['ref_r3f']['x_vanilla_of_robustft_process']:.3f}.")
+            lines.append(
+                f"Reference R3F over our process's vanilla (wall): "
+                f"{rows['ref_r3f']['x_vanilla_of_robustft_process']:.3f}."
+            )
     timed_opt = [c for c in CONFIGS if "opt_step_median_ms" in rows.get(c.name, {})]
     if timed_opt:
-        lines += ["", f"`optimizer.step()` alone, {meta['optimizer_steps']} per block on the gradients of the block's "
-                      "last train step (wall ms, median; x the baseline's):", "",
-                  "| config | optimizer.step ms | x baseline |", "|---|---|---|"]
+        lines += [
+            "",
+            f"`optimizer.step()` alone, {meta['optimizer_steps']} per block on the gradients of the block's "
+            "last train step (wall ms, median; x the baseline's):",
+            "",
+            "| config | optimizer.step ms | x baseline |",
+            "|---|---|---|",
+        ]
         for cfg in timed_opt:
             r = rows[cfg.name]
             x = f"{r['opt_step_x_baseline']:.3f} ({r['baseline']})" if "opt_step_x_baseline" in r else ""
             lines.append(f"| `{cfg.name}` | {r['opt_step_median_ms']:.2f} | {x} |")
-    memory = ("max_memory_allocated during the block minus the allocation before the build" if cuda else
-              "high-water RSS during the block (build + all steps) minus RSS before the build")
+    memory = (
+        "max_memory_allocated during the block minus the allocation before the build"
+        if cuda
+        else "high-water RSS during the block (build + all steps) minus RSS before the build"
+    )
     lines += ["", f"Memory: {memory}, median over the configuration's blocks."]
     return "\n".join(lines) + "\n"
 
@@ -586,14 +850,17 @@ def orchestrate(opts) -> dict:
             if "error" in answer:
                 raise SystemExit(f"{first}: {answer['error']} (log: {worker.log_path})")
         for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]  # rotate: no fixed position per config
+            order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no fixed position per config
             for name in order:
                 answer = workers[CONFIG_BY_NAME[name].group].run(name, warmup, steps, opts.optimizer_steps)
                 if "error" in answer:
                     raise SystemExit(f"{name}: {answer['error']} (log: {out}/{stem}-worker-*.log)")
                 blocks[name].append(answer)
-                print(f"round {r + 1}/{rounds} {name}: median "
-                      f"{1000 * statistics.median(answer['times_s']):.1f} ms", file=sys.stderr, flush=True)
+                print(
+                    f"round {r + 1}/{rounds} {name}: median {1000 * statistics.median(answer['times_s']):.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         for w in workers.values():
             w.close()
@@ -602,14 +869,26 @@ def orchestrate(opts) -> dict:
     rows = summarize(blocks)
     ratios(rows)
     result = {
-        "meta": {"size": opts.size, "device": size.device, "device_name": next(iter(workers.values())).hello["device_name"],
-                 "torch": next(iter(workers.values())).hello["torch"],
-                 "batch": size.batch, "seq_len": size.seq_len, "tgt_len": size.tgt_len, "vocab": size.vocab,
-                 "rounds": rounds, "warmup": warmup, "steps": steps, "threads": opts.threads,
-                 "optimizer_steps": opts.optimizer_steps, "shape_overrides": shape_overrides(opts),
-                 "date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
-                 "import_rss_mb": {g: w.hello["import_rss_mb"] for g, w in workers.items()},
-                 "command": " ".join([Path(sys.executable).name, "benchmarks/run.py", *sys.argv[1:]])},
+        "meta": {
+            "size": opts.size,
+            "device": size.device,
+            "device_name": next(iter(workers.values())).hello["device_name"],
+            "torch": next(iter(workers.values())).hello["torch"],
+            "batch": size.batch,
+            "seq_len": size.seq_len,
+            "tgt_len": size.tgt_len,
+            "vocab": size.vocab,
+            "rounds": rounds,
+            "warmup": warmup,
+            "steps": steps,
+            "threads": opts.threads,
+            "optimizer_steps": opts.optimizer_steps,
+            "shape_overrides": shape_overrides(opts),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "python": platform.python_version(),
+            "import_rss_mb": {g: w.hello["import_rss_mb"] for g, w in workers.items()},
+            "command": " ".join([Path(sys.executable).name, "benchmarks/run.py", *sys.argv[1:]]),
+        },
         "configs": rows,
         "targets": [],
         "argv": {n: config_argv(CONFIG_BY_NAME[n], size, Path("DATA")) for n in names},
@@ -624,22 +903,36 @@ def orchestrate(opts) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"),
-                        help="folder for <size>.json, <size>.md and the workers' logs")
+    parser.add_argument(
+        "--out",
+        default=str(REPO / "benchmarks" / "results"),
+        help="folder for <size>.json, <size>.md and the workers' logs",
+    )
     parser.add_argument("--rounds", type=int, help="round-robin rounds (default: per size)")
     parser.add_argument("--steps", type=int, help="timed train steps per block (default: per size)")
     parser.add_argument("--warmup", type=int, help="untimed train steps per block (default: per size)")
-    parser.add_argument("--only", help="comma-separated configurations (default: all but the on-demand "
-                        "implementation comparisons, e.g. adamax_pats_flat)")
-    parser.add_argument("--optimizer-steps", type=int, default=0,
-                        help="also time optimizer.step() alone this many times per block, on the gradients of "
-                             "the block's last train step (e.g. --only adamax,adamax_pats,adamax_pats_noise0)")
+    parser.add_argument(
+        "--only",
+        help="comma-separated configurations (default: all but the on-demand "
+        "implementation comparisons, e.g. adamax_pats_flat)",
+    )
+    parser.add_argument(
+        "--optimizer-steps",
+        type=int,
+        default=0,
+        help="also time optimizer.step() alone this many times per block, on the gradients of "
+        "the block's last train step (e.g. --only adamax,adamax_pats,adamax_pats_noise0)",
+    )
     parser.add_argument("--layers", type=int, help="encoder layers of the RoBERTa configurations (overrides the size)")
     parser.add_argument("--dim", type=int, help="RoBERTa configurations' width: embed dim d, FFN 4d, d/64 heads")
     parser.add_argument("--batch", type=int, help="sentences per batch (overrides the size)")
     parser.add_argument("--seq-len", type=int, help="tokens per sentence (overrides the size)")
-    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
-                        help="torch threads per worker (default: $OMP_NUM_THREADS or 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+        help="torch threads per worker (default: $OMP_NUM_THREADS or 1)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)

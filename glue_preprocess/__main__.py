@@ -1,4 +1,5 @@
 """Command line: python -m glue_preprocess --glue-dir DIR --tasks RTE,MRPC --output-dir OUT --tokenizer gpt2 ..."""
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
         "See glue_preprocess/README.md.",
     )
     p.add_argument("--glue-dir", required=True, help="GLUE release folder (CoLA/, SST-2/, MRPC/, ...)")
-    p.add_argument("--tasks", required=True, help=f"comma-separated: {','.join(TASKS)}, or 'all' (every task folder present)")
+    p.add_argument(
+        "--tasks", required=True, help=f"comma-separated: {','.join(TASKS)}, or 'all' (every task folder present)"
+    )
     p.add_argument("--output-dir", required=True, help="writes <TASK>-bin/ or text2text-bin/ here")
     p.add_argument("--tokenizer", required=True, choices=TOKENIZERS)
     p.add_argument("--format", default="sentence_prediction", choices=FORMATS)
@@ -29,8 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wordpiece-cased", action="store_true", help="do not lowercase (cased BERT vocabularies)")
     p.add_argument("--train-subset-size", type=int, default=None, help="keep N random train rows per task")
     p.add_argument("--subset-seed", type=int, default=1, help="seed of --train-subset-size and --dev-from-train")
-    p.add_argument("--dev-from-train", type=int, default=0,
-                   help="carve N train rows as the valid split; GLUE dev becomes the labelled test split")
+    p.add_argument(
+        "--dev-from-train",
+        type=int,
+        default=0,
+        help="carve N train rows as the valid split; GLUE dev becomes the labelled test split",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes for tokenization and binarization")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
@@ -43,8 +50,10 @@ def main(argv=None) -> int:
     try:
         preprocess(**kwargs)
     except GlueFormatError as e:
-        print(f"glue_preprocess: error: {e}\n(fix the row, or pass --skip-bad-rows to skip and count such rows)",
-              file=sys.stderr)
+        print(
+            f"glue_preprocess: error: {e}\n(fix the row, or pass --skip-bad-rows to skip and count such rows)",
+            file=sys.stderr,
+        )
         return 2
     except (ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"glue_preprocess: error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
 """GLUE -> binarized fairseq data: sentence-prediction (RoBERTa GLUE layout) and text-to-text."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,9 @@ def _fairseq_name(base: str, k: int) -> str:
     return base if k == 0 else f"{base}{k}"
 
 
-def load_task_splits(glue_dir, spec: TaskSpec, *, skip_bad_rows=False, train_subset_size=None,
-                     subset_seed=1, dev_from_train=0) -> list:
+def load_task_splits(
+    glue_dir, spec: TaskSpec, *, skip_bad_rows=False, train_subset_size=None, subset_seed=1, dev_from_train=0
+) -> list:
     """Parse a task's files and apply carving/subsetting; returns [OutSplit] in fairseq order."""
     parsed = {}  # glue split -> [(path, ParseResult or None)]
     for glue_split in ("train", "valid", "test"):
@@ -51,8 +53,13 @@ def load_task_splits(glue_dir, spec: TaskSpec, *, skip_bad_rows=False, train_sub
     def info(path, res, written):
         if res is None:
             return {"file": str(path), "missing": True, "rows_read": 0, "rows_written": 0, "rows_skipped": 0}
-        return {"file": str(path), "rows_read": res.rows_read, "rows_written": written,
-                "rows_skipped": len(res.skipped), "skipped_examples": res.skipped[:20]}
+        return {
+            "file": str(path),
+            "rows_read": res.rows_read,
+            "rows_written": written,
+            "rows_skipped": len(res.skipped),
+            "skipped_examples": res.skipped[:20],
+        }
 
     out = []
     train_path, train_res = parsed["train"][0]
@@ -62,7 +69,9 @@ def load_task_splits(glue_dir, spec: TaskSpec, *, skip_bad_rows=False, train_sub
         if train is None:
             raise ValueError(f"--dev-from-train needs {train_path}, which does not exist")
         if dev_from_train >= len(train):
-            raise ValueError(f"--dev-from-train {dev_from_train} must be smaller than the {len(train)} train rows of {spec.name}")
+            raise ValueError(
+                f"--dev-from-train {dev_from_train} must be smaller than the {len(train)} train rows of {spec.name}"
+            )
         order = list(range(len(train)))
         random.Random(subset_seed).shuffle(order)
         carved_idx = set(order[:dev_from_train])
@@ -80,8 +89,18 @@ def load_task_splits(glue_dir, spec: TaskSpec, *, skip_bad_rows=False, train_sub
         out.append(OutSplit("train", [], info(train_path, None, 0)))
 
     if carved is not None:
-        out.append(OutSplit("valid", carved, {"file": str(train_path), "carved_from_train": len(carved),
-                                               "rows_written": len(carved), "seed": subset_seed}))
+        out.append(
+            OutSplit(
+                "valid",
+                carved,
+                {
+                    "file": str(train_path),
+                    "carved_from_train": len(carved),
+                    "rows_written": len(carved),
+                    "seed": subset_seed,
+                },
+            )
+        )
         sources = [("test", parsed["valid"])]  # GLUE dev keeps its labels as the test split
     else:
         sources = [("valid", parsed["valid"]), ("test", parsed["test"])]
@@ -110,8 +129,9 @@ def build_fairseq_dict(token_files, dest: Path, workers=1):
     """fairseq-preprocess's dictionary: frequency-sorted, padded to a multiple of 8."""
     from fairseq.tasks.fairseq_task import FairseqTask
 
-    d = FairseqTask.build_dictionary([str(f) for f in token_files], workers=workers, threshold=-1, nwords=-1,
-                                     padding_factor=8)
+    d = FairseqTask.build_dictionary(
+        [str(f) for f in token_files], workers=workers, threshold=-1, nwords=-1, padding_factor=8
+    )
     d.save(str(dest))
     return dest
 
@@ -138,12 +158,19 @@ def binarize(token_file: Path, dictionary, out_prefix: Path, workers=1) -> dict:
     from fairseq.binarizer import FileBinarizer, VocabularyDatasetBinarizer
 
     summary = FileBinarizer.multiprocess_dataset(
-        str(token_file), "mmap", VocabularyDatasetBinarizer(dictionary, append_eos=True), str(out_prefix),
-        vocab_size=len(dictionary), num_workers=max(1, workers),
+        str(token_file),
+        "mmap",
+        VocabularyDatasetBinarizer(dictionary, append_eos=True),
+        str(out_prefix),
+        vocab_size=len(dictionary),
+        num_workers=max(1, workers),
     )
-    return {"sequences": summary.num_seq, "tokens": summary.num_tok, "unk_replaced": summary.num_replaced,
-            "unk_percent": round(summary.replaced_percent, 4)}
-
+    return {
+        "sequences": summary.num_seq,
+        "tokens": summary.num_tok,
+        "unk_replaced": summary.num_replaced,
+        "unk_percent": round(summary.replaced_percent, 4),
+    }
 
 
 def _write_source_dict(dict_path: Path, srcdict, tok, train_files, workers: int, what: str) -> Path:
@@ -158,6 +185,7 @@ def _write_source_dict(dict_path: Path, srcdict, tok, train_files, workers: int,
             raise ValueError(f"{what}: no train split to build a dictionary from; pass --srcdict")
         build_fairseq_dict(train_files, dict_path, workers)
     return dict_path
+
 
 def _load_dict(path):
     from fairseq.data import Dictionary
@@ -206,7 +234,7 @@ def stsb_target(score: float) -> str:
 def t2t_split_name(spec: TaskSpec, name: str) -> str:
     """valid -> valid_rte; MNLI's valid1 (mismatched) -> valid_mnli_mm; test -> test_rte."""
     base = name.rstrip("0123456789")
-    k = name[len(base):]
+    k = name[len(base) :]
     suffix = "" if not k else ("_mm" if spec.name == "MNLI" and k == "1" else f"_{k}")
     return f"{base}_{spec.t2t_name}{suffix}"
 
@@ -224,8 +252,14 @@ def t2t_target(spec: TaskSpec, ex: Example) -> str:
 def _maybe_train_sentencepiece(tok: TokenizerSpec, task_splits, tmp: Path, vocab_size, text_fn):
     if tok.kind != "sentencepiece" or tok.sentencepiece_model:
         return tok
-    texts = [t for spec, splits in task_splits for s in splits if s.name == "train" for ex in s.examples
-             for t in text_fn(spec, ex)]
+    texts = [
+        t
+        for spec, splits in task_splits
+        for s in splits
+        if s.name == "train"
+        for ex in s.examples
+        for t in text_fn(spec, ex)
+    ]
     if not texts:
         raise ValueError("--tokenizer sentencepiece without --sentencepiece-model needs a train split to learn from")
     model = train_sentencepiece(texts, tmp / "sentencepiece", vocab_size)
@@ -281,12 +315,18 @@ def _sentence_prediction_task(spec, splits, tok, out_dir, srcdict, workers, over
                 stats[f"label/{s.name}"] = binarize(raw / f"{s.name}.label", label_dict, tmp / "label" / s.name, 1)
         shutil.rmtree(raw)
         summary = {
-            "task": spec.name, "format": "sentence_prediction", "tokenizer": _describe(tok, tmp, final),
-            "srcdict": str(srcdict) if srcdict else None, "output": str(final),
+            "task": spec.name,
+            "format": "sentence_prediction",
+            "tokenizer": _describe(tok, tmp, final),
+            "srcdict": str(srcdict) if srcdict else None,
+            "output": str(final),
             "num_classes": 1 if spec.regression else len(spec.labels),
-            "regression": spec.regression, "labels": list(spec.labels) if spec.labels else None,
-            "splits": {s.name: s.info for s in all_splits}, "binarized": stats,
-            "encode_seconds": round(encode_s, 3), "encoded_rows": n_rows,
+            "regression": spec.regression,
+            "labels": list(spec.labels) if spec.labels else None,
+            "splits": {s.name: s.info for s in all_splits},
+            "binarized": stats,
+            "encode_seconds": round(encode_s, 3),
+            "encoded_rows": n_rows,
             "dict_and_binarize_seconds": round(time.time() - t0 - encode_s, 3),
         }
         _write_summary(tmp, summary)
@@ -315,15 +355,21 @@ def _text2text(task_splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_
     with atomic_dir(final, overwrite) as tmp:
         raw = tmp / ".raw"
         raw.mkdir()
-        tok = _maybe_train_sentencepiece(tok, task_splits, tmp, sp_vocab_size,
-                                         lambda spec, ex: [t2t_source(spec, ex), t2t_target(spec, ex)])
+        tok = _maybe_train_sentencepiece(
+            tok, task_splits, tmp, sp_vocab_size, lambda spec, ex: [t2t_source(spec, ex), t2t_target(spec, ex)]
+        )
         # name -> [(spec, examples)]; train mixes all tasks, every other split is per task
         out_splits = {"train": []}
         tasks_meta = {}
         split_infos = {}
         for spec, splits in task_splits:
-            meta = {"glue_name": spec.name, "type": "regression" if spec.regression else "classification",
-                    "metrics": list(spec.metrics), "valid_splits": [], "test_splits": []}
+            meta = {
+                "glue_name": spec.name,
+                "type": "regression" if spec.regression else "classification",
+                "metrics": list(spec.metrics),
+                "valid_splits": [],
+                "test_splits": [],
+            }
             if spec.regression:
                 meta["round_to"] = 0.2
             else:
@@ -353,28 +399,46 @@ def _text2text(task_splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_
             _write_lines(raw / f"{name}.tgt", encode_all(tok, [t2t_target(sp, ex) for sp, ex in pairs], workers))
             _write_lines(tmp / f"{name}.task", (sp.t2t_name for sp, _ in pairs))
             _write_lines(tmp / f"{name}.ref", (t2t_target(sp, ex) for sp, ex in pairs))
-            _write_lines(tmp / f"{name}.gold", (ex.label if sp.regression else str(_class_id(sp, ex)) for sp, ex in pairs))
+            _write_lines(
+                tmp / f"{name}.gold", (ex.label if sp.regression else str(_class_id(sp, ex)) for sp, ex in pairs)
+            )
             n_rows += len(pairs)
         encode_s = time.time() - t0
 
-        dict_path = _write_source_dict(raw / "dict.txt", srcdict, tok, [raw / "train.src", raw / "train.tgt"],
-                                       workers, "text2text")  # joint src/tgt dictionary
+        dict_path = _write_source_dict(
+            raw / "dict.txt", srcdict, tok, [raw / "train.src", raw / "train.tgt"], workers, "text2text"
+        )  # joint src/tgt dictionary
         dictionary = _load_dict(dict_path)
         for lang in ("src", "tgt"):
             shutil.copyfile(dict_path, tmp / f"dict.{lang}.txt")
         stats = {}
         for name in out_splits:
             for lang in ("src", "tgt"):
-                stats[f"{name}.{lang}"] = binarize(raw / f"{name}.{lang}", dictionary, tmp / f"{name}.src-tgt.{lang}", workers)
+                stats[f"{name}.{lang}"] = binarize(
+                    raw / f"{name}.{lang}", dictionary, tmp / f"{name}.src-tgt.{lang}", workers
+                )
         shutil.rmtree(raw)
-        meta = {"format": "text2text", "source_lang": "src", "target_lang": "tgt", "tokenizer": _describe(tok, tmp, final),
-                "srcdict": str(srcdict) if srcdict else None, "train_split": "train",
-                "splits": {n: sum(len(e) for _, e in p) for n, p in out_splits.items()}, "tasks": tasks_meta}
+        meta = {
+            "format": "text2text",
+            "source_lang": "src",
+            "target_lang": "tgt",
+            "tokenizer": _describe(tok, tmp, final),
+            "srcdict": str(srcdict) if srcdict else None,
+            "train_split": "train",
+            "splits": {n: sum(len(e) for _, e in p) for n, p in out_splits.items()},
+            "tasks": tasks_meta,
+        }
         (tmp / "tasks.json").write_text(json.dumps(meta, indent=2) + "\n")
-        summary = {"format": "text2text", "output": str(final), "tokenizer": _describe(tok, tmp, final),
-                   "splits": split_infos, "binarized": stats, "encode_seconds": round(encode_s, 3),
-                   "dict_and_binarize_seconds": round(time.time() - t0 - encode_s, 3),
-                   "encoded_rows": n_rows}
+        summary = {
+            "format": "text2text",
+            "output": str(final),
+            "tokenizer": _describe(tok, tmp, final),
+            "splits": split_infos,
+            "binarized": stats,
+            "encode_seconds": round(encode_s, 3),
+            "dict_and_binarize_seconds": round(time.time() - t0 - encode_s, 3),
+            "encoded_rows": n_rows,
+        }
         _write_summary(tmp, summary)
     return summary
 
@@ -383,11 +447,28 @@ def _text2text(task_splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_
 # public API
 
 
-def preprocess(glue_dir, tasks, output_dir, tokenizer, format="sentence_prediction", *, srcdict=None,
-               gpt2_encoder_json=None, gpt2_vocab_bpe=None, sentencepiece_model=None,
-               sentencepiece_vocab_size=8000, wordpiece_vocab=None, wordpiece_cased=False,
-               train_subset_size=None, subset_seed=1, dev_from_train=0, workers=1, skip_bad_rows=False,
-               overwrite=False, log=print) -> dict:
+def preprocess(
+    glue_dir,
+    tasks,
+    output_dir,
+    tokenizer,
+    format="sentence_prediction",
+    *,
+    srcdict=None,
+    gpt2_encoder_json=None,
+    gpt2_vocab_bpe=None,
+    sentencepiece_model=None,
+    sentencepiece_vocab_size=8000,
+    wordpiece_vocab=None,
+    wordpiece_cased=False,
+    train_subset_size=None,
+    subset_seed=1,
+    dev_from_train=0,
+    workers=1,
+    skip_bad_rows=False,
+    overwrite=False,
+    log=print,
+) -> dict:
     """Binarize GLUE tasks; see glue_preprocess/README.md. Returns the summaries."""
     if format not in FORMATS:
         raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {format!r}")
@@ -414,9 +495,14 @@ def preprocess(glue_dir, tasks, output_dir, tokenizer, format="sentence_predicti
         raise ValueError(f"--dev-from-train must be >= 0, got {dev_from_train}")
     if sentencepiece_vocab_size < 8:
         raise ValueError(f"--sentencepiece-vocab-size must be >= 8, got {sentencepiece_vocab_size}")
-    tok = TokenizerSpec(tokenizer, gpt2_encoder_json=gpt2_encoder_json, gpt2_vocab_bpe=gpt2_vocab_bpe,
-                        sentencepiece_model=sentencepiece_model, wordpiece_vocab=wordpiece_vocab,
-                        wordpiece_cased=wordpiece_cased)
+    tok = TokenizerSpec(
+        tokenizer,
+        gpt2_encoder_json=gpt2_encoder_json,
+        gpt2_vocab_bpe=gpt2_vocab_bpe,
+        sentencepiece_model=sentencepiece_model,
+        wordpiece_vocab=wordpiece_vocab,
+        wordpiece_cased=wordpiece_cased,
+    )
     tok.validate()
     for spec in specs:
         if not (Path(glue_dir) / spec.name).is_dir():
@@ -424,16 +510,23 @@ def preprocess(glue_dir, tasks, output_dir, tokenizer, format="sentence_predicti
 
     task_splits = []
     for spec in specs:
-        splits = load_task_splits(glue_dir, spec, skip_bad_rows=skip_bad_rows, train_subset_size=train_subset_size,
-                                  subset_seed=subset_seed, dev_from_train=dev_from_train)
+        splits = load_task_splits(
+            glue_dir,
+            spec,
+            skip_bad_rows=skip_bad_rows,
+            train_subset_size=train_subset_size,
+            subset_seed=subset_seed,
+            dev_from_train=dev_from_train,
+        )
         task_splits.append((spec, splits))
 
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     result = {"tasks": {}}
     if format == "sentence_prediction":
         for spec, splits in task_splits:
-            summary = _sentence_prediction_task(spec, splits, tok, output_dir, srcdict, workers, overwrite,
-                                                sentencepiece_vocab_size)
+            summary = _sentence_prediction_task(
+                spec, splits, tok, output_dir, srcdict, workers, overwrite, sentencepiece_vocab_size
+            )
             result["tasks"][spec.name] = summary
             log(format_summary(summary))
     else:
@@ -454,8 +547,10 @@ def format_summary(summary: dict) -> str:
                 lines.append(f"  {label:<14} missing: {i['file']}")
                 continue
             extra = f" (carved {i['carved_to_valid']} to valid)" if "carved_to_valid" in i else ""
-            lines.append(f"  {label:<14} read {i.get('rows_read', i.get('carved_from_train', 0)):>7}  "
-                         f"written {i['rows_written']:>7}  skipped {i.get('rows_skipped', 0):>5}{extra}")
+            lines.append(
+                f"  {label:<14} read {i.get('rows_read', i.get('carved_from_train', 0)):>7}  "
+                f"written {i['rows_written']:>7}  skipped {i.get('rows_skipped', 0):>5}{extra}"
+            )
             for reason in i.get("skipped_examples", [])[:3]:
                 lines.append(f"      skipped {reason}")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """A strict GLUE tsv parser (tab-split, no quote handling = csv.QUOTE_NONE) over the layouts of the GLUE
 task table (`robustft_common.glue_tasks`)."""
+
 from __future__ import annotations
 
 import math
@@ -9,8 +10,18 @@ from pathlib import Path
 from robustft_common import glue_tasks
 from robustft_common.glue_tasks import TASKS, FileLayout, GlueTask
 
-__all__ = ["TASKS", "FileLayout", "TaskSpec", "GlueFormatError", "Example", "ParseResult", "resolve_task",
-           "parse_file", "split_files", "read_split"]
+__all__ = [
+    "TASKS",
+    "FileLayout",
+    "TaskSpec",
+    "GlueFormatError",
+    "Example",
+    "ParseResult",
+    "resolve_task",
+    "parse_file",
+    "split_files",
+    "read_split",
+]
 
 
 class GlueFormatError(ValueError):
@@ -113,8 +124,10 @@ def parse_file(path, spec: TaskSpec, layout: FileLayout, skip_bad_rows=False) ->
 def split_files(glue_dir, spec: TaskSpec, split: str):
     """[(path, layout)] for a GLUE split ('train', 'valid', 'test'), in fairseq order."""
     base = Path(glue_dir) / spec.name
-    return [((base / name).resolve() if name.startswith("..") else base / name, layout)
-            for name, layout in spec.files[split]]
+    return [
+        ((base / name).resolve() if name.startswith("..") else base / name, layout)
+        for name, layout in spec.files[split]
+    ]
 
 
 def read_split(glue_dir, task: str, split: str = "train", skip_bad_rows=False) -> list:

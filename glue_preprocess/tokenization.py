@@ -1,5 +1,6 @@
 """Tokenizers that turn text into space-separated fairseq tokens (GPT-2 BPE ids, SentencePiece pieces,
 WordPiece tokens), each through its own library; parallel encoding over a process pool."""
+
 from __future__ import annotations
 
 import functools
@@ -26,19 +27,26 @@ class TokenizerSpec:
         if self.kind not in TOKENIZERS:
             raise ValueError(f"--tokenizer must be one of {', '.join(TOKENIZERS)}, got {self.kind!r}")
         if self.kind == "gpt2":
-            for flag, path in (("--gpt2-encoder-json", self.gpt2_encoder_json), ("--gpt2-vocab-bpe", self.gpt2_vocab_bpe)):
+            for flag, path in (
+                ("--gpt2-encoder-json", self.gpt2_encoder_json),
+                ("--gpt2-vocab-bpe", self.gpt2_vocab_bpe),
+            ):
                 if not path or not Path(path).is_file():
                     raise ValueError(f"--tokenizer gpt2 needs {flag} pointing to an existing file, got {path!r}")
         if self.kind == "wordpiece" and (not self.wordpiece_vocab or not Path(self.wordpiece_vocab).is_file()):
             raise ValueError(
-                f"--tokenizer wordpiece needs --wordpiece-vocab pointing to a BERT vocab.txt, got {self.wordpiece_vocab!r}"
+                "--tokenizer wordpiece needs --wordpiece-vocab pointing to a BERT vocab.txt, "
+                f"got {self.wordpiece_vocab!r}"
             )
         if self.kind == "sentencepiece" and self.sentencepiece_model and not Path(self.sentencepiece_model).is_file():
             raise ValueError(f"--sentencepiece-model: no such file {self.sentencepiece_model!r}")
         if self.kind == "sentencepiece" and not self.sentencepiece_model:
             return  # trained later on the train split
-        flag = {"gpt2": "--gpt2-encoder-json/--gpt2-vocab-bpe", "sentencepiece": "--sentencepiece-model",
-                "wordpiece": "--wordpiece-vocab"}[self.kind]
+        flag = {
+            "gpt2": "--gpt2-encoder-json/--gpt2-vocab-bpe",
+            "sentencepiece": "--sentencepiece-model",
+            "wordpiece": "--wordpiece-vocab",
+        }[self.kind]
         try:
             self.build()
         except Exception as e:  # library errors (bad json, missing [SEP], ...) reported against the flag
@@ -99,9 +107,16 @@ def train_sentencepiece(texts, model_prefix: Path, vocab_size: int) -> Path:
     import sentencepiece as spm
 
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(model_prefix), vocab_size=vocab_size,
-        model_type="unigram", character_coverage=1.0, hard_vocab_limit=False, num_threads=1,
-        minloglevel=2, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+        sentence_iterator=iter(texts),
+        model_prefix=str(model_prefix),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+        input_sentence_size=2_000_000,
+        shuffle_input_sentence=True,
     )
     return Path(f"{model_prefix}.model")
 

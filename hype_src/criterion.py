@@ -6,6 +6,7 @@ DDP-safe); the only addition is the HyPe perturbation of every encoder layer's i
 (default `none`, for criterions that merely compose with HyPe), this criterion defaults to
 `--hype-type normal` (HyPe-N, the paper's best average on GLUE); `--hype-type none` makes it vanilla.
 """
+
 from dataclasses import dataclass, field
 
 from fairseq.criterions import register_criterion
@@ -19,9 +20,13 @@ from robustft_common.sentence_prediction import RobustSentencePredictionCriterio
 @dataclass
 class HypeSentencePredictionConfig(SentencePredictionConfig, HypeConfig):
     hype_type: ChoiceEnum(list(HYPE_TYPES)) = field(
-        default="normal", metadata={"help": "HyPe noise on every Transformer layer's input while training: "
-                                            "normal N(0, eps^2) (default), uniform (see --hype-uniform), "
-                                            "none (vanilla fine-tuning)"})
+        default="normal",
+        metadata={
+            "help": "HyPe noise on every Transformer layer's input while training: "
+            "normal N(0, eps^2) (default), uniform (see --hype-uniform), "
+            "none (vanilla fine-tuning)"
+        },
+    )
 
 
 @register_criterion("hype_sentence_prediction", dataclass=HypeSentencePredictionConfig)

@@ -37,31 +37,58 @@ HYPE_UNIFORM_RANGES = ("symmetric", "one_sided")
 @dataclass
 class HypeConfig(FairseqDataclass):
     hype_type: ChoiceEnum(list(HYPE_TYPES)) = field(
-        default="none", metadata={"help": "HyPe noise on every Transformer layer's input while training: "
-                                          "none (off), normal N(0, eps^2), uniform (see --hype-uniform)"})
-    hype_eps: float = field(default=1e-5, metadata={"help": "HyPe noise scale (std for normal, half-width "
-                                                            "or width for uniform), absolute, per element"})
+        default="none",
+        metadata={
+            "help": "HyPe noise on every Transformer layer's input while training: "
+            "none (off), normal N(0, eps^2), uniform (see --hype-uniform)"
+        },
+    )
+    hype_eps: float = field(
+        default=1e-5,
+        metadata={"help": "HyPe noise scale (std for normal, half-width or width for uniform), absolute, per element"},
+    )
     hype_uniform: ChoiceEnum(list(HYPE_UNIFORM_RANGES)) = field(
-        default="symmetric", metadata={"help": "range of --hype-type uniform: symmetric U(-eps, eps) as in the "
-                                               "paper, or one_sided U[0, eps) as in the official code"})
+        default="symmetric",
+        metadata={
+            "help": "range of --hype-type uniform: symmetric U(-eps, eps) as in the "
+            "paper, or one_sided U[0, eps) as in the official code"
+        },
+    )
     hype_intermediate: bool = field(
-        default=False, metadata={"help": "also perturb the post-attention representation (output of the "
-                                         "post-LN self_attn_layer_norm, input of the FFN) of every layer"})
+        default=False,
+        metadata={
+            "help": "also perturb the post-attention representation (output of the "
+            "post-LN self_attn_layer_norm, input of the FFN) of every layer"
+        },
+    )
     hype_only_intermediate: bool = field(
-        default=False, metadata={"help": "perturb only the post-attention representation, not the layer "
-                                         "inputs (implies --hype-intermediate)"})
+        default=False,
+        metadata={
+            "help": "perturb only the post-attention representation, not the layer inputs (implies --hype-intermediate)"
+        },
+    )
     hype_top_layers: int = field(
-        default=0, metadata={"help": "perturb the inputs of the top k layers only (0: all layers); combined "
-                                     "with --hype-low-layers the union is perturbed"})
+        default=0,
+        metadata={
+            "help": "perturb the inputs of the top k layers only (0: all layers); combined "
+            "with --hype-low-layers the union is perturbed"
+        },
+    )
     hype_low_layers: int = field(
-        default=0, metadata={"help": "perturb the inputs of the bottom k layers only (0: all layers)"})
+        default=0, metadata={"help": "perturb the inputs of the bottom k layers only (0: all layers)"}
+    )
     hype_decoder: bool = field(
-        default=False, metadata={"help": "encoder-decoder models: also perturb the decoder layers "
-                                         "(model.decoder.layers); the encoder is always perturbed"})
+        default=False,
+        metadata={
+            "help": "encoder-decoder models: also perturb the decoder layers "
+            "(model.decoder.layers); the encoder is always perturbed"
+        },
+    )
 
 
 class HypeSettings(NamedTuple):
     """The validated, hashable form of the `--hype-*` flags (also the idempotency key)."""
+
     noise_type: str  # robustft_common.noise type, or "none"
     eps: float
     layer_inputs: bool
@@ -92,26 +119,43 @@ def hype_settings(cfg) -> HypeSettings:
         require(isinstance(k, int) and k >= 0, flag, f"must be an integer >= 0 (0 = all layers), got {k!r}")
     if hype_type == "none":
         # Any other --hype-* flag without a type would silently train without HyPe.
-        set_flags = [flag for flag, value, default in (
-            ("--hype-eps", eps, 1e-5), ("--hype-uniform", uniform, "symmetric"),
-            ("--hype-intermediate", intermediate, False),
-            ("--hype-only-intermediate", only_intermediate, False), ("--hype-top-layers", top, 0),
-            ("--hype-low-layers", low, 0), ("--hype-decoder", decoder, False)) if value != default]
-        require(not set_flags, "--hype-type",
-                f"{'/'.join(set_flags)} set but --hype-type is none (HyPe off); add --hype-type normal "
-                f"or uniform, or drop them")
+        set_flags = [
+            flag
+            for flag, value, default in (
+                ("--hype-eps", eps, 1e-5),
+                ("--hype-uniform", uniform, "symmetric"),
+                ("--hype-intermediate", intermediate, False),
+                ("--hype-only-intermediate", only_intermediate, False),
+                ("--hype-top-layers", top, 0),
+                ("--hype-low-layers", low, 0),
+                ("--hype-decoder", decoder, False),
+            )
+            if value != default
+        ]
+        require(
+            not set_flags,
+            "--hype-type",
+            f"{'/'.join(set_flags)} set but --hype-type is none (HyPe off); add --hype-type normal "
+            f"or uniform, or drop them",
+        )
         return HypeSettings("none", float(eps), False, False, 0, 0, False)
-    require(uniform == "symmetric" or hype_type == "uniform", "--hype-uniform",
-            f"{uniform} only applies to --hype-type uniform, got --hype-type {hype_type}")
-    require(not (only_intermediate and (top or low)), "--hype-only-intermediate",
-            "turns the layer-input noise off, which --hype-top-layers / --hype-low-layers restrict; "
-            "drop one of them")
+    require(
+        uniform == "symmetric" or hype_type == "uniform",
+        "--hype-uniform",
+        f"{uniform} only applies to --hype-type uniform, got --hype-type {hype_type}",
+    )
+    require(
+        not (only_intermediate and (top or low)),
+        "--hype-only-intermediate",
+        "turns the layer-input noise off, which --hype-top-layers / --hype-low-layers restrict; drop one of them",
+    )
     if hype_type == "uniform":
         noise_type = "uniform" if uniform == "symmetric" else "uniform_one_sided"
     else:
         noise_type = "normal"
-    return HypeSettings(noise_type, float(eps), not only_intermediate, intermediate or only_intermediate,
-                        int(top), int(low), decoder)
+    return HypeSettings(
+        noise_type, float(eps), not only_intermediate, intermediate or only_intermediate, int(top), int(low), decoder
+    )
 
 
 def validate_hype_config(cfg) -> HypeSettings:
@@ -133,11 +177,18 @@ def layer_stacks(model: nn.Module, decoder: bool = False) -> List[Tuple[str, Seq
             stacks.append(("encoder", layers))
     if decoder:
         layers = getattr(getattr(model, "decoder", None), "layers", None)
-        require(layers is not None and len(layers) > 0, "--hype-decoder",
-                f"{type(model).__name__} has no decoder layers (model.decoder.layers); drop the flag")
+        require(
+            layers is not None and len(layers) > 0,
+            "--hype-decoder",
+            f"{type(model).__name__} has no decoder layers (model.decoder.layers); drop the flag",
+        )
         stacks.append(("decoder", layers))
-    require(bool(stacks), "--hype-type", f"found no Transformer layers in {type(model).__name__} "
-                                         "(looked for encoder.sentence_encoder.layers, encoder.layers)")
+    require(
+        bool(stacks),
+        "--hype-type",
+        f"found no Transformer layers in {type(model).__name__} "
+        "(looked for encoder.sentence_encoder.layers, encoder.layers)",
+    )
     return stacks
 
 
@@ -196,13 +247,19 @@ class _OutputNoise:
 
 def _intermediate_norm(layer: nn.Module, stack: str, index: int) -> nn.Module:
     """The post-LN layernorm whose output feeds the FFN and its residual (decoder: after cross-attention)."""
-    require(not getattr(layer, "normalize_before", False), "--hype-intermediate",
-            f"{stack} layer {index} is pre-LN (normalize_before): its post-attention state has no module "
-            "output to hook; use the layer-input noise only")
+    require(
+        not getattr(layer, "normalize_before", False),
+        "--hype-intermediate",
+        f"{stack} layer {index} is pre-LN (normalize_before): its post-attention state has no module "
+        "output to hook; use the layer-input noise only",
+    )
     norm = getattr(layer, "encoder_attn_layer_norm", None)
     norm = getattr(layer, "self_attn_layer_norm", None) if norm is None else norm
-    require(norm is not None, "--hype-intermediate",
-            f"{stack} layer {index} ({type(layer).__name__}) has no self_attn_layer_norm")
+    require(
+        norm is not None,
+        "--hype-intermediate",
+        f"{stack} layer {index} ({type(layer).__name__}) has no self_attn_layer_norm",
+    )
     return norm
 
 
@@ -233,8 +290,7 @@ def attach_hype(model: nn.Module, cfg) -> None:
     stacks = layer_stacks(model, settings.decoder)
     for name, layers in stacks:
         for flag, k in (("--hype-top-layers", settings.top_layers), ("--hype-low-layers", settings.low_layers)):
-            require(k <= len(layers), flag, f"{k} exceeds the {len(layers)} {name} layers of "
-                                            f"{type(model).__name__}")
+            require(k <= len(layers), flag, f"{k} exceeds the {len(layers)} {name} layers of {type(model).__name__}")
     state = _HypeState(settings)
     for name, layers in stacks:
         if settings.layer_inputs:
@@ -247,8 +303,12 @@ def attach_hype(model: nn.Module, cfg) -> None:
     params = next(model.parameters(), None)
     if params is not None:
         warn_if_noise_vanishes(settings.eps, params.dtype)
-    logger.info("HyPe: %s noise, eps %g, on %s", settings.noise_type, settings.eps,
-                ", ".join(f"{len(layers)} {name} layers" for name, layers in stacks))
+    logger.info(
+        "HyPe: %s noise, eps %g, on %s",
+        settings.noise_type,
+        settings.eps,
+        ", ".join(f"{len(layers)} {name} layers" for name, layers in stacks),
+    )
 
 
 def detach_hype(model: nn.Module) -> None:
@@ -314,6 +374,9 @@ def warn_if_noise_vanishes(eps: float, dtype: torch.dtype) -> bool:
     logger.warning(
         "HyPe: --hype-eps %g is below the %s resolution of O(1) activations (%.1e): most of the noise "
         "rounds away (see hype_noise_effective). Train with --amp (fp32 residual stream) or in fp32, or "
-        "raise --hype-eps; otherwise report HyPe as inactive.", eps, str(dtype).replace("torch.", ""),
-        resolution)
+        "raise --hype-eps; otherwise report HyPe as inactive.",
+        eps,
+        str(dtype).replace("torch.", ""),
+        resolution,
+    )
     return True

@@ -4,6 +4,7 @@ Per-example contributions are kept as summable counts (confusion matrix, Pearson
 can be summed over batches and data-parallel workers; Spearman needs the (prediction, gold) pairs.
 Metric formulas come from `robustft_common.glue_metrics` (never re-derived here).
 """
+
 from __future__ import annotations
 
 import json
@@ -132,8 +133,9 @@ class GlueScorer:
         return {k: self.counts.get(k, 0.0) for t in TASKS for k in count_keys(t)}
 
 
-def scores_from_counts(counts: dict[str, float], pairs: dict[str, list[list[float]]] | None = None
-                       ) -> dict[str, dict[str, float]]:
+def scores_from_counts(
+    counts: dict[str, float], pairs: dict[str, list[list[float]]] | None = None
+) -> dict[str, dict[str, float]]:
     """{task: {metric: value x 100, ...}} for tasks with at least one example."""
     out = {}
     for task in TASKS:
@@ -149,8 +151,7 @@ def scores_from_counts(counts: dict[str, float], pairs: dict[str, list[list[floa
                 confusion = {k: get(k) for k in ("tp", "fp", "fn", "tn")}
                 value = (glue_metrics.f1_from_counts if metric == "f1" else glue_metrics.mcc_from_counts)(**confusion)
             elif metric == "pearson":
-                value = glue_metrics.pearson_from_moments(
-                    n, get("sx"), get("sy"), get("sxx"), get("syy"), get("sxy"))
+                value = glue_metrics.pearson_from_moments(n, get("sx"), get("sy"), get("sxx"), get("syy"), get("sxy"))
                 value = 0.0 if math.isnan(value) else value  # reference: NaN -> 0
             else:  # spearman: only from pairs (not summable)
                 if not pairs or task not in pairs:

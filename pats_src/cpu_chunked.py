@@ -6,6 +6,7 @@ exists: on CPU, model-sized temporaries cost more in page faults than the arithm
 is processed in chunks of `CPU_CHUNK_NUMEL` elements with int32 masks. `benchmarks/run.py --size base
 --only adamax,adamax_pats,adamax_pats_flat` measures what it saves (pats_src/README.md, Overhead).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -19,8 +20,7 @@ CPU_CHUNK_NUMEL = 1 << 16
 
 def applies(chunk_numel: int, tensors: Sequence[Tensor]) -> bool:
     """Chunked math: on CPU, for contiguous tensors (flat views of them are updated in place)."""
-    return (chunk_numel > 0 and all(t.device.type == "cpu" for t in tensors)
-            and all(t.is_contiguous() for t in tensors))
+    return chunk_numel > 0 and all(t.device.type == "cpu" for t in tensors) and all(t.is_contiguous() for t in tensors)
 
 
 class Workspace:
@@ -37,8 +37,15 @@ class Workspace:
         return buf[:numel]
 
 
-def sensitivity_ema(params: list[Tensor], grads: list[Tensor], emas: list[Tensor], *, beta: float,
-                    chunk_numel: int, workspace: Workspace) -> None:
+def sensitivity_ema(
+    params: list[Tensor],
+    grads: list[Tensor],
+    emas: list[Tensor],
+    *,
+    beta: float,
+    chunk_numel: int,
+    workspace: Workspace,
+) -> None:
     """sbar <- beta sbar + (1 - beta) |theta * g|: the ops of `_multi_tensor_sensitivity`, chunk by
     chunk through one cached buffer (no model-sized temporary)."""
     for w, g, e in zip(params, grads, emas):
@@ -50,9 +57,23 @@ def sensitivity_ema(params: list[Tensor], grads: list[Tensor], emas: list[Tensor
             e[start:stop].mul_(beta).add_(sens, alpha=1 - beta)
 
 
-def bucket_noise(params: list[Tensor], emas: list[Tensor], means: Tensor, corr: Tensor | None,
-                 z: Tensor, u: Tensor, *, sigma: float, kappa: float, prob: float, eps: float, cap: float,
-                 chunk_numel: int, workspace: Workspace, stats=None) -> None:
+def bucket_noise(
+    params: list[Tensor],
+    emas: list[Tensor],
+    means: Tensor,
+    corr: Tensor | None,
+    z: Tensor,
+    u: Tensor,
+    *,
+    sigma: float,
+    kappa: float,
+    prob: float,
+    eps: float,
+    cap: float,
+    chunk_numel: int,
+    workspace: Workspace,
+    stats=None,
+) -> None:
     """`pats_adamax._bucket_noise` tensor by tensor, chunk by chunk. Dropped entries are cleared with a
     bitwise AND on the noise bits, which gives exactly masked_fill's +0.0, also where z * ratio is inf
     or NaN. `stats` (a `pats_adamax.NoiseStats`) sees the same tensors as in the flat kernel."""
@@ -67,7 +88,7 @@ def bucket_noise(params: list[Tensor], emas: list[Tensor], means: Tensor, corr: 
             ratio = workspace.buffer("ratio", m, device=device)
             keep = workspace.buffer("keep", m, torch.int32, device)
             coin = workspace.buffer("coin", m, torch.int32, device)
-            zc, uc = z[offset + start:offset + stop], u[offset + start:offset + stop]
+            zc, uc = z[offset + start : offset + stop], u[offset + start : offset + stop]
             if corr is None:
                 torch.add(e[start:stop], eps, out=ratio)
             else:

@@ -26,25 +26,41 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class AdamaxNoisyTuneConfig(FairseqDataclass):
-    adamax_betas: Any = field(default=(0.9, 0.999),
-                              metadata={"help": "betas of Adamax (as fairseq's adamax)"})
+    adamax_betas: Any = field(default=(0.9, 0.999), metadata={"help": "betas of Adamax (as fairseq's adamax)"})
     adamax_eps: float = field(default=1e-8, metadata={"help": "epsilon of Adamax (as fairseq's adamax)"})
-    weight_decay: float = field(default=0.0, metadata={
-        "help": "decoupled weight decay theta -= lr*wd*theta (as fairseq's adamax), on every tensor "
-                "except those matching --weight-decay-exclude"})
-    weight_decay_exclude: str = field(default=param_filters.NOTHING, metadata={
-        "help": "regex (re.search on parameter names) of tensors without weight decay; '' = none, as "
-                "fairseq's adamax. SAGE's code exempts biases and LayerNorm: "
-                "robustft_common.param_filters.NO_DECAY"})
-    no_bias_correction: bool = field(default=False, metadata={
-        "help": "disable Adamax first-moment bias correction (as fairseq's adamax; SAGE's code has none)"})
-    noisytune_lambda: float = field(default=0.0, metadata={
-        "help": "NoisyTune: once before fine-tuning W += U(-l/2, l/2)*std(W) (paper: 0.15); 0 = off. "
-                "Needs a pretrained start (--finetune-from-model or --restore-file); never on resume"})
-    noisytune_param_include: str = field(default=param_filters.ALL, metadata={
-        "help": "regex (re.search on parameter names) of tensors NoisyTune perturbs"})
-    noisytune_param_exclude: str = field(default=param_filters.NOTHING, metadata={
-        "help": "regex of tensors NoisyTune leaves alone ('' = none)"})
+    weight_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "decoupled weight decay theta -= lr*wd*theta (as fairseq's adamax), on every tensor "
+            "except those matching --weight-decay-exclude"
+        },
+    )
+    weight_decay_exclude: str = field(
+        default=param_filters.NOTHING,
+        metadata={
+            "help": "regex (re.search on parameter names) of tensors without weight decay; '' = none, as "
+            "fairseq's adamax. SAGE's code exempts biases and LayerNorm: "
+            "robustft_common.param_filters.NO_DECAY"
+        },
+    )
+    no_bias_correction: bool = field(
+        default=False,
+        metadata={"help": "disable Adamax first-moment bias correction (as fairseq's adamax; SAGE's code has none)"},
+    )
+    noisytune_lambda: float = field(
+        default=0.0,
+        metadata={
+            "help": "NoisyTune: once before fine-tuning W += U(-l/2, l/2)*std(W) (paper: 0.15); 0 = off. "
+            "Needs a pretrained start (--finetune-from-model or --restore-file); never on resume"
+        },
+    )
+    noisytune_param_include: str = field(
+        default=param_filters.ALL,
+        metadata={"help": "regex (re.search on parameter names) of tensors NoisyTune perturbs"},
+    )
+    noisytune_param_exclude: str = field(
+        default=param_filters.NOTHING, metadata={"help": "regex of tensors NoisyTune leaves alone ('' = none)"}
+    )
     # same meaning as the global options: interpolated, not flags
     lr: List[float] = II("optimization.lr")
     seed: int = II("common.seed")
@@ -57,35 +73,54 @@ class AdamaxNoisyTuneConfig(FairseqDataclass):
 class AdamaxPatsConfig(AdamaxNoisyTuneConfig):
     pats_noise: float = field(default=1e-6, metadata={"help": "PATS base noise std sigma; 0 = plain Adamax"})
     pats_beta: float = field(default=0.75, metadata={"help": "EMA decay beta of the sensitivity |theta*g|"})
-    pats_margin: float = field(default=5e-3, metadata={
-        "help": "kappa: no noise where sbar_W/(sbar_j+eps) < kappa (very sensitive entries); 0 = no margin"})
+    pats_margin: float = field(
+        default=5e-3,
+        metadata={"help": "kappa: no noise where sbar_W/(sbar_j+eps) < kappa (very sensitive entries); 0 = no margin"},
+    )
     pats_eps: float = field(default=1e-12, metadata={"help": "epsilon in sigma*sbar_W/(sbar_j+eps)"})
     pats_prob: float = field(default=0.5, metadata={"help": "Bernoulli probability that an entry gets noise"})
-    pats_noise_lr_scaled: bool = field(default=False, metadata={
-        "help": "multiply the noise by the current learning rate (reconstruction switch)"})
-    pats_ema_bias_correction: bool = field(default=False, metadata={
-        "help": "bias-correct the sensitivity EMA by 1/(1-beta^t) (reconstruction switch)"})
-    pats_max_ratio: Optional[float] = field(default=None, metadata={
-        "help": "cap on rho = sbar_W/(sbar_j+eps), i.e. noise std <= cap*sigma; default 1/--pats-margin "
-                "(no cap without a margin); 0 = uncapped, as in the paper"})
-    pats_param_include: str = field(default=param_filters.ENCODER_LAYERS, metadata={
-        "help": "regex (re.search on parameter names) of tensors PATS perturbs"})
-    pats_param_exclude: str = field(default=param_filters.LAYER_NORM, metadata={
-        "help": "regex of tensors PATS leaves alone (default: LayerNorm)"})
-    pats_log_stats: bool = field(default=False, metadata={
-        "help": "log the noise every update: pats_frac_noised, pats_frac_zeroed_by_margin, pats_ratio_max, "
-                "pats_frac_ratio_ge_1e<k>, pats_noise_max, pats_kick_max, pats_frac_kick_ge_<x> "
-                "(kick = |noise|/|theta|); --log-interval 1 for per-update values"})
+    pats_noise_lr_scaled: bool = field(
+        default=False, metadata={"help": "multiply the noise by the current learning rate (reconstruction switch)"}
+    )
+    pats_ema_bias_correction: bool = field(
+        default=False, metadata={"help": "bias-correct the sensitivity EMA by 1/(1-beta^t) (reconstruction switch)"}
+    )
+    pats_max_ratio: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "cap on rho = sbar_W/(sbar_j+eps), i.e. noise std <= cap*sigma; default 1/--pats-margin "
+            "(no cap without a margin); 0 = uncapped, as in the paper"
+        },
+    )
+    pats_param_include: str = field(
+        default=param_filters.ENCODER_LAYERS,
+        metadata={"help": "regex (re.search on parameter names) of tensors PATS perturbs"},
+    )
+    pats_param_exclude: str = field(
+        default=param_filters.LAYER_NORM, metadata={"help": "regex of tensors PATS leaves alone (default: LayerNorm)"}
+    )
+    pats_log_stats: bool = field(
+        default=False,
+        metadata={
+            "help": "log the noise every update: pats_frac_noised, pats_frac_zeroed_by_margin, pats_ratio_max, "
+            "pats_frac_ratio_ge_1e<k>, pats_noise_max, pats_kick_max, pats_frac_kick_ge_<x> "
+            "(kick = |noise|/|theta|); --log-interval 1 for per-update values"
+        },
+    )
 
 
 @dataclass
 class AdamaxSageConfig(AdamaxNoisyTuneConfig):
     sage_beta3: float = field(default=0.75, metadata={"help": "SAGE sensitivity EMA decay beta3"})
     sage_eps: float = field(default=1e-12, metadata={"help": "SAGE guard e^2 in |I-Ibar|/(Ibar+e^2)"})
-    sage_param_include: str = field(default=param_filters.ENCODER_LAYERS, metadata={
-        "help": "regex (re.search on parameter names) of tensors with SAGE learning rates"})
-    sage_param_exclude: str = field(default=param_filters.LAYER_NORM, metadata={
-        "help": "regex of tensors that keep plain Adamax (default: LayerNorm)"})
+    sage_param_include: str = field(
+        default=param_filters.ENCODER_LAYERS,
+        metadata={"help": "regex (re.search on parameter names) of tensors with SAGE learning rates"},
+    )
+    sage_param_exclude: str = field(
+        default=param_filters.LAYER_NORM,
+        metadata={"help": "regex of tensors that keep plain Adamax (default: LayerNorm)"},
+    )
 
 
 def parse_betas(flag: str, value) -> tuple:
@@ -95,8 +130,9 @@ def parse_betas(flag: str, value) -> tuple:
         except (ValueError, SyntaxError) as err:
             raise ValueError(f"{flag}: expected a pair like '(0.9, 0.999)', got {value!r}") from err
     betas = tuple(float(b) for b in value)
-    require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), flag,
-            f"expected two numbers in [0, 1), got {value!r}")
+    require(
+        len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), flag, f"expected two numbers in [0, 1), got {value!r}"
+    )
     return betas
 
 
@@ -118,29 +154,48 @@ class _SensitivityAdamaxOptimizer(FairseqOptimizer):
         params = list(params)
         self._validate(cfg)
         names = param_filters.names_for_params(params)
-        sensitive = self._select(names, params, f"--{self.prefix}-param-include",
-                                 f"--{self.prefix}-param-exclude",
-                                 getattr(cfg, f"{self.prefix}_param_include"),
-                                 getattr(cfg, f"{self.prefix}_param_exclude"),
-                                 needed=self._extras_active(cfg))
+        sensitive = self._select(
+            names,
+            params,
+            f"--{self.prefix}-param-include",
+            f"--{self.prefix}-param-exclude",
+            getattr(cfg, f"{self.prefix}_param_include"),
+            getattr(cfg, f"{self.prefix}_param_exclude"),
+            needed=self._extras_active(cfg),
+        )
         no_decay = self._no_weight_decay(names, params, cfg.weight_decay_exclude)
         self._noisytune_targets = []
         if cfg.noisytune_lambda > 0:
-            kind = start_kind(getattr(cfg, "restore_file", None), getattr(cfg, "finetune_from_model", None),
-                              getattr(cfg, "save_dir", "."))
-            require(kind != "scratch", "--noisytune-lambda",
-                    "NoisyTune perturbs a pretrained model once before fine-tuning; pass "
-                    "--finetune-from-model PATH or --restore-file PATH, or set it to 0")
-            mask = self._select(names, params, "--noisytune-param-include", "--noisytune-param-exclude",
-                                cfg.noisytune_param_include, cfg.noisytune_param_exclude, needed=True)
+            kind = start_kind(
+                getattr(cfg, "restore_file", None),
+                getattr(cfg, "finetune_from_model", None),
+                getattr(cfg, "save_dir", "."),
+            )
+            require(
+                kind != "scratch",
+                "--noisytune-lambda",
+                "NoisyTune perturbs a pretrained model once before fine-tuning; pass "
+                "--finetune-from-model PATH or --restore-file PATH, or set it to 0",
+            )
+            mask = self._select(
+                names,
+                params,
+                "--noisytune-param-include",
+                "--noisytune-param-exclude",
+                cfg.noisytune_param_include,
+                cfg.noisytune_param_exclude,
+                needed=True,
+            )
             self._noisytune_targets = [p for p, m in zip(params, mask) if m]
             self._start_kind = kind
         if names is not None and any(sensitive):
-            logger.info(f"{self.prefix}: {sum(sensitive)} of {len(params)} tensors selected, e.g. "
-                        f"{[n for n, s in zip(names, sensitive) if s][:3]}")
-        self._optimizer = self.torch_optimizer(params, sensitive, no_decay,
-                                               seed=int(getattr(cfg, "seed", 1) or 1),
-                                               **self.optimizer_config)
+            logger.info(
+                f"{self.prefix}: {sum(sensitive)} of {len(params)} tensors selected, e.g. "
+                f"{[n for n, s in zip(names, sensitive) if s][:3]}"
+            )
+        self._optimizer = self.torch_optimizer(
+            params, sensitive, no_decay, seed=int(getattr(cfg, "seed", 1) or 1), **self.optimizer_config
+        )
 
     # ------------------------------------------------------------ config
     def _extras_active(self, cfg) -> bool:
@@ -161,7 +216,8 @@ class _SensitivityAdamaxOptimizer(FairseqOptimizer):
                 f"{include_flag}: cannot map the optimizer's {len(params)} tensor(s) to parameter "
                 "names. Under --fp16 add --fp16-no-flatten-grads (one flat fp32 buffer has no "
                 "per-tensor names or means) or use --memory-efficient-fp16; outside fairseq-train "
-                "call robustft_common.param_filters.tag_parameter_names(model) first")
+                "call robustft_common.param_filters.tag_parameter_names(model) first"
+            )
         return param_filters.select(names, include, exclude, include_flag, exclude_flag)
 
     @staticmethod
@@ -175,13 +231,18 @@ class _SensitivityAdamaxOptimizer(FairseqOptimizer):
             raise ValueError(
                 f"{flag}: cannot map the optimizer's {len(params)} tensor(s) to parameter names. Under "
                 "--fp16 add --fp16-no-flatten-grads or use --memory-efficient-fp16; outside fairseq-train "
-                "call robustft_common.param_filters.tag_parameter_names(model) first")
+                "call robustft_common.param_filters.tag_parameter_names(model) first"
+            )
         mask = [bool(regex.search(n)) for n in names]
         if not any(mask):
-            raise ValueError(f"{flag} {pattern!r} matches no parameter; fix the regex. Parameter names "
-                             f"look like: {', '.join(names[:6])}, ...")
-        logger.info(f"weight decay off for {sum(mask)} of {len(params)} tensors ({flag}), e.g. "
-                    f"{[n for n, m in zip(names, mask) if m][:3]}")
+            raise ValueError(
+                f"{flag} {pattern!r} matches no parameter; fix the regex. Parameter names "
+                f"look like: {', '.join(names[:6])}, ..."
+            )
+        logger.info(
+            f"weight decay off for {sum(mask)} of {len(params)} tensors ({flag}), e.g. "
+            f"{[n for n, m in zip(names, mask) if m][:3]}"
+        )
         return mask
 
     @property
@@ -211,13 +272,17 @@ class _SensitivityAdamaxOptimizer(FairseqOptimizer):
         if not self._noisytune_targets:
             return
         if opt.global_state["updates"] > 0 or self._start_kind == "resume":
-            logger.warning("NoisyTune skipped: this run resumes training (optimizer state without "
-                           "the NoisyTune marker, e.g. --reset-optimizer); it is applied only once")
+            logger.warning(
+                "NoisyTune skipped: this run resumes training (optimizer state without "
+                "the NoisyTune marker, e.g. --reset-optimizer); it is applied only once"
+            )
             return
         report = opt.noisytune_(self.cfg.noisytune_lambda, self._noisytune_targets)
-        logger.info(f"NoisyTune applied (lambda={self.cfg.noisytune_lambda}): "
-                    f"{report['perturbed']} tensors perturbed, "
-                    f"{report['skipped_single_element']} one-element tensors skipped")
+        logger.info(
+            f"NoisyTune applied (lambda={self.cfg.noisytune_lambda}): "
+            f"{report['perturbed']} tensors perturbed, "
+            f"{report['skipped_single_element']} one-element tensors skipped"
+        )
 
     def zero_grad(self):
         self._maybe_noisytune()
@@ -233,6 +298,7 @@ class _SensitivityAdamaxOptimizer(FairseqOptimizer):
 @register_optimizer("adamax_pats", dataclass=AdamaxPatsConfig)
 class FairseqAdamaxPats(_SensitivityAdamaxOptimizer):
     """fairseq's Adamax + PATS sensitivity-aware parameter noise (Zhang et al., EMNLP 2022)."""
+
     torch_optimizer = PatsAdamax
     prefix = "pats"
 
@@ -251,16 +317,23 @@ class FairseqAdamaxPats(_SensitivityAdamaxOptimizer):
 
     def _method_config(self):
         cfg = self.cfg
-        return dict(pats_noise=cfg.pats_noise, pats_beta=cfg.pats_beta, pats_margin=cfg.pats_margin,
-                    pats_eps=cfg.pats_eps, pats_prob=cfg.pats_prob,
-                    pats_noise_lr_scaled=cfg.pats_noise_lr_scaled,
-                    pats_ema_bias_correction=cfg.pats_ema_bias_correction,
-                    pats_max_ratio=cfg.pats_max_ratio, log_stats=cfg.pats_log_stats)
+        return dict(
+            pats_noise=cfg.pats_noise,
+            pats_beta=cfg.pats_beta,
+            pats_margin=cfg.pats_margin,
+            pats_eps=cfg.pats_eps,
+            pats_prob=cfg.pats_prob,
+            pats_noise_lr_scaled=cfg.pats_noise_lr_scaled,
+            pats_ema_bias_correction=cfg.pats_ema_bias_correction,
+            pats_max_ratio=cfg.pats_max_ratio,
+            log_stats=cfg.pats_log_stats,
+        )
 
 
 @register_optimizer("adamax_sage", dataclass=AdamaxSageConfig)
 class FairseqAdamaxSage(_SensitivityAdamaxOptimizer):
     """fairseq's Adamax with SAGE sensitivity-guided element-wise learning rates (Liang et al., 2022)."""
+
     torch_optimizer = SageAdamax
     prefix = "sage"
 

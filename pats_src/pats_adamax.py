@@ -1,4 +1,5 @@
 """PATS (Zhang et al., EMNLP 2022): Adamax plus sensitivity-aware parameter noise in every update."""
+
 from __future__ import annotations
 
 import math
@@ -67,7 +68,7 @@ class NoiseStats:
         self.n += ratio.numel()
         self.margin += ratio.numel() - int((ratio >= kappa).sum())
         for i, k in enumerate(RATIO_DECADES):
-            self.ratio_ge[i] += int((ratio >= 10.0 ** k).sum())
+            self.ratio_ge[i] += int((ratio >= 10.0**k).sum())
         top = _finite_max(ratio)
         self.ratio_max = max(self.ratio_max, min(top, cap) if cap > 0 else top)  # = max of the capped
 
@@ -81,17 +82,33 @@ class NoiseStats:
 
     def summary(self) -> dict[str, float]:
         n = self.n
-        out = {"pats_frac_zeroed_by_margin": self.margin / n, "pats_frac_noised": self.kept / n,
-               "pats_ratio_max": self.ratio_max}
+        out = {
+            "pats_frac_zeroed_by_margin": self.margin / n,
+            "pats_frac_noised": self.kept / n,
+            "pats_ratio_max": self.ratio_max,
+        }
         out.update({f"pats_frac_ratio_ge_1e{k}": c / n for k, c in zip(RATIO_DECADES, self.ratio_ge)})
         out.update({"pats_noise_max": self.noise_max, "pats_kick_max": self.kick_max})
         out.update({f"pats_frac_kick_ge_{level:g}": c / n for level, c in zip(KICK_LEVELS, self.kick_ge)})
         return out
 
 
-def _bucket_noise(params: list[Tensor], emas: list[Tensor], means: Tensor, counts: Tensor,
-                  corr: Tensor | None, z: Tensor, u: Tensor, *, sigma: float, kappa: float, prob: float,
-                  eps: float, cap: float, stats: NoiseStats | None = None) -> None:
+def _bucket_noise(
+    params: list[Tensor],
+    emas: list[Tensor],
+    means: Tensor,
+    counts: Tensor,
+    corr: Tensor | None,
+    z: Tensor,
+    u: Tensor,
+    *,
+    sigma: float,
+    kappa: float,
+    prob: float,
+    eps: float,
+    cap: float,
+    stats: NoiseStats | None = None,
+) -> None:
     """theta += keep * z * sigma * ratio for one bucket as flat tensors (few, large kernels: the
     accelerator path); `z`, `u` are consumed."""
     ema_flat = torch.cat([e.reshape(-1) for e in emas])
@@ -113,10 +130,23 @@ def _bucket_noise(params: list[Tensor], emas: list[Tensor], means: Tensor, count
     torch._foreach_add_(params, [c.view_as(w) for c, w in zip(noise.split(counts.tolist()), params)])
 
 
-def _add_noise(params: list[Tensor], emas: list[Tensor], steps: list[int], *, generator: torch.Generator,
-               sigma: float, beta: float, kappa: float, prob: float, eps: float, cap: float,
-               ema_bias_correction: bool, chunk_numel: int, workspace: cpu_chunked.Workspace,
-               stats: NoiseStats | None = None) -> None:
+def _add_noise(
+    params: list[Tensor],
+    emas: list[Tensor],
+    steps: list[int],
+    *,
+    generator: torch.Generator,
+    sigma: float,
+    beta: float,
+    kappa: float,
+    prob: float,
+    eps: float,
+    cap: float,
+    ema_bias_correction: bool,
+    chunk_numel: int,
+    workspace: cpu_chunked.Workspace,
+    stats: NoiseStats | None = None,
+) -> None:
     """PATS noise on `params` in buckets: per bucket z ~ N(0,1)^n then u ~ U[0,1)^n from `generator`
     (n = bucket numel; this draw order is what DDP replicas and resumed runs rely on)."""
     device = params[0].device
@@ -127,8 +157,7 @@ def _add_noise(params: list[Tensor], emas: list[Tensor], steps: list[int], *, ge
         counts = torch.tensor([numels[i] for i in bucket], device=device)
         corr = None
         if ema_bias_correction:
-            corr = torch.tensor([1 / (1 - beta ** steps[i]) for i in bucket], device=device,
-                                dtype=torch.float32)
+            corr = torch.tensor([1 / (1 - beta ** steps[i]) for i in bucket], device=device, dtype=torch.float32)
         # per-tensor mean of sbar (sbar >= 0, so the L1 norm is the sum)
         means = torch.stack(torch._foreach_norm(ema, 1)).float() / counts
         n = int(sum(numels[i] for i in bucket))
@@ -136,14 +165,40 @@ def _add_noise(params: list[Tensor], emas: list[Tensor], steps: list[int], *, ge
         if chunked:  # reused buffers: the same values as fresh tensors from the same generator
             z = torch.randn(n, generator=generator, out=workspace.buffer("z", n, device=device))
             u = torch.rand(n, generator=generator, out=workspace.buffer("u", n, device=device))
-            cpu_chunked.bucket_noise(bucket_params, ema, means, corr, z, u, sigma=sigma, kappa=kappa,
-                                     prob=prob, eps=eps, cap=cap, chunk_numel=chunk_numel,
-                                     workspace=workspace, stats=stats)
+            cpu_chunked.bucket_noise(
+                bucket_params,
+                ema,
+                means,
+                corr,
+                z,
+                u,
+                sigma=sigma,
+                kappa=kappa,
+                prob=prob,
+                eps=eps,
+                cap=cap,
+                chunk_numel=chunk_numel,
+                workspace=workspace,
+                stats=stats,
+            )
         else:
             z = torch.randn(n, generator=generator, device=device, dtype=torch.float32)
             u = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
-            _bucket_noise(bucket_params, ema, means, counts, corr, z, u, sigma=sigma, kappa=kappa,
-                          prob=prob, eps=eps, cap=cap, stats=stats)
+            _bucket_noise(
+                bucket_params,
+                ema,
+                means,
+                counts,
+                corr,
+                z,
+                u,
+                sigma=sigma,
+                kappa=kappa,
+                prob=prob,
+                eps=eps,
+                cap=cap,
+                stats=stats,
+            )
 
 
 class PatsAdamax(SensitivityAdamax):
@@ -172,17 +227,41 @@ class PatsAdamax(SensitivityAdamax):
         log_stats: measure the noise (`NoiseStats`) into `last_stats` every step (a few reductions).
     """
 
-    def __init__(self, params, sensitive=None, no_weight_decay=None, *, pats_noise: float = 1e-6,
-                 pats_beta: float = 0.75, pats_margin: float = 5e-3, pats_eps: float = 1e-12,
-                 pats_prob: float = 0.5, pats_noise_lr_scaled: bool = False,
-                 pats_ema_bias_correction: bool = False, pats_max_ratio: float | None = None,
-                 log_stats: bool = False, **adamax):
+    def __init__(
+        self,
+        params,
+        sensitive=None,
+        no_weight_decay=None,
+        *,
+        pats_noise: float = 1e-6,
+        pats_beta: float = 0.75,
+        pats_margin: float = 5e-3,
+        pats_eps: float = 1e-12,
+        pats_prob: float = 0.5,
+        pats_noise_lr_scaled: bool = False,
+        pats_ema_bias_correction: bool = False,
+        pats_max_ratio: float | None = None,
+        log_stats: bool = False,
+        **adamax,
+    ):
         if pats_max_ratio is None:
             pats_max_ratio = default_max_ratio(pats_margin)
-        super().__init__(params, sensitive, no_weight_decay, method_defaults=dict(
-            pats_noise=pats_noise, pats_beta=pats_beta, pats_margin=pats_margin, pats_eps=pats_eps,
-            pats_prob=pats_prob, pats_noise_lr_scaled=pats_noise_lr_scaled,
-            pats_ema_bias_correction=pats_ema_bias_correction, pats_max_ratio=pats_max_ratio), **adamax)
+        super().__init__(
+            params,
+            sensitive,
+            no_weight_decay,
+            method_defaults=dict(
+                pats_noise=pats_noise,
+                pats_beta=pats_beta,
+                pats_margin=pats_margin,
+                pats_eps=pats_eps,
+                pats_prob=pats_prob,
+                pats_noise_lr_scaled=pats_noise_lr_scaled,
+                pats_ema_bias_correction=pats_ema_bias_correction,
+                pats_max_ratio=pats_max_ratio,
+            ),
+            **adamax,
+        )
         self.log_stats = log_stats
         self.cpu_chunk_numel = cpu_chunked.CPU_CHUNK_NUMEL  # 0 = the flat kernels on CPU too
         self._workspaces: dict[torch.device, cpu_chunked.Workspace] = {}
@@ -213,17 +292,35 @@ class PatsAdamax(SensitivityAdamax):
         params32, emas = tensors.params32, tensors.state_list("sensitivity")
         device = params32[0].device
         if cpu_chunked.applies(self.cpu_chunk_numel, params32 + emas):
-            cpu_chunked.sensitivity_ema(params32, tensors.grads, emas, beta=group["pats_beta"],
-                                        chunk_numel=self.cpu_chunk_numel, workspace=self._workspace(device))
+            cpu_chunked.sensitivity_ema(
+                params32,
+                tensors.grads,
+                emas,
+                beta=group["pats_beta"],
+                chunk_numel=self.cpu_chunk_numel,
+                workspace=self._workspace(device),
+            )
         else:
             kernel(_single_tensor_sensitivity, _multi_tensor_sensitivity, params32, self.foreach)(
-                params32, tensors.grads, emas, beta=group["pats_beta"])
+                params32, tensors.grads, emas, beta=group["pats_beta"]
+            )
         self.adamax_update(group, tensors)
         sigma = group["pats_noise"]
         if group["pats_noise_lr_scaled"]:
             sigma = sigma * group["lr"]
-        _add_noise(params32, emas, [s["step"] for s in tensors.states],
-                   generator=self._noise_generator(device), sigma=sigma, beta=group["pats_beta"],
-                   kappa=group["pats_margin"], prob=group["pats_prob"], eps=group["pats_eps"],
-                   cap=group["pats_max_ratio"], ema_bias_correction=group["pats_ema_bias_correction"],
-                   chunk_numel=self.cpu_chunk_numel, workspace=self._workspace(device), stats=self._stats)
+        _add_noise(
+            params32,
+            emas,
+            [s["step"] for s in tensors.states],
+            generator=self._noise_generator(device),
+            sigma=sigma,
+            beta=group["pats_beta"],
+            kappa=group["pats_margin"],
+            prob=group["pats_prob"],
+            eps=group["pats_eps"],
+            cap=group["pats_max_ratio"],
+            ema_bias_correction=group["pats_ema_bias_correction"],
+            chunk_numel=self.cpu_chunk_numel,
+            workspace=self._workspace(device),
+            stats=self._stats,
+        )

@@ -1,4 +1,5 @@
 """SAGE (Liang et al., ICLR 2022): Adamax with sensitivity-guided element-wise learning rates."""
+
 from __future__ import annotations
 
 import torch
@@ -15,10 +16,22 @@ from pats_src.sensitivity_adamax import (
 )
 
 
-def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                        exp_infs: list[Tensor], sens: list[Tensor], emas: list[Tensor],
-                        corrections: list[float], *, beta1: float, beta2: float, lr: float,
-                        weight_decay: float, eps: float, sage_eps: float) -> None:
+def _single_tensor_sage(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_infs: list[Tensor],
+    sens: list[Tensor],
+    emas: list[Tensor],
+    corrections: list[float],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    sage_eps: float,
+) -> None:
     """theta -= lr * |I - Ibar| / (Ibar + e^2) * (m / (u + eps) * c + wd * theta)."""
     _single_tensor_moments(grads, exp_avgs, exp_infs, beta1=beta1, beta2=beta2)
     for w, s, ibar, m, u, c in zip(params, sens, emas, exp_avgs, exp_infs, corrections):
@@ -29,10 +42,22 @@ def _single_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
         w.addcmul_(factor, direction, value=-lr)
 
 
-def _multi_tensor_sage(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                       exp_infs: list[Tensor], sens: list[Tensor], emas: list[Tensor],
-                       corrections: list[float], *, beta1: float, beta2: float, lr: float,
-                       weight_decay: float, eps: float, sage_eps: float) -> None:
+def _multi_tensor_sage(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_infs: list[Tensor],
+    sens: list[Tensor],
+    emas: list[Tensor],
+    corrections: list[float],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+    sage_eps: float,
+) -> None:
     _multi_tensor_moments(grads, exp_avgs, exp_infs, beta1=beta1, beta2=beta2)
     factor = torch._foreach_sub(sens, emas)
     torch._foreach_abs_(factor)
@@ -65,21 +90,41 @@ class SageAdamax(SensitivityAdamax):
         sage_eps: the guard e2 (SAGE's e^2 = 1e-12).
     """
 
-    def __init__(self, params, sensitive=None, no_weight_decay=None, *, sage_beta3: float = 0.75,
-                 sage_eps: float = 1e-12, **adamax):
-        super().__init__(params, sensitive, no_weight_decay,
-                         method_defaults=dict(sage_beta3=sage_beta3, sage_eps=sage_eps), **adamax)
+    def __init__(
+        self,
+        params,
+        sensitive=None,
+        no_weight_decay=None,
+        *,
+        sage_beta3: float = 0.75,
+        sage_eps: float = 1e-12,
+        **adamax,
+    ):
+        super().__init__(
+            params, sensitive, no_weight_decay, method_defaults=dict(sage_beta3=sage_beta3, sage_eps=sage_eps), **adamax
+        )
 
     def _update_group(self, group, tensors: GroupTensors) -> None:
         if not group["sensitive"]:
             return self.adamax_update(group, tensors)
         params32, emas = tensors.params32, tensors.state_list("sensitivity")
         sens = kernel(_single_tensor_sensitivity, _multi_tensor_sensitivity, params32, self.foreach)(
-            params32, tensors.grads, emas, beta=group["sage_beta3"])
+            params32, tensors.grads, emas, beta=group["sage_beta3"]
+        )
         beta1, beta2 = group["betas"]
-        corrections = [1 / (1 - beta1 ** s["step"]) if group["bias_correction"] else 1.0
-                       for s in tensors.states]
+        corrections = [1 / (1 - beta1 ** s["step"]) if group["bias_correction"] else 1.0 for s in tensors.states]
         kernel(_single_tensor_sage, _multi_tensor_sage, params32, self.foreach)(
-            params32, tensors.grads, tensors.state_list("exp_avg"), tensors.state_list("exp_inf"), sens,
-            emas, corrections, beta1=beta1, beta2=beta2, lr=group["lr"],
-            weight_decay=group["weight_decay"], eps=group["eps"], sage_eps=group["sage_eps"])
+            params32,
+            tensors.grads,
+            tensors.state_list("exp_avg"),
+            tensors.state_list("exp_inf"),
+            sens,
+            emas,
+            corrections,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            sage_eps=group["sage_eps"],
+        )

@@ -6,6 +6,7 @@ module-level kernels, each in a per-tensor (`_single_tensor_*`) and a foreach (`
 version with the same values, chosen by one dispatcher (`kernel`). The optimizer classes only gather
 tensors and state and call kernels.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -20,12 +21,10 @@ _SEED_MIX = 0x9E3779B97F4A7C15
 
 def update_seed(seed: int, update: int, stream: int = 0) -> int:
     """A 63-bit seed that differs for every (seed, update, stream) and is the same on every rank."""
-    return (((seed + 1) * _SEED_MIX) ^ (update * 0xBF58476D1CE4E5B9) ^ (stream * 0x94D049BB133111EB)) \
-        % (1 << 63)
+    return (((seed + 1) * _SEED_MIX) ^ (update * 0xBF58476D1CE4E5B9) ^ (stream * 0x94D049BB133111EB)) % (1 << 63)
 
 
-def kernel(single_tensor: Callable, multi_tensor: Callable, params: Sequence[Tensor],
-           foreach: bool | None) -> Callable:
+def kernel(single_tensor: Callable, multi_tensor: Callable, params: Sequence[Tensor], foreach: bool | None) -> Callable:
     """The one dispatcher: the foreach kernel, or the per-tensor one. `foreach=None` picks foreach when
     every tensor is on one device (torch's foreach ops need a single device per list)."""
     if foreach is None:
@@ -34,25 +33,37 @@ def kernel(single_tensor: Callable, multi_tensor: Callable, params: Sequence[Ten
 
 
 # ----------------------------------------------------------------------------------- Adamax kernels
-def _single_tensor_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_infs: list[Tensor], *,
-                           beta1: float, beta2: float) -> None:
+def _single_tensor_moments(
+    grads: list[Tensor], exp_avgs: list[Tensor], exp_infs: list[Tensor], *, beta1: float, beta2: float
+) -> None:
     """m <- beta1 m + (1 - beta1) g;  u <- max(beta2 u, |g|)  (fairseq/optim/adamax.py:148-155)."""
     for m, u, g in zip(exp_avgs, exp_infs, grads):
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         torch.max(u.mul_(beta2), g.abs(), out=u)
 
 
-def _multi_tensor_moments(grads: list[Tensor], exp_avgs: list[Tensor], exp_infs: list[Tensor], *,
-                          beta1: float, beta2: float) -> None:
+def _multi_tensor_moments(
+    grads: list[Tensor], exp_avgs: list[Tensor], exp_infs: list[Tensor], *, beta1: float, beta2: float
+) -> None:
     torch._foreach_mul_(exp_avgs, beta1)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
     torch._foreach_mul_(exp_infs, beta2)
     torch._foreach_maximum_(exp_infs, torch._foreach_abs(grads))
 
 
-def _single_tensor_adamax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                          exp_infs: list[Tensor], step_sizes: list[float], *, beta1: float, beta2: float,
-                          lr: float, weight_decay: float, eps: float) -> None:
+def _single_tensor_adamax(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_infs: list[Tensor],
+    step_sizes: list[float],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+) -> None:
     """fairseq's Adamax update (fairseq/optim/adamax.py:147-167): decoupled decay with the plain lr,
     then theta -= step_size * m / (u + eps)."""
     _single_tensor_moments(grads, exp_avgs, exp_infs, beta1=beta1, beta2=beta2)
@@ -62,9 +73,19 @@ def _single_tensor_adamax(params: list[Tensor], grads: list[Tensor], exp_avgs: l
         w.addcdiv_(m, u.add(eps), value=-step_size)
 
 
-def _multi_tensor_adamax(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                         exp_infs: list[Tensor], step_sizes: list[float], *, beta1: float, beta2: float,
-                         lr: float, weight_decay: float, eps: float) -> None:
+def _multi_tensor_adamax(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_infs: list[Tensor],
+    step_sizes: list[float],
+    *,
+    beta1: float,
+    beta2: float,
+    lr: float,
+    weight_decay: float,
+    eps: float,
+) -> None:
     _multi_tensor_moments(grads, exp_avgs, exp_infs, beta1=beta1, beta2=beta2)
     if weight_decay != 0:
         torch._foreach_add_(params, params, alpha=-weight_decay * lr)
@@ -73,8 +94,9 @@ def _multi_tensor_adamax(params: list[Tensor], grads: list[Tensor], exp_avgs: li
 
 
 # ------------------------------------------------------------------------------ sensitivity kernels
-def _single_tensor_sensitivity(params: list[Tensor], grads: list[Tensor], emas: list[Tensor], *,
-                               beta: float) -> list[Tensor]:
+def _single_tensor_sensitivity(
+    params: list[Tensor], grads: list[Tensor], emas: list[Tensor], *, beta: float
+) -> list[Tensor]:
     """s = |theta * g| (theta before the step, as SAGE);  sbar <- beta sbar + (1 - beta) s.
     Returns s (SAGE needs it)."""
     sens = [(w * g).abs_() for w, g in zip(params, grads)]
@@ -83,8 +105,9 @@ def _single_tensor_sensitivity(params: list[Tensor], grads: list[Tensor], emas: 
     return sens
 
 
-def _multi_tensor_sensitivity(params: list[Tensor], grads: list[Tensor], emas: list[Tensor], *,
-                              beta: float) -> list[Tensor]:
+def _multi_tensor_sensitivity(
+    params: list[Tensor], grads: list[Tensor], emas: list[Tensor], *, beta: float
+) -> list[Tensor]:
     sens = torch._foreach_mul(params, grads)
     torch._foreach_abs_(sens)
     torch._foreach_mul_(emas, beta)
@@ -97,6 +120,7 @@ def _multi_tensor_sensitivity(params: list[Tensor], grads: list[Tensor], emas: l
 class GroupTensors:
     """What one step of one parameter group works on: parameters with a gradient, their fp32 views
     (copies for fp16/bf16 parameters, written back after the step), gradients (fp32) and state."""
+
     params: list[Tensor]
     params32: list[Tensor]
     grads: list[Tensor]
@@ -137,25 +161,40 @@ class SensitivityAdamax(torch.optim.Optimizer):
     # Per-tensor means and name-based selection are meaningless on one flat fp32 buffer.
     supports_flat_params = False
 
-    def __init__(self, params, sensitive: Sequence[bool] | None = None,
-                 no_weight_decay: Sequence[bool] | None = None, *, lr: float = 2e-3,
-                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 bias_correction: bool = True, seed: int = 1, foreach: bool | None = None,
-                 method_defaults: dict | None = None):
+    def __init__(
+        self,
+        params,
+        sensitive: Sequence[bool] | None = None,
+        no_weight_decay: Sequence[bool] | None = None,
+        *,
+        lr: float = 2e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+        seed: int = 1,
+        foreach: bool | None = None,
+        method_defaults: dict | None = None,
+    ):
         params = list(params)
         if params and isinstance(params[0], dict):
             raise ValueError(f"{type(self).__name__} takes a list of tensors (selection via `sensitive`)")
         sensitive = self._mask("sensitive", sensitive, len(params))
         no_decay = self._mask("no_weight_decay", no_weight_decay, len(params))
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, **(method_defaults or {}))
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            **(method_defaults or {}),
+        )
         # Group order: sensitive first (the layout checkpoints of earlier versions have when no tensor
         # is exempt from decay: fairseq's optimizer state indexes tensors across groups in order).
         groups = []
         for is_sensitive in (True, False):
             for exempt in (False, True):
-                members = [p for p, s, d in zip(params, sensitive, no_decay)
-                           if s == is_sensitive and d == exempt]
+                members = [p for p, s, d in zip(params, sensitive, no_decay) if s == is_sensitive and d == exempt]
                 if members:
                     group = {"params": members, "sensitive": is_sensitive}
                     if exempt:
@@ -258,9 +297,17 @@ class SensitivityAdamax(torch.optim.Optimizer):
     def adamax_update(self, group, tensors: GroupTensors) -> None:
         beta1, beta2 = group["betas"]
         kernel(_single_tensor_adamax, _multi_tensor_adamax, tensors.params32, self.foreach)(
-            tensors.params32, tensors.grads, tensors.state_list("exp_avg"), tensors.state_list("exp_inf"),
+            tensors.params32,
+            tensors.grads,
+            tensors.state_list("exp_avg"),
+            tensors.state_list("exp_inf"),
             self.step_sizes(group, tensors),
-            beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"])
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+        )
 
     @staticmethod
     def step_sizes(group, tensors: GroupTensors) -> list[float]:
@@ -279,8 +326,7 @@ class SensitivityAdamax(torch.optim.Optimizer):
         skipped. Uniforms come from a generator seeded from (seed, stream 1), tensor by tensor in
         parameter-group order, so every replica perturbs identically.
         """
-        targets = list(selected) if selected is not None else [
-            p for g in self.param_groups for p in g["params"]]
+        targets = list(selected) if selected is not None else [p for g in self.param_groups for p in g["params"]]
         report = {"perturbed": 0, "skipped_single_element": 0}
         seeded = set()
         for p in targets:

@@ -1,5 +1,6 @@
 """The umbrella fairseq user dir: `--user-dir robustft` registers the components of all four methods,
 so one run can combine them (e.g. HyPe perturbation + the R3F criterion + the adamax_pats optimizer)."""
+
 import hf2fairseq  # noqa: F401  (arch hf_bert: converted BERT-family checkpoints)
 import hype_src  # noqa: F401
 import hyperdecoder_src  # noqa: F401

@@ -4,6 +4,7 @@ Importing this package checks the installed fairseq and applies the plugin's fai
 in `fairseq_patches.py` (checkpoint loading under torch's weights_only, spectral-normalised heads,
 optimizer parameter names, clean exit).
 """
+
 from robustft_common.compat import check_fairseq
 
 check_fairseq()

@@ -1,5 +1,6 @@
 """fairseq version check, and the types fairseq checkpoints may pickle under torch>=2.6 `weights_only` loading
 (registered by `fairseq_patches.allow_checkpoint_globals`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,14 +20,16 @@ def check_fairseq() -> None:
     try:
         import fairseq
     except ImportError as err:
-        raise ImportError(f"robustft needs fairseq>={MIN_FAIRSEQ}, which is not importable ({err}); "
-                          f"{INSTALL_HINT}") from err
+        raise ImportError(
+            f"robustft needs fairseq>={MIN_FAIRSEQ}, which is not importable ({err}); {INSTALL_HINT}"
+        ) from err
     from packaging.version import Version
 
     version = getattr(fairseq, "__version__", "0")
     if Version(version) < Version(MIN_FAIRSEQ):
-        raise ImportError(f"robustft needs fairseq>={MIN_FAIRSEQ}, found {version} at "
-                          f"{fairseq.__file__}; {INSTALL_HINT}")
+        raise ImportError(
+            f"robustft needs fairseq>={MIN_FAIRSEQ}, found {version} at {fairseq.__file__}; {INSTALL_HINT}"
+        )
 
 
 def checkpoint_safe_globals() -> list:
@@ -46,16 +49,31 @@ def checkpoint_safe_globals() -> list:
         # every checkpoint: `args` (fairseq/checkpoint_utils.py:340)
         argparse.Namespace,
         # configs broadcast between ranks are pickled DictConfigs (fairseq/distributed/utils.py:805)
-        DictConfig, ListConfig, ContainerMetadata, Metadata,
-        AnyNode, BooleanNode, EnumNode, FloatNode, IntegerNode, StringNode,
-        typing.Any, collections.defaultdict,
+        DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,
+        BooleanNode,
+        EnumNode,
+        FloatNode,
+        IntegerNode,
+        StringNode,
+        typing.Any,
+        collections.defaultdict,
         # numpy scalars/dtypes (e.g. a best-metric value) in checkpoints of released models (#5603)
-        np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType, np.dtypes.Int64DType,
+        np.dtype,
+        np.dtypes.Float64DType,
+        np.dtypes.Float32DType,
+        np.dtypes.Int64DType,
         np._core.multiarray.scalar,
         # with >1 rank, rank 0 broadcasts the loaded state (fairseq/distributed/utils.py:805-811):
         # the rebuilt DictConfig's metadata references these builtins, and tensors travel separately
         # behind placeholders
-        dict, int, list, _TensorPlaceholder,
+        dict,
+        int,
+        list,
+        _TensorPlaceholder,
     ]
     return safe
 

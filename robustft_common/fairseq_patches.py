@@ -9,6 +9,7 @@ same run without it (tested there): the patches only act when a checkpoint is re
 classification heads (which stock fairseq cannot reload), around optimizer construction (names published,
 nothing changed) and at process exit.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -60,6 +61,7 @@ def explain_refused_checkpoints() -> None:
                 return original(path, *args, **kwargs)
             except pickle.UnpicklingError as err:
                 raise pickle.UnpicklingError(refusal_message(path, err)) from None
+
         return load_checkpoint_to_cpu
 
     _wrap(checkpoint_utils, "load_checkpoint_to_cpu", make)
@@ -68,11 +70,13 @@ def explain_refused_checkpoints() -> None:
 def refusal_message(path, err: Exception) -> str:
     found = re.search(r"GLOBAL (\S+)", str(err))
     what = found.group(1) if found else "an object torch's weights_only loader refuses"
-    return (f"refusing to load checkpoint {path}: it pickles {what}, which is not part of a fairseq "
-            f"checkpoint. robustft loads checkpoints with torch weights_only=True and the allow-list in "
-            f"robustft_common/compat.py. If this is a genuine checkpoint of another fairseq version, report "
-            f"that global so the list can be extended; do not disable weights_only or allow-list it for a "
-            f"file you did not produce.")
+    return (
+        f"refusing to load checkpoint {path}: it pickles {what}, which is not part of a fairseq "
+        f"checkpoint. robustft loads checkpoints with torch weights_only=True and the allow-list in "
+        f"robustft_common/compat.py. If this is a genuine checkpoint of another fairseq version, report "
+        f"that global so the list can be extended; do not disable weights_only or allow-list it for a "
+        f"file you did not produce."
+    )
 
 
 def publish_trainer_param_names() -> None:
@@ -89,6 +93,7 @@ def publish_trainer_param_names() -> None:
         def _build_optimizer(self):
             with param_filters.publish_param_names(param_filters.trainer_named_params(self)):
                 return original(self)
+
         return _build_optimizer
 
     _wrap(Trainer, "_build_optimizer", make)
@@ -113,6 +118,7 @@ def reload_spectral_norm_heads() -> None:
             original(self, state_dict, name)
             spectral_norm_heads.remove_aliases(state_dict, aliases)
             spectral_norm_heads.match_model_form(self, state_dict, prefix)
+
         return upgrade_state_dict_named
 
     for cls in (RobertaModel, BARTModel):
@@ -138,6 +144,7 @@ def r4f_dense_spectral_norm() -> None:
             original(self, name, *args, **kwargs)
             if spectral_norm_heads.dense_norm_requested(self.args):
                 spectral_norm_heads.normalise_dense(self.args, self.classification_heads[name])
+
         return register_classification_head
 
     for cls in (RobertaModel, BARTModel):

@@ -5,6 +5,7 @@ Count-based forms exist because fairseq sums logging outputs across data-paralle
 `reduce_metrics`; a confusion matrix and the moments (n, Σx, Σy, Σx², Σy², Σxy) sum correctly where
 lists of predictions do not (fairseq's stock criterion crashes there with >1 process).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,10 @@ def accuracy(preds: Sequence, targets: Sequence) -> float:
 def confusion_counts(preds: Sequence, targets: Sequence, positive=1) -> dict[str, int]:
     preds, targets = np.asarray(preds) == positive, np.asarray(targets) == positive
     return {
-        "tp": int((preds & targets).sum()), "fp": int((preds & ~targets).sum()),
-        "fn": int((~preds & targets).sum()), "tn": int((~preds & ~targets).sum()),
+        "tp": int((preds & targets).sum()),
+        "fp": int((preds & ~targets).sum()),
+        "fn": int((~preds & targets).sum()),
+        "tn": int((~preds & ~targets).sum()),
     }
 
 
@@ -58,8 +61,7 @@ def pearson_from_moments(n, sx, sy, sxx, syy, sxy) -> float:
 
 def moments(preds, targets) -> dict[str, float]:
     x, y = np.asarray(preds, dtype=np.float64), np.asarray(targets, dtype=np.float64)
-    return {"n": len(x), "sx": x.sum(), "sy": y.sum(), "sxx": (x * x).sum(), "syy": (y * y).sum(),
-            "sxy": (x * y).sum()}
+    return {"n": len(x), "sx": x.sum(), "sy": y.sum(), "sxx": (x * x).sum(), "syy": (y * y).sum(), "sxy": (x * y).sum()}
 
 
 def pearson(preds, targets) -> float:

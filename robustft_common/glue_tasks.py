@@ -19,6 +19,7 @@ Facts and their sources:
   MCC where that is the metric), counted on the GLUE dev files here; None where the files are absent.
   A run at this level has learned nothing.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -74,12 +75,32 @@ class GlueTask:
 
 
 _MNLI_TRAIN_HEADER = (
-    "index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-    "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label",
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+    "label1",
+    "gold_label",
 )
 _MNLI_DEV_HEADER = _MNLI_TRAIN_HEADER[:-1] + ("label2", "label3", "label4", "label5", "gold_label")
-_STSB_HEADER = ("index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
-                "sentence2", "score")
+_STSB_HEADER = (
+    "index",
+    "genre",
+    "filename",
+    "year",
+    "old_index",
+    "source1",
+    "source2",
+    "sentence1",
+    "sentence2",
+    "score",
+)
 _MRPC_HEADER = ("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
 _PAIR_HEADER = ("index", "sentence1", "sentence2")
 
@@ -99,57 +120,135 @@ ACC_AND_F1 = ("--report-acc-and-f1",)
 # GLUE's own task order (Wang et al., 2019, Table 1); the report uses REPORT_ORDER below.
 _TASK_LIST = (
     GlueTask(
-        "CoLA", "cola", ("sentence",), ("0", "1"), ("unacceptable", "acceptable"), ("mcc",), "mcc",
+        "CoLA",
+        "cola",
+        ("sentence",),
+        ("0", "1"),
+        ("unacceptable", "acceptable"),
+        ("mcc",),
+        "mcc",
         ("--report-mcc",),
         _files(FileLayout(4, (3,), 1, None), FileLayout(2, (1,), None, ("index", "sentence"))),
-        positive_class=1, dev_majority={"accuracy": 100 * 721 / 1043, "mcc": 0.0}),  # acceptable 721 of 1043
+        positive_class=1,
+        dev_majority={"accuracy": 100 * 721 / 1043, "mcc": 0.0},
+    ),  # acceptable 721 of 1043
     GlueTask(
-        "SST-2", "sst2", ("sentence",), ("0", "1"), ("negative", "positive"), ("accuracy",), "accuracy", (),
+        "SST-2",
+        "sst2",
+        ("sentence",),
+        ("0", "1"),
+        ("negative", "positive"),
+        ("accuracy",),
+        "accuracy",
+        (),
         _files(FileLayout(2, (0,), 1, ("sentence", "label")), FileLayout(2, (1,), None, ("index", "sentence"))),
-        dev_majority={"accuracy": 100 * 444 / 872}),  # positive 444 of 872
+        dev_majority={"accuracy": 100 * 444 / 872},
+    ),  # positive 444 of 872
     GlueTask(
-        "MRPC", "mrpc", ("sentence1", "sentence2"), ("0", "1"), ("not_equivalent", "equivalent"),
-        ("f1", "accuracy"), "f1", ACC_AND_F1,
+        "MRPC",
+        "mrpc",
+        ("sentence1", "sentence2"),
+        ("0", "1"),
+        ("not_equivalent", "equivalent"),
+        ("f1", "accuracy"),
+        "f1",
+        ACC_AND_F1,
         _files(FileLayout(5, (3, 4), 0, _MRPC_HEADER), FileLayout(5, (3, 4), None, ("index",) + _MRPC_HEADER[1:])),
         positive_class=1,
         # equivalent 279 of 408: accuracy 279/408, F1 = 2*279 / (2*279 + 129)
-        dev_majority={"accuracy": 100 * 279 / 408, "f1": 100 * 558 / 687}),
+        dev_majority={"accuracy": 100 * 279 / 408, "f1": 100 * 558 / 687},
+    ),
     GlueTask(
-        "STS-B", "stsb", ("sentence1", "sentence2"), None, None, ("pearson", "spearman"), "pearson",
+        "STS-B",
+        "stsb",
+        ("sentence1", "sentence2"),
+        None,
+        None,
+        ("pearson", "spearman"),
+        "pearson",
         ("--report-pearson-and-spearman",),
         _files(FileLayout(10, (7, 8), 9, _STSB_HEADER), FileLayout(9, (7, 8), None, _STSB_HEADER[:-1])),
-        dev_majority={"pearson": 0.0, "spearman": 0.0}),  # a constant prediction: correlation 0 (undefined)
+        dev_majority={"pearson": 0.0, "spearman": 0.0},
+    ),  # a constant prediction: correlation 0 (undefined)
     GlueTask(
-        "QQP", "qqp", ("question1", "question2"), ("0", "1"), ("not_duplicate", "duplicate"),
-        ("f1", "accuracy"), "accuracy", ACC_AND_F1,
-        _files(FileLayout(6, (3, 4), 5, ("id", "qid1", "qid2", "question1", "question2", "is_duplicate")),
-               FileLayout(3, (1, 2), None, ("id", "question1", "question2"))),
-        positive_class=1),
+        "QQP",
+        "qqp",
+        ("question1", "question2"),
+        ("0", "1"),
+        ("not_duplicate", "duplicate"),
+        ("f1", "accuracy"),
+        "accuracy",
+        ACC_AND_F1,
+        _files(
+            FileLayout(6, (3, 4), 5, ("id", "qid1", "qid2", "question1", "question2", "is_duplicate")),
+            FileLayout(3, (1, 2), None, ("id", "question1", "question2")),
+        ),
+        positive_class=1,
+    ),
     GlueTask(
-        "MNLI", "mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"),
-        ("entailment", "neutral", "contradiction"), ("accuracy",), "accuracy", (),
-        {"train": (("train.tsv", _MNLI_TRAIN),),
-         "valid": (("dev_matched.tsv", _MNLI_DEV), ("dev_mismatched.tsv", _MNLI_DEV)),
-         "test": (("test_matched.tsv", _MNLI_TEST), ("test_mismatched.tsv", _MNLI_TEST),
-                  ("../diagnostic/diagnostic.tsv", _AX))},
-        aliases=("mnli-m",)),
+        "MNLI",
+        "mnli",
+        ("premise", "hypothesis"),
+        ("entailment", "neutral", "contradiction"),
+        ("entailment", "neutral", "contradiction"),
+        ("accuracy",),
+        "accuracy",
+        (),
+        {
+            "train": (("train.tsv", _MNLI_TRAIN),),
+            "valid": (("dev_matched.tsv", _MNLI_DEV), ("dev_mismatched.tsv", _MNLI_DEV)),
+            "test": (
+                ("test_matched.tsv", _MNLI_TEST),
+                ("test_mismatched.tsv", _MNLI_TEST),
+                ("../diagnostic/diagnostic.tsv", _AX),
+            ),
+        },
+        aliases=("mnli-m",),
+    ),
     GlueTask(
-        "QNLI", "qnli", ("question", "sentence"), ("entailment", "not_entailment"),
-        ("entailment", "not_entailment"), ("accuracy",), "accuracy", (),
-        _files(FileLayout(4, (1, 2), 3, ("index", "question", "sentence", "label")),
-               FileLayout(3, (1, 2), None, ("index", "question", "sentence"))),
-        dev_majority={"accuracy": 100 * 2761 / 5463}),  # not_entailment 2761 of 5463
+        "QNLI",
+        "qnli",
+        ("question", "sentence"),
+        ("entailment", "not_entailment"),
+        ("entailment", "not_entailment"),
+        ("accuracy",),
+        "accuracy",
+        (),
+        _files(
+            FileLayout(4, (1, 2), 3, ("index", "question", "sentence", "label")),
+            FileLayout(3, (1, 2), None, ("index", "question", "sentence")),
+        ),
+        dev_majority={"accuracy": 100 * 2761 / 5463},
+    ),  # not_entailment 2761 of 5463
     GlueTask(
-        "RTE", "rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"),
-        ("entailment", "not_entailment"), ("accuracy",), "accuracy", (),
-        _files(FileLayout(4, (1, 2), 3, ("index", "sentence1", "sentence2", "label")),
-               FileLayout(3, (1, 2), None, _PAIR_HEADER)),
-        dev_majority={"accuracy": 100 * 146 / 277}),  # entailment 146 of 277
+        "RTE",
+        "rte",
+        ("sentence1", "sentence2"),
+        ("entailment", "not_entailment"),
+        ("entailment", "not_entailment"),
+        ("accuracy",),
+        "accuracy",
+        (),
+        _files(
+            FileLayout(4, (1, 2), 3, ("index", "sentence1", "sentence2", "label")),
+            FileLayout(3, (1, 2), None, _PAIR_HEADER),
+        ),
+        dev_majority={"accuracy": 100 * 146 / 277},
+    ),  # entailment 146 of 277
     GlueTask(
-        "WNLI", "wnli", ("sentence1", "sentence2"), ("0", "1"), ("not_entailment", "entailment"),
-        ("accuracy",), "accuracy", (),
-        _files(FileLayout(4, (1, 2), 3, ("index", "sentence1", "sentence2", "label")),
-               FileLayout(3, (1, 2), None, _PAIR_HEADER))),
+        "WNLI",
+        "wnli",
+        ("sentence1", "sentence2"),
+        ("0", "1"),
+        ("not_entailment", "entailment"),
+        ("accuracy",),
+        "accuracy",
+        (),
+        _files(
+            FileLayout(4, (1, 2), 3, ("index", "sentence1", "sentence2", "label")),
+            FileLayout(3, (1, 2), None, _PAIR_HEADER),
+        ),
+    ),
 )
 
 TASKS: dict[str, GlueTask] = {t.name: t for t in _TASK_LIST}

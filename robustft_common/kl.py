@@ -1,4 +1,5 @@
 """Symmetric KL divergence between two categorical distributions given as logits (R3F's consistency term)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,9 +14,7 @@ def _symmetric_kl_rows(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.
     return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(dim=-1)
 
 
-def symmetric_kl(
-    logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def symmetric_kl(logits_p: torch.Tensor, logits_q: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """KL(p||q) + KL(q||p) per position, in fp32, with p = softmax(logits_p), q = softmax(logits_q).
 
     Softmax runs over the last dim; the result has shape `logits_p.shape[:-1]`. Positions where the
@@ -23,13 +22,14 @@ def symmetric_kl(
     Gradients flow into both inputs; nothing is reduced over positions (callers choose the scale).
     """
     if logits_p.shape != logits_q.shape:
-        raise ValueError(f"symmetric_kl: logits shapes differ: {tuple(logits_p.shape)} vs "
-                         f"{tuple(logits_q.shape)}")
+        raise ValueError(f"symmetric_kl: logits shapes differ: {tuple(logits_p.shape)} vs {tuple(logits_q.shape)}")
     if mask is None:
         return _symmetric_kl_rows(logits_p, logits_q)
     if mask.shape != logits_p.shape[:-1]:
-        raise ValueError(f"symmetric_kl: mask shape {tuple(mask.shape)} must equal the logits' "
-                         f"leading shape {tuple(logits_p.shape[:-1])}")
+        raise ValueError(
+            f"symmetric_kl: mask shape {tuple(mask.shape)} must equal the logits' "
+            f"leading shape {tuple(logits_p.shape[:-1])}"
+        )
     mask = mask.bool()
     out = logits_p.new_zeros(mask.shape, dtype=torch.float32)
     out[mask] = _symmetric_kl_rows(logits_p[mask], logits_q[mask])

@@ -20,6 +20,7 @@ are in the method's `recipe`; the GPU recipes (`scripts/recipes/glue.sh`) apply 
 Command line (used by glue.sh):
     python -m robustft_common.methods list | table | flags METHOD | show METHOD | bash METHOD
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,15 @@ class Method:
 VANILLA_LOSS = ("--criterion", "hype_sentence_prediction", "--hype-type", "none")
 ADAM = ("--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--adam-eps", "1e-06", "--weight-decay", "0.1")
 # mt-dnn / SAGE Adamax (module/bert_optim.py `Adamax`): no bias correction, e 1e-6, wd 0.01
-MTDNN_ADAMAX = ("--adamax-betas", "(0.9,0.999)", "--adamax-eps", "1e-06", "--weight-decay", "0.01",
-                "--no-bias-correction")
+MTDNN_ADAMAX = (
+    "--adamax-betas",
+    "(0.9,0.999)",
+    "--adamax-eps",
+    "1e-06",
+    "--weight-decay",
+    "0.01",
+    "--no-bias-correction",
+)
 # mt-dnn / SAGE parameter groups: no weight decay on bias and LayerNorm (our optimizers only)
 NO_DECAY_GROUPS = ("--weight-decay-exclude", NO_DECAY)
 R3F = ("--criterion", "sentence_prediction_r3f", "--r3f-lambda", "0.7", "--eps", "1e-05", "--noise-type", "uniform")
@@ -68,28 +76,61 @@ NEEDS_R3F = (("criterion", "sentence_prediction_r3f"),)
 
 # recipe values shared by several methods, with their sources
 ROBERTA_GLUE = {
-    "optimizer": "adam", "adam_betas": "(0.9, 0.98)", "adam_eps": 1e-6, "weight_decay": 0.1, "clip_norm": 0.0,
-    "lr_scheduler": "polynomial_decay, 6% warmup", "max_epoch": 10, "dropout": 0.1, "attention_dropout": 0.1,
-    "lr": "per task 1e-5 / 2e-5", "batch_size": "16 / 32 per task", "fp16": True, "checkpoint": "best dev",
+    "optimizer": "adam",
+    "adam_betas": "(0.9, 0.98)",
+    "adam_eps": 1e-6,
+    "weight_decay": 0.1,
+    "clip_norm": 0.0,
+    "lr_scheduler": "polynomial_decay, 6% warmup",
+    "max_epoch": 10,
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "lr": "per task 1e-5 / 2e-5",
+    "batch_size": "16 / 32 per task",
+    "fp16": True,
+    "checkpoint": "best dev",
     "schedule": "roberta_glue",
 }
 SRC_ROBERTA = "RoBERTa GLUE recipe: fairseq examples/roberta/config/finetuning/<task>.yaml (r3f.md §2.3)"
 HYPE_README = {
-    "optimizer": "adam (AdamW)", "adam_betas": "(0.9, 0.999)", "adam_eps": 1e-6,
-    "weight_decay": "0.01 except bias/LayerNorm", "clip_norm": 1.0, "lr": 2e-5, "batch_size": 16, "max_epoch": 3,
-    "warmup_ratio": 0.1, "lr_scheduler": "linear decay", "dropout": 0.0, "attention_dropout": 0.1,
-    "fp16": False, "checkpoint": "last", "schedule": "hype_readme",
+    "optimizer": "adam (AdamW)",
+    "adam_betas": "(0.9, 0.999)",
+    "adam_eps": 1e-6,
+    "weight_decay": "0.01 except bias/LayerNorm",
+    "clip_norm": 1.0,
+    "lr": 2e-5,
+    "batch_size": 16,
+    "max_epoch": 3,
+    "warmup_ratio": 0.1,
+    "lr_scheduler": "linear decay",
+    "dropout": 0.0,
+    "attention_dropout": 0.1,
+    "fp16": False,
+    "checkpoint": "last",
+    "schedule": "hype_readme",
 }
-SRC_HYPE_README = ("Yuanhy1997/HyPe@196efd5 README RTE command: --dropout_rate 0.0, lr 2e-5, batch 16, 3 epochs, "
-                   "warmup 0.1, wd 0.01, adam eps 1e-6; optimizer via transformers 4.7.0 Trainer (hype.md §2)")
+SRC_HYPE_README = (
+    "Yuanhy1997/HyPe@196efd5 README RTE command: --dropout_rate 0.0, lr 2e-5, batch 16, 3 epochs, "
+    "warmup 0.1, wd 0.01, adam eps 1e-6; optimizer via transformers 4.7.0 Trainer (hype.md §2)"
+)
 MTDNN_RECIPE = {
-    "optimizer": "adamax", "adamax_betas": "(0.9, 0.999)", "adamax_eps": 1e-6, "bias_correction": False,
-    "weight_decay": "0.01 except bias/LayerNorm", "clip_norm": 1.0, "lr": "per task, grid 1e-5 ... 5e-4",
-    "batch_size": 32, "max_epoch": 10, "warmup_ratio": 0.1, "schedule": "pats_adamax",
+    "optimizer": "adamax",
+    "adamax_betas": "(0.9, 0.999)",
+    "adamax_eps": 1e-6,
+    "bias_correction": False,
+    "weight_decay": "0.01 except bias/LayerNorm",
+    "clip_norm": 1.0,
+    "lr": "per task, grid 1e-5 ... 5e-4",
+    "batch_size": 32,
+    "max_epoch": 10,
+    "warmup_ratio": 0.1,
+    "schedule": "pats_adamax",
 }
-SRC_MTDNN = ("PATS paper §4 recipe (Adamax, batch 32, 10 epochs, warmup 0.1, lr grid; pats.md §1.5); Adamax as "
-             "cliang1453/SAGE@87cefb1 module/bert_optim.py `Adamax` (no bias correction, e 1e-6) with "
-             "mt_dnn/model.py parameter groups (wd 0.01 except bias/LayerNorm) (pats.md §1.3, §2)")
+SRC_MTDNN = (
+    "PATS paper §4 recipe (Adamax, batch 32, 10 epochs, warmup 0.1, lr grid; pats.md §1.5); Adamax as "
+    "cliang1453/SAGE@87cefb1 module/bert_optim.py `Adamax` (no bias correction, e 1e-6) with "
+    "mt_dnn/model.py parameter groups (wd 0.01 except bias/LayerNorm) (pats.md §1.3, §2)"
+)
 
 
 def _hype_recipe(noise: str, uniform: str | None = None) -> dict:
@@ -100,8 +141,10 @@ def _hype_recipe(noise: str, uniform: str | None = None) -> dict:
 
 
 _R3F_RECIPE = {"r3f_lambda": 0.7, "eps": 1e-5, "noise_type": "uniform"}
-_SRC_R3F = ("fairseq examples/rxf/README.md L13-41, RTE recipe: lambda 0.7, uniform, eps 1e-5 (r3f.md §2.3); "
-            "lambda 1.0 is only the criterion's code default (sentence_prediction_r3f.py L47)")
+_SRC_R3F = (
+    "fairseq examples/rxf/README.md L13-41, RTE recipe: lambda 0.7, uniform, eps 1e-5 (r3f.md §2.3); "
+    "lambda 1.0 is only the criterion's code default (sentence_prediction_r3f.py L47)"
+)
 _PATS_RECIPE = {"pats_noise": 1e-6, "pats_beta": 0.75, "pats_margin": 5e-3, "pats_eps": 1e-12, "pats_prob": 0.5}
 
 # ------------------------------------------------------------------------------------------------
@@ -109,87 +152,158 @@ _PATS_RECIPE = {"pats_noise": 1e-6, "pats_beta": 0.75, "pats_margin": 5e-3, "pat
 
 _METHOD_LIST = (
     Method(
-        "vanilla", "Vanilla", VANILLA_LOSS + ADAM, None, "adam", NEEDS_VANILLA, dict(ROBERTA_GLUE), SRC_ROBERTA,
+        "vanilla",
+        "Vanilla",
+        VANILLA_LOSS + ADAM,
+        None,
+        "adam",
+        NEEDS_VANILLA,
+        dict(ROBERTA_GLUE),
+        SRC_ROBERTA,
         "Plain fine-tuning: the stock sentence_prediction loss (through hype_sentence_prediction "
-        "--hype-type none, whose metrics are DDP-safe) with the RoBERTa GLUE Adam."),
+        "--hype-type none, whose metrics are DDP-safe) with the RoBERTa GLUE Adam.",
+    ),
     Method(
-        "r3f", "R3F", R3F + ADAM, "vanilla", "adam", NEEDS_R3F, {**_R3F_RECIPE, **ROBERTA_GLUE},
+        "r3f",
+        "R3F",
+        R3F + ADAM,
+        "vanilla",
+        "adam",
+        NEEDS_R3F,
+        {**_R3F_RECIPE, **ROBERTA_GLUE},
         f"{_SRC_R3F}; schedule: {SRC_ROBERTA}",
         "R3F (Aghajanyan et al., ICLR 2021): a second pass on uniformly noised token embeddings; loss + "
-        "lambda * symmetric KL of the two class distributions."),
+        "lambda * symmetric KL of the two class distributions.",
+    ),
     Method(
-        "r4f", "R4F", R3F + R4F_HEAD + ADAM, "vanilla", "adam", NEEDS_R3F,
+        "r4f",
+        "R4F",
+        R3F + R4F_HEAD + ADAM,
+        "vanilla",
+        "adam",
+        NEEDS_R3F,
         {**_R3F_RECIPE, "spectral_norm": "out_proj and dense", **ROBERTA_GLUE},
         f"paper §2 eq. 5: Lip(g) <= 1, spectral norm on all of the head's weights (fairseq's flag covers "
         f"out_proj only, r3f.md §3.3); {_SRC_R3F}",
-        "R4F: R3F with a spectrally normalised classification head (dense and out_proj)."),
+        "R4F: R3F with a spectrally normalised classification head (dense and out_proj).",
+    ),
     Method(
-        "hype_n", "HyPe-N", HYPE_CRITERION + HYPE_N + ADAM, "vanilla", "adam", NEEDS_VANILLA,
+        "hype_n",
+        "HyPe-N",
+        HYPE_CRITERION + HYPE_N + ADAM,
+        "vanilla",
+        "adam",
+        NEEDS_VANILLA,
         _hype_recipe("normal"),
         "HyPe paper Table 1 HyPe-N, eps 1e-5 (main.py L202-220 default; hype.md §1.4, §5); dropout 0: "
         f"{SRC_HYPE_README}",
         "HyPe-N (Yuan et al., ACL 2023): N(0, eps^2) noise on every Transformer layer's input while "
-        "training, dropout off (the paper's main variant)."),
+        "training, dropout off (the paper's main variant).",
+    ),
     Method(
-        "hype_u", "HyPe-U", HYPE_CRITERION + HYPE_U + ADAM, "vanilla", "adam", NEEDS_VANILLA,
+        "hype_u",
+        "HyPe-U",
+        HYPE_CRITERION + HYPE_U + ADAM,
+        "vanilla",
+        "adam",
+        NEEDS_VANILLA,
         _hype_recipe("uniform", "symmetric"),
-        "HyPe paper: HyPe-U draws U(-eps, eps) (hype.md §1.2, §4.1); eps 1e-5 and dropout 0: "
-        f"{SRC_HYPE_README}",
-        "HyPe-U as the paper defines it: symmetric uniform U(-eps, eps) layer-input noise, dropout off."),
+        f"HyPe paper: HyPe-U draws U(-eps, eps) (hype.md §1.2, §4.1); eps 1e-5 and dropout 0: {SRC_HYPE_README}",
+        "HyPe-U as the paper defines it: symmetric uniform U(-eps, eps) layer-input noise, dropout off.",
+    ),
     Method(
-        "hype_u_official", "HyPe-U (official code)", HYPE_CRITERION + HYPE_U_OFFICIAL + ADAM, "vanilla", "adam",
-        NEEDS_VANILLA, _hype_recipe("uniform", "one_sided"),
+        "hype_u_official",
+        "HyPe-U (official code)",
+        HYPE_CRITERION + HYPE_U_OFFICIAL + ADAM,
+        "vanilla",
+        "adam",
+        NEEDS_VANILLA,
+        _hype_recipe("uniform", "one_sided"),
         "Yuanhy1997/HyPe README RTE command --hype_type uniform --hype_eps 1e-5 --dropout_rate 0.0; "
         "hype_modeling_roberta.py L530-541 draws .uniform_() = U[0, eps) (hype.md §1.2, §2)",
-        "HyPe-U as the official code runs it: one-sided U[0, eps) (mean eps/2, half the paper's spread)."),
+        "HyPe-U as the official code runs it: one-sided U[0, eps) (mean eps/2, half the paper's spread).",
+    ),
     Method(
-        "hype_r3f", "HyPe+R3F", R3F + HYPE_N + ADAM, "vanilla", "adam", NEEDS_R3F,
+        "hype_r3f",
+        "HyPe+R3F",
+        R3F + HYPE_N + ADAM,
+        "vanilla",
+        "adam",
+        NEEDS_R3F,
         {**_R3F_RECIPE, **_hype_recipe("normal")},
         f"HyPe paper: HyPe-N on top of R3F, in HyPe's setting (hype.md §5, §3 last item); R3F: {_SRC_R3F}; "
         f"schedule: {SRC_HYPE_README}",
-        "R3F's criterion with HyPe-N layer-input noise in both passes, dropout off."),
+        "R3F's criterion with HyPe-N layer-input noise in both passes, dropout off.",
+    ),
     Method(
-        "vanilla_adamax", "Vanilla (Adamax)", VANILLA_LOSS + ("--optimizer", "adamax") + MTDNN_ADAMAX, None,
-        "adamax", NEEDS_VANILLA, {**MTDNN_RECIPE, "weight_decay": "0.01 on every tensor (fairseq adamax)"},
+        "vanilla_adamax",
+        "Vanilla (Adamax)",
+        VANILLA_LOSS + ("--optimizer", "adamax") + MTDNN_ADAMAX,
+        None,
+        "adamax",
+        NEEDS_VANILLA,
+        {**MTDNN_RECIPE, "weight_decay": "0.01 on every tensor (fairseq adamax)"},
         SRC_MTDNN,
         "Plain fine-tuning with fairseq's adamax, the PATS paper's 'Fine-tune' baseline; mt-dnn's Adamax "
-        "settings except that fairseq's adamax decays every tensor (it has no parameter groups)."),
+        "settings except that fairseq's adamax decays every tensor (it has no parameter groups).",
+    ),
     Method(
-        "noisytune", "NoisyTune",
-        VANILLA_LOSS + ("--optimizer", "adamax_pats") + MTDNN_ADAMAX + NO_DECAY_GROUPS
+        "noisytune",
+        "NoisyTune",
+        VANILLA_LOSS
+        + ("--optimizer", "adamax_pats")
+        + MTDNN_ADAMAX
+        + NO_DECAY_GROUPS
         + ("--pats-noise", "0", "--noisytune-lambda", "0.15"),
-        "vanilla_adamax", "adamax", NEEDS_VANILLA + (("optimizer", "adamax_pats"),),
+        "vanilla_adamax",
+        "adamax",
+        NEEDS_VANILLA + (("optimizer", "adamax_pats"),),
         {"noisytune_lambda": 0.15, **MTDNN_RECIPE},
         f"NoisyTune (Wu et al., ACL 2022) reference snippet, lambda 0.15 (pats.md §3); {SRC_MTDNN}",
         "NoisyTune: once before fine-tuning W += U(-l/2, l/2) * std(W) on every tensor, then plain Adamax. "
-        "Needs a pretrained start (--restore-file or --finetune-from-model)."),
+        "Needs a pretrained start (--restore-file or --finetune-from-model).",
+    ),
     Method(
-        "sage", "SAGE",
+        "sage",
+        "SAGE",
         VANILLA_LOSS + ("--optimizer", "adamax_sage") + MTDNN_ADAMAX + NO_DECAY_GROUPS + ("--sage-beta3", "0.75"),
-        "vanilla_adamax", "adamax", NEEDS_VANILLA + (("optimizer", "adamax_sage"),),
-        {"sage_beta3": 0.75, "sage_eps": 1e-12, **MTDNN_RECIPE,
-         "lr": "2-5x plain Adamax (SAGE README)"},
+        "vanilla_adamax",
+        "adamax",
+        NEEDS_VANILLA + (("optimizer", "adamax_sage"),),
+        {"sage_beta3": 0.75, "sage_eps": 1e-12, **MTDNN_RECIPE, "lr": "2-5x plain Adamax (SAGE README)"},
         "cliang1453/SAGE@87cefb1 module/bert_optim.py `UnstructAwareAdamax` (no first-moment bias "
         "correction, beta3 0.75, e^2 1e-12) and mt_dnn/model.py parameter groups (wd 0.01 except "
         "bias/LayerNorm) (pats.md §2)",
         "SAGE (Liang et al., ICLR 2022): Adamax whose per-entry step is scaled by |I - Ibar| / Ibar, "
-        "I = |theta * g| (sensitivity), on the encoder layers."),
+        "I = |theta * g| (sensitivity), on the encoder layers.",
+    ),
     Method(
-        "pats", "PATS",
-        VANILLA_LOSS + ("--optimizer", "adamax_pats") + MTDNN_ADAMAX + NO_DECAY_GROUPS
+        "pats",
+        "PATS",
+        VANILLA_LOSS
+        + ("--optimizer", "adamax_pats")
+        + MTDNN_ADAMAX
+        + NO_DECAY_GROUPS
         + ("--pats-noise", "1e-06", "--pats-beta", "0.75", "--pats-margin", "0.005"),
-        "vanilla_adamax", "adamax", NEEDS_VANILLA + (("optimizer", "adamax_pats"),),
+        "vanilla_adamax",
+        "adamax",
+        NEEDS_VANILLA + (("optimizer", "adamax_pats"),),
         {**_PATS_RECIPE, **MTDNN_RECIPE},
         "PATS paper Alg. 1, Table 3 grids: sigma 1e-6 (middle of the grid), beta 0.75 (SAGE's default); "
         f"margin, eps, prob reconstructed (pats.md §1.2-§1.5); {SRC_MTDNN}",
         "PATS (Zhang et al., EMNLP 2022): Adamax plus Gaussian noise on the encoder layers, std "
-        "sigma * mean sensitivity / entry sensitivity (larger for less sensitive entries)."),
+        "sigma * mean sensitivity / entry sensitivity (larger for less sensitive entries).",
+    ),
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
 # names the sweep, demo, fp16 check and benchmarks used before the registry
-_FORMER_NAMES = {"hype": "hype_n, hype_u or hype_u_official", "adamax_pats": "pats", "adamax_sage": "sage",
-                 "adamax": "vanilla_adamax"}
+_FORMER_NAMES = {
+    "hype": "hype_n, hype_u or hype_u_official",
+    "adamax_pats": "pats",
+    "adamax_sage": "sage",
+    "adamax": "vanilla_adamax",
+}
 
 
 def get_method(name: str) -> Method:
@@ -243,8 +357,8 @@ def _without(flags: Sequence[str], block: Sequence[str]) -> list[str]:
     """`flags` less the first contiguous occurrence of `block` (the family's shared optimizer flags)."""
     flags, n = list(flags), len(block)
     for i in range(len(flags) - n + 1):
-        if flags[i:i + n] == list(block):
-            return flags[:i] + flags[i + n:]
+        if flags[i : i + n] == list(block):
+            return flags[:i] + flags[i + n :]
     return flags
 
 
@@ -263,24 +377,31 @@ def methods_table_markdown() -> str:
         flags = m.flags
         for block in FAMILY_FLAGS[m.optimizer_family]:
             flags = _without(flags, block)
-        lines.append(f"| `{m.name}` | {m.label} | {f'`{m.baseline}`' if m.baseline else '(baseline)'} | "
-                     f"{m.optimizer_family} | {_cell(shlex.join(flags), code=True)} | {_cell(m.source)} |")
+        lines.append(
+            f"| `{m.name}` | {m.label} | {f'`{m.baseline}`' if m.baseline else '(baseline)'} | "
+            f"{m.optimizer_family} | {_cell(shlex.join(flags), code=True)} | {_cell(m.source)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def _bash(name: str) -> str:
     """Shell assignments for glue.sh: METHOD_FLAGS (array), METHOD_FAMILY, METHOD_SCHEDULE."""
     m = get_method(name)
-    return (f"METHOD_FLAGS=({shlex.join(m.flags)})\nMETHOD_FAMILY={shlex.quote(m.optimizer_family)}\n"
-            f"METHOD_SCHEDULE={shlex.quote(str(m.recipe.get('schedule', '')))}\n")
+    return (
+        f"METHOD_FLAGS=({shlex.join(m.flags)})\nMETHOD_FAMILY={shlex.quote(m.optimizer_family)}\n"
+        f"METHOD_SCHEDULE={shlex.quote(str(m.recipe.get('schedule', '')))}\n"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"list": 0, "table": 0, "flags": 1, "show": 1, "bash": 1}
     if not argv or argv[0] not in commands or len(argv) != 1 + commands[argv[0]]:
-        print(f"usage: python -m robustft_common.methods {{list|table|flags METHOD|show METHOD|bash METHOD}}; "
-              f"methods: {', '.join(METHODS)}", file=sys.stderr)
+        print(
+            f"usage: python -m robustft_common.methods {{list|table|flags METHOD|show METHOD|bash METHOD}}; "
+            f"methods: {', '.join(METHODS)}",
+            file=sys.stderr,
+        )
         return 2
     command, *rest = argv
     try:

@@ -4,6 +4,7 @@ Noise is always drawn in fp32 on the tensor's own device (no host->device copy) 
 the sum is cast back to the activation dtype. Under fp16/bf16 a tiny eps can still be rounded away at
 that cast, so `add_noise` also counts how many entries actually changed (`*_noise_effective`).
 """
+
 from __future__ import annotations
 
 import torch

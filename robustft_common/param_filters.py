@@ -12,6 +12,7 @@ fp16 wrapper preserves — are published; an optimizer built inside picks them u
 `names_for_params(params)` (by position, checked against shapes of the same list). Outside a Trainer
 (unit tests, scripts) pass names explicitly or tag a module with `tag_parameter_names`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,21 +47,20 @@ def compile_pattern(flag: str, pattern: str) -> re.Pattern | None:
         raise ValueError(f"{flag}: not a valid regular expression ({err}): {pattern!r}") from err
 
 
-def select(names: Sequence[str], include: str, exclude: str, include_flag: str,
-           exclude_flag: str) -> list[bool]:
+def select(names: Sequence[str], include: str, exclude: str, include_flag: str, exclude_flag: str) -> list[bool]:
     """Mask over `names`: matches `include` (re.search) and not `exclude`.
 
     A filter that selects nothing is a configuration error (a silent no-op method otherwise).
     """
     inc = compile_pattern(include_flag, include)
     exc = compile_pattern(exclude_flag, exclude)
-    mask = [bool(inc is not None and inc.search(n)) and not (exc is not None and exc.search(n))
-            for n in names]
+    mask = [bool(inc is not None and inc.search(n)) and not (exc is not None and exc.search(n)) for n in names]
     if names and not any(mask):
         sample = ", ".join(list(names)[:6])
         raise ValueError(
             f"{include_flag} {include!r} (minus {exclude_flag} {exclude!r}) matches no parameter; "
-            f"fix the regex. Parameter names look like: {sample}, ...")
+            f"fix the regex. Parameter names look like: {sample}, ..."
+        )
     return mask
 
 
@@ -96,8 +96,7 @@ def names_for_params(params: Sequence[torch.Tensor]) -> list[str] | None:
         return tags
     if _pending_names:
         published = _pending_names[-1]
-        if len(published) == len(params) and all(
-                shape == tuple(p.shape) for (_, shape), p in zip(published, params)):
+        if len(published) == len(params) and all(shape == tuple(p.shape) for (_, shape), p in zip(published, params)):
             return [n for n, _ in published]
     return None
 
@@ -106,8 +105,9 @@ def trainer_named_params(trainer) -> list[tuple]:
     """The (name, param) list in the exact order `Trainer._build_optimizer` collects params."""
     # unwrapped modules: same parameters in the same order as the (DDP-)wrapped ones, clean names
     model = trainer._model if getattr(trainer, "_model", None) is not None else trainer.model
-    criterion = (trainer._criterion if getattr(trainer, "_criterion", None) is not None
-                 else trainer.criterion)
-    return [(n, p) for n, p in chain(model.named_parameters(),
-                                     (("criterion." + n, p) for n, p in criterion.named_parameters()))
-            if p.requires_grad]
+    criterion = trainer._criterion if getattr(trainer, "_criterion", None) is not None else trainer.criterion
+    return [
+        (n, p)
+        for n, p in chain(model.named_parameters(), (("criterion." + n, p) for n, p in criterion.named_parameters()))
+        if p.requires_grad
+    ]

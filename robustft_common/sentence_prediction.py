@@ -7,6 +7,7 @@ also right with several data-parallel workers (the stock criterion crashes there
 regulariser by overriding `extra_terms`; every extra logged value is either a per-sentence sum listed
 in `SENTENCE_MEAN_KEYS` or a `<name>_num` / `<name>_den` pair logged as the ratio `<name>`.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,11 @@ _CONFUSION_KEYS = ("tp", "fp", "fn", "tn")
 
 
 def _multi_process() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    )
 
 
 class RobustSentencePredictionCriterion(SentencePredictionCriterion):
@@ -49,8 +53,9 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
 
     # -- hooks -----------------------------------------------------------------------------------
     def classification_logits(self, model, sample) -> torch.Tensor:
-        logits, _ = model(**sample["net_input"], features_only=True,
-                          classification_head_name=self.classification_head_name)
+        logits, _ = model(
+            **sample["net_input"], features_only=True, classification_head_name=self.classification_head_name
+        )
         return logits
 
     def task_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -65,10 +70,10 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, model, sample, reduce=True):
-        assert hasattr(model, "classification_heads") and \
-            self.classification_head_name in model.classification_heads, (
-                f"model has no classification head {self.classification_head_name!r}; pass "
-                f"--classification-head-name / --num-classes for --task sentence_prediction")
+        assert hasattr(model, "classification_heads") and self.classification_head_name in model.classification_heads, (
+            f"model has no classification head {self.classification_head_name!r}; pass "
+            f"--classification-head-name / --num-classes for --task sentence_prediction"
+        )
         logits = self.classification_logits(model, sample)
         targets = model.get_targets(sample, [logits]).view(-1)
         sample_size = targets.numel()
@@ -76,8 +81,9 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
         extra_loss, logging_output = self.extra_terms(model, sample, logits, targets)
         if extra_loss is not None:
             loss = loss + extra_loss
-        logging_output.update(loss=loss.data, ntokens=sample["ntokens"], nsentences=sample_size,
-                              sample_size=sample_size)
+        logging_output.update(
+            loss=loss.data, ntokens=sample["ntokens"], nsentences=sample_size, sample_size=sample_size
+        )
         logging_output.update(self.metric_counts(logits.detach(), targets, model.training))
         return loss, sample_size, logging_output
 
@@ -87,8 +93,7 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
             if self.report_pearson_and_spearman:
                 preds = logits.view(-1).double()
                 y = targets.double()
-                values = (preds.numel(), preds.sum(), y.sum(), (preds * preds).sum(), (y * y).sum(),
-                          (preds * y).sum())
+                values = (preds.numel(), preds.sum(), y.sum(), (preds * preds).sum(), (y * y).sum(), (preds * y).sum())
                 out.update({f"_pearson_{k}": v for k, v in zip(_MOMENT_KEYS, values)})
                 if not training and not _multi_process():
                     # Spearman needs the full ranking: single-process validation only.
@@ -123,26 +128,38 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
         if "_tp" in keys:
             for k in _CONFUSION_KEYS:
                 metrics.log_scalar_sum(f"_{k}", _sum(logging_outputs, f"_{k}"))
-            metrics.log_derived("mcc", lambda m: safe_round(100 * glue_metrics.mcc_from_counts(
-                **_totals(m, "_", _CONFUSION_KEYS)), 1))
-            metrics.log_derived("f1", lambda m: safe_round(100 * glue_metrics.f1_from_counts(
-                **_totals(m, "_", _CONFUSION_KEYS)), 1))
-            metrics.log_derived("acc_and_f1", lambda m: safe_round(50 * _acc_plus_f1(
-                _totals(m, "_", _CONFUSION_KEYS)), 1))
+            metrics.log_derived(
+                "mcc", lambda m: safe_round(100 * glue_metrics.mcc_from_counts(**_totals(m, "_", _CONFUSION_KEYS)), 1)
+            )
+            metrics.log_derived(
+                "f1", lambda m: safe_round(100 * glue_metrics.f1_from_counts(**_totals(m, "_", _CONFUSION_KEYS)), 1)
+            )
+            metrics.log_derived(
+                "acc_and_f1", lambda m: safe_round(50 * _acc_plus_f1(_totals(m, "_", _CONFUSION_KEYS)), 1)
+            )
         if "_pearson_n" in keys:
             for k in _MOMENT_KEYS:
                 metrics.log_scalar_sum(f"_pearson_{k}", _sum(logging_outputs, f"_pearson_{k}"))
-            metrics.log_derived("pearson", lambda m: safe_round(100 * glue_metrics.pearson_from_moments(
-                **_totals(m, "_pearson_", _MOMENT_KEYS)), 1))
+            metrics.log_derived(
+                "pearson",
+                lambda m: safe_round(
+                    100 * glue_metrics.pearson_from_moments(**_totals(m, "_pearson_", _MOMENT_KEYS)), 1
+                ),
+            )
             preds = [p for log in logging_outputs for p in log.get("_spearman_pred", [])]
             if preds:
                 targs = [t for log in logging_outputs for t in log.get("_spearman_targ", [])]
                 metrics.log_concat_tensor("_spearman_pred", torch.tensor(preds, dtype=torch.float64))
                 metrics.log_concat_tensor("_spearman_targ", torch.tensor(targs, dtype=torch.float64))
                 metrics.log_derived("spearman", lambda m: safe_round(100 * _spearman(m), 1))
-                metrics.log_derived("pearson_and_spearman", lambda m: safe_round(50 * (
-                    glue_metrics.pearson_from_moments(**_totals(m, "_pearson_", _MOMENT_KEYS))
-                    + _spearman(m)), 1))
+                metrics.log_derived(
+                    "pearson_and_spearman",
+                    lambda m: safe_round(
+                        50
+                        * (glue_metrics.pearson_from_moments(**_totals(m, "_pearson_", _MOMENT_KEYS)) + _spearman(m)),
+                        1,
+                    ),
+                )
 
 
 def _totals(meters, prefix, keys) -> dict[str, float]:
@@ -156,5 +173,4 @@ def _acc_plus_f1(counts) -> float:
 
 
 def _spearman(meters) -> float:
-    return glue_metrics.spearman(meters["_spearman_pred"].tensor.numpy(),
-                                 meters["_spearman_targ"].tensor.numpy())
+    return glue_metrics.spearman(meters["_spearman_pred"].tensor.numpy(), meters["_spearman_targ"].tensor.numpy())

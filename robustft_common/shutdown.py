@@ -8,6 +8,7 @@ exception", exit -6) after training has finished: schedulers then report a finis
 At exit we ask each such thread to stop after its current batch and let it finish, before CPython
 tears threads down (registered with atexit by `fairseq_patches.stop_prefetch_threads_at_exit`).
 """
+
 from __future__ import annotations
 
 import queue
@@ -31,4 +32,3 @@ def stop_prefetch_threads(timeout_s: float = 10.0) -> None:
             except queue.Empty:
                 pass
             thread.join(0.05)
-

@@ -20,6 +20,7 @@ R4F as in the paper normalises the head's `dense` too: `--r4f-spectral-norm-dens
 (see there), so the head is normalised when it is registered, before the optimizer collects the parameters
 and before a checkpoint is loaded into it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -50,9 +51,15 @@ def normalised_weight(w_orig: torch.Tensor, u: torch.Tensor, v: torch.Tensor) ->
 
 def _head_keys(state_dict, prefix: str):
     heads = prefix + "classification_heads."
-    return sorted({k[: k.rindex(".")] for k in state_dict if k.startswith(heads)
-                   and k.rsplit(".", 1)[-1] in ("weight", "weight_orig")
-                   and k[len(heads):].count(".") == 2})
+    return sorted(
+        {
+            k[: k.rindex(".")]
+            for k in state_dict
+            if k.startswith(heads)
+            and k.rsplit(".", 1)[-1] in ("weight", "weight_orig")
+            and k[len(heads) :].count(".") == 2
+        }
+    )
 
 
 def alias_normalised_weights(state_dict, prefix: str) -> list:
@@ -113,9 +120,12 @@ def dense_norm_requested(model_args) -> bool:
 
 def normalise_dense(model_args, head: torch.nn.Module) -> None:
     """R4F as in the paper: spectral norm on the head's `dense` as well as on fairseq's `out_proj`."""
-    require(bool(getattr(model_args, "spectral_norm_classification_head", False)), "--r4f-spectral-norm-dense",
-            "normalises the head's dense layer on top of R4F; also pass --spectral-norm-classification-head "
-            "(hydra: model.spectral_norm_classification_head=true)")
+    require(
+        bool(getattr(model_args, "spectral_norm_classification_head", False)),
+        "--r4f-spectral-norm-dense",
+        "normalises the head's dense layer on top of R4F; also pass --spectral-norm-classification-head "
+        "(hydra: model.spectral_norm_classification_head=true)",
+    )
     if not is_spectral_normed(head.dense):
         head.dense = torch.nn.utils.spectral_norm(head.dense)
 
@@ -123,8 +133,11 @@ def normalise_dense(model_args, head: torch.nn.Module) -> None:
 def check_dense_normalised(model, head_name: str) -> None:
     """The criterion's guard: with `--r4f-spectral-norm-dense` the head must already be normalised."""
     head = model.classification_heads[head_name]
-    require(is_spectral_normed(head.dense), "--r4f-spectral-norm-dense",
-            f"classification head {head_name!r} was built without it (its dense layer is not "
-            "spectral-normalised): the model's config could not see the criterion's flag. Build the model "
-            "from the run's whole config (fairseq-train, scripts/hydra_train.py), or set "
-            f"model.{DENSE_FLAG}=true")
+    require(
+        is_spectral_normed(head.dense),
+        "--r4f-spectral-norm-dense",
+        f"classification head {head_name!r} was built without it (its dense layer is not "
+        "spectral-normalised): the model's config could not see the criterion's flag. Build the model "
+        "from the run's whole config (fairseq-train, scripts/hydra_train.py), or set "
+        f"model.{DENSE_FLAG}=true",
+    )

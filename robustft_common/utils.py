@@ -1,4 +1,5 @@
 """Generic helpers shared by every method: no method knowledge, nothing registered, no fairseq patched."""
+
 from __future__ import annotations
 
 import torch

@@ -27,6 +27,7 @@ Backbones: RoBERTa from fairseq's `roberta.large/model.pt` (data from `python -m
 gpt2` with that model's dict.txt); BERT from a `python -m hf2fairseq` folder (arch hf_bert, BERT's [CLS] A
 [SEP] B [SEP] pairs: no --separator-token; data with `--tokenizer wordpiece` and the folder's vocab/dict).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,14 +71,35 @@ class Backbone:
     hint: str  # how to get it
 
 
-BACKBONES: dict[str, Backbone] = {b.name: b for b in (
-    Backbone("roberta-large", False, "roberta_large", 24, 1024,
-             "fairseq's roberta.large/model.pt (https://dl.fbaipublicfiles.com/fairseq/models/roberta.large.tar.gz)"),
-    Backbone("bert-large", True, None, 24, 1024,
-             "python -m hf2fairseq --hf-dir bert-large-uncased --output-dir bert-large (HF checkpoint folder)"),
-    Backbone("bert-base", True, None, 12, 768,
-             "python -m hf2fairseq --hf-dir bert-base-uncased --output-dir bert-base (HF checkpoint folder)"),
-)}
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone(
+            "roberta-large",
+            False,
+            "roberta_large",
+            24,
+            1024,
+            "fairseq's roberta.large/model.pt (https://dl.fbaipublicfiles.com/fairseq/models/roberta.large.tar.gz)",
+        ),
+        Backbone(
+            "bert-large",
+            True,
+            None,
+            24,
+            1024,
+            "python -m hf2fairseq --hf-dir bert-large-uncased --output-dir bert-large (HF checkpoint folder)",
+        ),
+        Backbone(
+            "bert-base",
+            True,
+            None,
+            12,
+            768,
+            "python -m hf2fairseq --hf-dir bert-base-uncased --output-dir bert-base (HF checkpoint folder)",
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -92,39 +114,57 @@ class Paper:
     caveats: tuple[str, ...] = ()
 
 
-PAPERS: dict[str, Paper] = {p.name: p for p in (
-    Paper("r3f", "R3F / R4F (Aghajanyan et al., ICLR 2021), Table 2: RoBERTa-large, GLUE dev",
-          ("roberta-large",), ("MNLI", "QQP", "QNLI", "SST-2", "CoLA", "MRPC", "RTE"), ("vanilla", "r3f", "r4f"),
-          "roberta_glue",
-          caveats=(
-              "Every task runs the fairseq RoBERTa GLUE schedule of glue.sh (per-task lr / batch / updates, fp16, 10 "
-              "epochs); the rxf README's one R3F command (RTE) used lr 1e-5, batch 8, 3120 updates (r3f.md §2.3).",
-              "The paper's STD (vanilla) row is RoBERTa's published result, not a run of the R3F authors "
-              "(r3f.md §4).",
-          )),
-    Paper("hype", "HyPe (Yuan et al., ACL 2023), Table 1: GLUE small tasks, dev",
-          ("bert-large", "roberta-large"), ("CoLA", "MRPC", "RTE", "STS-B"), ("vanilla", "hype_n", "hype_u"),
-          "hype_readme",
-          # vanilla in HyPe's schedule keeps the backbone's dropout 0.1 (hidden and head, as transformers'
-          # BERT/RoBERTa classifiers): dropout off is part of HyPe in the registry (hype.md §1.4, §2), and
-          # glue.sh's hype_readme schedule switches it off for the methods it was written for
-          twin_flags=("--dropout", "0.1", "--pooler-dropout", "0.1"),
-          caveats=(
-              "HyPe's README truncates inputs to 128 tokens; glue.sh keeps the model's 512.",
-              "hype_u is HyPe-U as the paper defines it, U(-eps, eps); the paper's numbers were produced by the "
-              "official code's one-sided U[0, eps) (`--methods hype_u_official` runs that one).",
-              "Per-task numbers are published for HyPe-N on BERT-large only; the rest are averages over the four "
-              "tasks (table below).",
-          )),
-    Paper("pats", "PATS (Zhang et al., EMNLP 2022): GLUE dev, Adamax, batch 32, 10 epochs",
-          ("bert-base", "roberta-large"), ("CoLA", "MRPC", "RTE", "STS-B", "QQP", "QNLI", "MNLI", "SST-2"),
-          ("vanilla_adamax", "noisytune", "sage", "pats"), "pats_adamax",
-          caveats=(
-              "The paper tuned the lr per task (Table 2, grid 1e-5 ... 5e-4); those values were not recovered: glue.sh "
-              "uses 1e-4 for every task unless --lr sets them (e.g. --lr RTE=2e-5,CoLA=1e-5).",
-              "fp32, as SAGE's code (pats.md §2: no fp16).",
-          )),
-)}
+PAPERS: dict[str, Paper] = {
+    p.name: p
+    for p in (
+        Paper(
+            "r3f",
+            "R3F / R4F (Aghajanyan et al., ICLR 2021), Table 2: RoBERTa-large, GLUE dev",
+            ("roberta-large",),
+            ("MNLI", "QQP", "QNLI", "SST-2", "CoLA", "MRPC", "RTE"),
+            ("vanilla", "r3f", "r4f"),
+            "roberta_glue",
+            caveats=(
+                "Every task runs the fairseq RoBERTa GLUE schedule of glue.sh (per-task lr / batch / updates, fp16, 10 "
+                "epochs); the rxf README's one R3F command (RTE) used lr 1e-5, batch 8, 3120 updates (r3f.md §2.3).",
+                "The paper's STD (vanilla) row is RoBERTa's published result, not a run of the R3F authors "
+                "(r3f.md §4).",
+            ),
+        ),
+        Paper(
+            "hype",
+            "HyPe (Yuan et al., ACL 2023), Table 1: GLUE small tasks, dev",
+            ("bert-large", "roberta-large"),
+            ("CoLA", "MRPC", "RTE", "STS-B"),
+            ("vanilla", "hype_n", "hype_u"),
+            "hype_readme",
+            # vanilla in HyPe's schedule keeps the backbone's dropout 0.1 (hidden and head, as transformers'
+            # BERT/RoBERTa classifiers): dropout off is part of HyPe in the registry (hype.md §1.4, §2), and
+            # glue.sh's hype_readme schedule switches it off for the methods it was written for
+            twin_flags=("--dropout", "0.1", "--pooler-dropout", "0.1"),
+            caveats=(
+                "HyPe's README truncates inputs to 128 tokens; glue.sh keeps the model's 512.",
+                "hype_u is HyPe-U as the paper defines it, U(-eps, eps); the paper's numbers were produced by the "
+                "official code's one-sided U[0, eps) (`--methods hype_u_official` runs that one).",
+                "Per-task numbers are published for HyPe-N on BERT-large only; the rest are averages over the four "
+                "tasks (table below).",
+            ),
+        ),
+        Paper(
+            "pats",
+            "PATS (Zhang et al., EMNLP 2022): GLUE dev, Adamax, batch 32, 10 epochs",
+            ("bert-base", "roberta-large"),
+            ("CoLA", "MRPC", "RTE", "STS-B", "QQP", "QNLI", "MNLI", "SST-2"),
+            ("vanilla_adamax", "noisytune", "sage", "pats"),
+            "pats_adamax",
+            caveats=(
+                "The paper tuned the lr per task (Table 2, grid 1e-5 ... 5e-4); those values were not recovered: "
+                "glue.sh uses 1e-4 for every task unless --lr sets them (e.g. --lr RTE=2e-5,CoLA=1e-5).",
+                "fp32, as SAGE's code (pats.md §2: no fp16).",
+            ),
+        ),
+    )
+}
 
 
 # ------------------------------------------------------------------------------------------ published
@@ -157,8 +197,16 @@ def load_published(paper: str, backbone: str, path: Path = PAPER_NUMBERS) -> Pub
         for row in rows:
             values[(aggregate, glue_tasks.canonical_name(row["task"]), row["method"])] = float(row["value"])
     averages = tuple(a for a in entry.get("averages", ()) if a["backbone"] == backbone)
-    return Published(entry["source"], entry["status"], entry.get("status_note", ""), conv, entry.get("metrics", {}),
-                     entry.get("metrics_source", ""), values, averages)
+    return Published(
+        entry["source"],
+        entry["status"],
+        entry.get("status_note", ""),
+        conv,
+        entry.get("metrics", {}),
+        entry.get("metrics_source", ""),
+        values,
+        averages,
+    )
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -168,29 +216,38 @@ def model_env(backbone: Backbone, pretrained: Path, arch_args: str | None = None
     meta_file = pretrained / "convert.json"
     if backbone.converted:
         if not meta_file.is_file():
-            raise SystemExit(f"--pretrained {pretrained}: {backbone.name} needs a folder written by hf2fairseq "
-                             f"(model.pt + convert.json), e.g. {backbone.hint}")
+            raise SystemExit(
+                f"--pretrained {pretrained}: {backbone.name} needs a folder written by hf2fairseq "
+                f"(model.pt + convert.json), e.g. {backbone.hint}"
+            )
         meta = json.loads(meta_file.read_text())
         hf = meta.get("hf_config", {})
-        env = {"ROBERTA_PATH": str(pretrained / "model.pt"), "ARCH_ARGS": shlex.join(meta["train_args"]),
-               # BERT's [CLS] A [SEP] B [SEP]: the </s> fairseq appends is [SEP] (convert.json input_layout)
-               "SEPARATOR_TOKEN": "none"}
+        env = {
+            "ROBERTA_PATH": str(pretrained / "model.pt"),
+            "ARCH_ARGS": shlex.join(meta["train_args"]),
+            # BERT's [CLS] A [SEP] B [SEP]: the </s> fairseq appends is [SEP] (convert.json input_layout)
+            "SEPARATOR_TOKEN": "none",
+        }
         shape = (hf.get("num_hidden_layers"), hf.get("hidden_size"))
     else:
         model = pretrained / "model.pt" if pretrained.is_dir() else pretrained
         if pretrained.is_dir() and meta_file.exists():
-            raise SystemExit(f"--pretrained {pretrained}: {backbone.name} takes {backbone.hint}, not an hf2fairseq "
-                             f"folder (those are for the BERT backbones)")
+            raise SystemExit(
+                f"--pretrained {pretrained}: {backbone.name} takes {backbone.hint}, not an hf2fairseq "
+                f"folder (those are for the BERT backbones)"
+            )
         if check and not model.is_file():
             raise SystemExit(f"--pretrained {pretrained}: no such model.pt; {backbone.name}: {backbone.hint}")
         env = {"ROBERTA_PATH": str(model), "ARCH": str(backbone.arch), "SEPARATOR_TOKEN": "2"}
         shape = (backbone.layers, backbone.dim)
     if arch_args:
         env["ARCH_ARGS"] = arch_args
-        shape = (flag_value(shlex.split(arch_args), "--encoder-layers"), flag_value(shlex.split(arch_args), "--encoder-embed-dim"))
+        shape = (
+            flag_value(shlex.split(arch_args), "--encoder-layers"),
+            flag_value(shlex.split(arch_args), "--encoder-embed-dim"),
+        )
     shape = tuple(int(x) if x is not None else None for x in shape)
-    return {"env": env, "layers": shape[0], "dim": shape[1],
-            "paper_size": shape == (backbone.layers, backbone.dim)}
+    return {"env": env, "layers": shape[0], "dim": shape[1], "paper_size": shape == (backbone.layers, backbone.dim)}
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -235,8 +292,12 @@ def method_text(method: str) -> str:
 
 def glue_sh_flags(env: Mapping[str, str], task: str, method: str, seed: int) -> list[str]:
     """The fairseq-train arguments glue.sh runs for one (task, method, seed) (its DRY_RUN)."""
-    proc = subprocess.run(["bash", str(GLUE_SH), task, method, str(seed)], env={**os.environ, **env, "DRY_RUN": "1"},
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", str(GLUE_SH), task, method, str(seed)],
+        env={**os.environ, **env, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"{GLUE_SH} {task} {method} {seed} failed ({proc.returncode}): {proc.stderr.strip()}")
     return shlex.split(proc.stdout)
@@ -252,9 +313,15 @@ def plan(args) -> list[dict]:
     model = model_env(backbone, args.pretrained, args.arch_args, check=not args.dry_run)
     lrs = parse_lr(args.lr, tasks)
     out = Path(args.output_dir).resolve()
-    base = {**model["env"], "DATA_ROOT": str(Path(args.data_root).resolve()), "SAVE_ROOT": str(out / "runs"),
-            "PY": sys.executable, "SCHEDULE": args.schedule, "TINY_UPDATES": str(args.tiny_updates),
-            "NGPUS": str(args.ngpus if args.launcher != "local" else 1)}
+    base = {
+        **model["env"],
+        "DATA_ROOT": str(Path(args.data_root).resolve()),
+        "SAVE_ROOT": str(out / "runs"),
+        "PY": sys.executable,
+        "SCHEDULE": args.schedule,
+        "TINY_UPDATES": str(args.tiny_updates),
+        "NGPUS": str(args.ngpus if args.launcher != "local" else 1),
+    }
     runs = []
     for task in tasks:
         task_text = shlex.join(glue_tasks.resolve_task(task).train_flags())
@@ -276,20 +343,34 @@ def plan(args) -> list[dict]:
                 if int(base["NGPUS"]) > 1:  # fairseq's --batch-size is per GPU: keep the paper's total batch
                     batch = int(flag_value(flags, "--batch-size"))
                     if batch % int(base["NGPUS"]):
-                        raise SystemExit(f"--ngpus {base['NGPUS']}: {task}/{method} trains with batch {batch}, which "
-                                         f"{base['NGPUS']} GPUs cannot share evenly; use a divisor of {batch}")
+                        raise SystemExit(
+                            f"--ngpus {base['NGPUS']}: {task}/{method} trains with batch {batch}, which "
+                            f"{base['NGPUS']} GPUs cannot share evenly; use a divisor of {batch}"
+                        )
                     env["EXTRA"] = " ".join(extra + ["--batch-size", str(batch // int(base["NGPUS"]))])
                     flags = glue_sh_flags(env, task, method, seed)
-                runs.append({"task": task, "method": method, "seed": seed, "twin": twin,
-                             "dir": out / "runs" / task / method / f"seed{seed}", "env": env,
-                             "cmd": ["bash", str(GLUE_SH), task, method, str(seed)], "flags": flags})
+                runs.append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "seed": seed,
+                        "twin": twin,
+                        "dir": out / "runs" / task / method / f"seed{seed}",
+                        "env": env,
+                        "cmd": ["bash", str(GLUE_SH), task, method, str(seed)],
+                        "flags": flags,
+                    }
+                )
     return runs
 
 
 def _extra_methods(paper: Paper) -> tuple[str, ...]:
     """Registry methods a user may add to a paper's table (same schedule family), e.g. hype_u_official."""
-    return tuple(m for m, spec in registry.METHODS.items()
-                 if m not in paper.methods and spec.recipe.get("schedule") == paper.schedule)
+    return tuple(
+        m
+        for m, spec in registry.METHODS.items()
+        if m not in paper.methods and spec.recipe.get("schedule") == paper.schedule
+    )
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -303,16 +384,27 @@ def execute(run: dict, echo: bool = True) -> str:
     run_dir = Path(run["dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "status.json").unlink(missing_ok=True)
-    (run_dir / "command.json").write_text(json.dumps(
-        {k: run[k] for k in ("task", "method", "seed", "twin", "cmd")} | {"env": shown_env(run["env"]),
-                                                                         "fairseq_train_args": run["flags"]}, indent=1))
+    (run_dir / "command.json").write_text(
+        json.dumps(
+            {k: run[k] for k in ("task", "method", "seed", "twin", "cmd")}
+            | {"env": shown_env(run["env"]), "fairseq_train_args": run["flags"]},
+            indent=1,
+        )
+    )
     start = time.time()
     with open(run_dir / "glue_sh.stderr", "w") as err:
-        proc = subprocess.run(run["cmd"], env={**os.environ, **run["env"], "PYTHONUNBUFFERED": "1"}, cwd=REPO,
-                              stdout=None if echo else subprocess.DEVNULL, stderr=err)
+        proc = subprocess.run(
+            run["cmd"],
+            env={**os.environ, **run["env"], "PYTHONUNBUFFERED": "1"},
+            cwd=REPO,
+            stdout=None if echo else subprocess.DEVNULL,
+            stderr=err,
+        )
     status = "ok" if proc.returncode == 0 else "failed"
     tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps({"status": status, "returncode": proc.returncode, "seconds": round(time.time() - start, 1)}))
+    tmp.write_text(
+        json.dumps({"status": status, "returncode": proc.returncode, "seconds": round(time.time() - start, 1)})
+    )
     tmp.replace(run_dir / "status.json")
     return status
 
@@ -324,8 +416,9 @@ def check_output_dir(out: Path, meta: dict) -> None:
         old = json.loads(path.read_text()).get("setup", {})
         clash = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) not in (None, v)}
         if clash:
-            raise SystemExit(f"--output-dir {out} holds runs of {old}; this command has {meta} ({clash}): "
-                             f"use another --output-dir")
+            raise SystemExit(
+                f"--output-dir {out} holds runs of {old}; this command has {meta} ({clash}): use another --output-dir"
+            )
 
 
 def write_setup(out: Path, meta: dict) -> None:
@@ -340,15 +433,37 @@ def write_setup(out: Path, meta: dict) -> None:
 
 def job_command(args, index: int | None = None, report_only: bool = False) -> list[str]:
     """This command for one run of a job array (or for the report), with absolute paths."""
-    cmd = [sys.executable, str(ENTRY_POINT), "--paper", args.paper, "--backbone", args.backbone,
-           "--output-dir", str(Path(args.output_dir).resolve())]
+    cmd = [
+        sys.executable,
+        str(ENTRY_POINT),
+        "--paper",
+        args.paper,
+        "--backbone",
+        args.backbone,
+        "--output-dir",
+        str(Path(args.output_dir).resolve()),
+    ]
     if report_only:
         return cmd + ["--report-only"]
-    cmd += ["--data-root", str(Path(args.data_root).resolve()), "--pretrained", str(Path(args.pretrained).resolve()),
-            "--schedule", args.schedule, "--launcher", "torchrun" if args.ngpus > 1 else "local",
-            "--ngpus", str(args.ngpus)]
-    for flag, value in (("--tasks", args.tasks), ("--methods", args.methods), ("--seeds", args.seeds),
-                        ("--lr", args.lr), ("--arch-args", args.arch_args)):
+    cmd += [
+        "--data-root",
+        str(Path(args.data_root).resolve()),
+        "--pretrained",
+        str(Path(args.pretrained).resolve()),
+        "--schedule",
+        args.schedule,
+        "--launcher",
+        "torchrun" if args.ngpus > 1 else "local",
+        "--ngpus",
+        str(args.ngpus),
+    ]
+    for flag, value in (
+        ("--tasks", args.tasks),
+        ("--methods", args.methods),
+        ("--seeds", args.seeds),
+        ("--lr", args.lr),
+        ("--arch-args", args.arch_args),
+    ):
         if value:
             cmd += [flag, value]
     if args.schedule == "tiny":
@@ -383,13 +498,14 @@ cd {shlex.quote(str(REPO))}
 eval "$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {shlex.quote(str(jobs))})"
 """)
     submit = out / "submit.sh"
+    report_cmd = shlex.quote(shlex.join(job_command(args, report_only=True)))
     submit.write_text(f"""#!/usr/bin/env bash
 # sbatch the run array (extra sbatch options, e.g. --partition=gpu, go to both jobs), then the report
 # after every array task has ended (afterany: a failed run is reported as failed, never dropped).
 set -euo pipefail
 ARRAY=$(sbatch --parsable "$@" {shlex.quote(str(sbatch))})
 sbatch --parsable "$@" --dependency=afterany:"${{ARRAY%%;*}}" --job-name=ps-{args.paper}-report --ntasks=1 \\
-  --time=00:30:00 --output={out}/slurm/report-%j.out --wrap {shlex.quote(shlex.join(job_command(args, report_only=True)))}
+  --time=00:30:00 --output={out}/slurm/report-%j.out --wrap {report_cmd}
 echo "submitted the run array $ARRAY ({len(runs)} runs) and its report"
 """)
     submit.chmod(0o755)
@@ -403,10 +519,17 @@ def run_value(run_dir: Path, metric: str, checkpoint: str) -> dict:
     log = Path(run_dir) / "train.log"
     values = []
     if log.exists():
-        values = [r[metric] for r in parse_valid_records(log.read_text(errors="replace"))
-                  if metric in r and math.isfinite(r[metric])]
-    row = {"status": status, "best": max(values) if values else None, "last": values[-1] if values else None,
-           "validations": len(values)}
+        values = [
+            r[metric]
+            for r in parse_valid_records(log.read_text(errors="replace"))
+            if metric in r and math.isfinite(r[metric])
+        ]
+    row = {
+        "status": status,
+        "best": max(values) if values else None,
+        "last": values[-1] if values else None,
+        "validations": len(values),
+    }
     if status == "ok" and not values:
         row["status"] = "failed"  # finished without a single validation of the metric: nothing to report
     row["value"] = row[checkpoint] if row["status"] == "ok" else None
@@ -427,8 +550,15 @@ def collect(out: Path, published: Published, tasks, methods, seeds=None) -> list
                 seed = int(run_dir.name[4:])
                 if seeds is not None and seed not in seeds:
                     continue
-                rows.append({"task": task, "method": method, "seed": seed, "metric": metric,
-                             **run_value(run_dir, metric, published.convention["checkpoint"])})
+                rows.append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "seed": seed,
+                        "metric": metric,
+                        **run_value(run_dir, metric, published.convention["checkpoint"]),
+                    }
+                )
     return rows
 
 
@@ -469,26 +599,34 @@ def header_lines(paper: Paper, backbone: str, published: Published, setup: dict,
     conv = published.convention
     lines = [f"# Paper-scale reproduction: {paper.title}; {backbone}", "", f"Command: `{command}`  "]
     if setup:
-        lines.append(f"Runs: commit {setup.get('commit')}, schedule {setup.get('schedule')}, pretrained "
-                     f"`{setup.get('pretrained')}` ({setup.get('layers')} layers, dim {setup.get('dim')}); report "
-                     f"written {datetime.date.today().isoformat()}.  ")
+        lines.append(
+            f"Runs: commit {setup.get('commit')}, schedule {setup.get('schedule')}, pretrained "
+            f"`{setup.get('pretrained')}` ({setup.get('layers')} layers, dim {setup.get('dim')}); report "
+            f"written {datetime.date.today().isoformat()}.  "
+        )
     else:
-        lines.append("Runs: their setup is not recorded (no `setup` in paper_scale.json: not started by this "
-                     "driver).  ")
-    reasons = ((["the tiny schedule (a few CPU updates of the paper's flags)"] if setup.get("schedule") == "tiny" else [])
-               + (["a model of another size than the paper's"] if not setup.get("paper_size", True) else []))
+        lines.append(
+            "Runs: their setup is not recorded (no `setup` in paper_scale.json: not started by this driver).  "
+        )
+    reasons = (
+        ["the tiny schedule (a few CPU updates of the paper's flags)"] if setup.get("schedule") == "tiny" else []
+    ) + (["a model of another size than the paper's"] if not setup.get("paper_size", True) else [])
     if reasons:
-        lines.append(f"**Not a reproduction:** {' and '.join(reasons)}: a check of the pipeline; the numbers below "
-                     "say nothing about the methods.  ")
+        lines.append(
+            f"**Not a reproduction:** {' and '.join(reasons)}: a check of the pipeline; the numbers below "
+            "say nothing about the methods.  "
+        )
     return lines + [
         f"Ours: per run the {CHECKPOINT_TEXT[conv['checkpoint']]} of the task's metric; over seeds mean ± sample std "
         f"(n = finished runs) and the paper's aggregate ({', '.join(conv['aggregates'])}). Paper convention "
         f"({conv.get('status', '?')}): {conv['seeds']} seeds; {conv['source']}.  ",
         f"Published numbers: {published.source}; status: **{published.status}**"
-        + (f" ({published.status_note})" if published.status_note else "") + ".  ",
+        + (f" ({published.status_note})" if published.status_note else "")
+        + ".  ",
         "Gain: a method minus its baseline (method registry) in the paper's aggregate, ours and the paper's; "
         "paired: the mean per-seed difference (same seed = same data order and head init) with a 95 % t "
-        "interval and wins / seeds.", "",
+        "interval and wins / seeds.",
+        "",
     ]
 
 
@@ -510,12 +648,15 @@ def table_row(published: Published, by: dict, task: str, method: str, methods) -
     bcell = by.get((task, base), EMPTY_CELL)
     ours_gain = _diff(ours[first], bcell["ours"].get(first))
     paper_gain = _diff(published.values.get((first, task, method)), published.values.get((first, task, base)))
-    return line + [f"{_fmt(ours_gain, True)} / {_fmt(paper_gain, True)}",
-                   stats.paired(cell["values"], bcell["values"]).text()]
+    return line + [
+        f"{_fmt(ours_gain, True)} / {_fmt(paper_gain, True)}",
+        stats.paired(cell["values"], bcell["values"]).text(),
+    ]
 
 
-def markdown(paper: Paper, backbone: str, published: Published, rows: Sequence[dict], tasks, methods,
-             setup: dict, command: str) -> str:
+def markdown(
+    paper: Paper, backbone: str, published: Published, rows: Sequence[dict], tasks, methods, setup: dict, command: str
+) -> str:
     aggregates = list(published.convention["aggregates"])
     by = cells(rows, published)
     head = ["task (metric)", "method", "ours: mean ± std (n)"]
@@ -528,8 +669,11 @@ def markdown(paper: Paper, backbone: str, published: Published, rows: Sequence[d
     lines += averages_table(published, by, paper.tasks, methods, aggregates[0])
     lines += ["", "Notes:", ""] + [f"- {c}" for c in paper.caveats]
     if published.metrics:
-        lines.append("- Metrics other than the GLUE task table's best_metric: "
-                     + ", ".join(f"{t} {m}" for t, m in published.metrics.items()) + f" ({published.metrics_source}).")
+        lines.append(
+            "- Metrics other than the GLUE task table's best_metric: "
+            + ", ".join(f"{t} {m}" for t, m in published.metrics.items())
+            + f" ({published.metrics_source})."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -538,8 +682,13 @@ def averages_table(published: Published, by: dict, tasks, methods, aggregate: st
     aggregate, only when every one of them has a value."""
     if not published.averages:
         return []
-    lines = ["", f"Averages over {', '.join(tasks)} (ours: mean over tasks of the per-task {aggregate}):", "",
-             "| method | quantity | ours | paper | ours − paper | paper status and source |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"Averages over {', '.join(tasks)} (ours: mean over tasks of the per-task {aggregate}):",
+        "",
+        "| method | quantity | ours | paper | ours − paper | paper status and source |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def task_mean(method):
         vals = [by.get((t, method), {}).get("ours", {}).get(aggregate) for t in tasks]
@@ -555,14 +704,17 @@ def averages_table(published: Published, by: dict, tasks, methods, aggregate: st
             base = get_method(method).baseline
             ours = _diff(ours, task_mean(base))
             quantity = f"average gain over {get_method(base).label}"
-        lines.append(f"| {get_method(method).label} | {quantity} | {_fmt(ours, avg['kind'] != 'mean_over_tasks')} | "
-                     f"{_fmt(avg['value'], avg['kind'] != 'mean_over_tasks')} | {_fmt(_diff(ours, avg['value']), True)} | "
-                     f"{avg['status']}: {avg['source']} |")
+        lines.append(
+            f"| {get_method(method).label} | {quantity} | {_fmt(ours, avg['kind'] != 'mean_over_tasks')} | "
+            f"{_fmt(avg['value'], avg['kind'] != 'mean_over_tasks')} | {_fmt(_diff(ours, avg['value']), True)} | "
+            f"{avg['status']}: {avg['source']} |"
+        )
     return lines
 
 
-def write_report(out: Path, paper_name: str, backbone: str, tasks=None, methods=None, seeds=None,
-                 command: str = "") -> str:
+def write_report(
+    out: Path, paper_name: str, backbone: str, tasks=None, methods=None, seeds=None, command: str = ""
+) -> str:
     """OUT/paper_scale.md and the results in OUT/paper_scale.json; returns the markdown."""
     out = Path(out)
     paper = PAPERS[paper_name]
@@ -576,11 +728,27 @@ def write_report(out: Path, paper_name: str, backbone: str, tasks=None, methods=
     rows = collect(out, published, tasks, methods, seeds)
     text = markdown(paper, backbone, published, rows, tasks, methods, setup, command or setup.get("command", ""))
     by = cells(rows, published)
-    data.update({"paper": paper_name, "backbone": backbone, "runs": rows, "summary": [
-        {"task": t, "method": m, "n": c["summary"].n, "mean": c["summary"].mean, "std": c["summary"].std,
-         "ours": c["ours"], "failed": c["failed"], "incomplete": c["incomplete"],
-         "paper": {a: published.values.get((a, t, m)) for a in published.convention["aggregates"]}}
-        for (t, m), c in sorted(by.items())]})
+    data.update(
+        {
+            "paper": paper_name,
+            "backbone": backbone,
+            "runs": rows,
+            "summary": [
+                {
+                    "task": t,
+                    "method": m,
+                    "n": c["summary"].n,
+                    "mean": c["summary"].mean,
+                    "std": c["summary"].std,
+                    "ours": c["ours"],
+                    "failed": c["failed"],
+                    "incomplete": c["incomplete"],
+                    "paper": {a: published.values.get((a, t, m)) for a in published.convention["aggregates"]},
+                }
+                for (t, m), c in sorted(by.items())
+            ],
+        }
+    )
     out.mkdir(parents=True, exist_ok=True)
     for name, content in (("paper_scale.md", text), ("paper_scale.json", json.dumps(data, indent=1, default=str))):
         tmp = out / (name + ".tmp")
@@ -593,23 +761,42 @@ def write_report(out: Path, paper_name: str, backbone: str, tasks=None, methods=
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--paper", required=True, choices=sorted(PAPERS))
-    p.add_argument("--backbone", required=True, choices=sorted(BACKBONES),
-                   help="the paper's backbones: " + "; ".join(f"{k}: {', '.join(v.backbones)}" for k, v in PAPERS.items()))
+    p.add_argument(
+        "--backbone",
+        required=True,
+        choices=sorted(BACKBONES),
+        help="the paper's backbones: " + "; ".join(f"{k}: {', '.join(v.backbones)}" for k, v in PAPERS.items()),
+    )
     p.add_argument("--output-dir", type=Path, required=True)
     p.add_argument("--data-root", type=Path, help="folder with <TASK>-bin/ from glue_preprocess (the backbone's vocab)")
-    p.add_argument("--pretrained", type=Path,
-                   help="RoBERTa: fairseq's roberta.large/model.pt; BERT: a `python -m hf2fairseq` folder")
+    p.add_argument(
+        "--pretrained",
+        type=Path,
+        help="RoBERTa: fairseq's roberta.large/model.pt; BERT: a `python -m hf2fairseq` folder",
+    )
     p.add_argument("--tasks", help="a subset of the paper's tasks (comma list; default: all)")
     p.add_argument("--methods", help="a subset of the paper's methods (default: all, baselines included)")
     p.add_argument("--seeds", help="comma list (default: 1..the paper's number of seeds)")
     p.add_argument("--lr", help="LR for every task or TASK=LR,... (default: glue.sh's, the paper's)")
-    p.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                   help="local: one process per run; torchrun: --ngpus GPUs per run on this node; slurm-array: "
-                        "write OUT/jobs.txt, paper_scale.sbatch and submit.sh instead of running")
-    p.add_argument("--ngpus", type=int, default=1, help="GPUs per run (torchrun, slurm-array); the paper's total "
-                                                        "batch is split over them")
-    p.add_argument("--schedule", choices=SCHEDULES, default="paper",
-                   help="tiny: glue.sh's flags on CPU without fp16 for --tiny-updates updates (a pipeline check)")
+    p.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="local",
+        help="local: one process per run; torchrun: --ngpus GPUs per run on this node; slurm-array: "
+        "write OUT/jobs.txt, paper_scale.sbatch and submit.sh instead of running",
+    )
+    p.add_argument(
+        "--ngpus",
+        type=int,
+        default=1,
+        help="GPUs per run (torchrun, slurm-array); the paper's total batch is split over them",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="paper",
+        help="tiny: glue.sh's flags on CPU without fp16 for --tiny-updates updates (a pipeline check)",
+    )
     p.add_argument("--tiny-updates", type=int, default=4)
     p.add_argument("--arch-args", help="architecture flags replacing the backbone's (a smaller checkpoint, tests)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep checkpoint_best/last.pt of every run")
@@ -632,8 +819,10 @@ def check_args(args) -> None:
         if getattr(args, flag) is None:
             raise SystemExit(f"--{flag.replace('_', '-')} is required (except with --report-only)")
     if args.ngpus < 1 or (args.launcher == "local" and args.ngpus != 1):
-        raise SystemExit(f"--ngpus must be >= 1 and is 1 with --launcher local (got {args.ngpus}); several GPUs "
-                         f"per run: --launcher torchrun or slurm-array")
+        raise SystemExit(
+            f"--ngpus must be >= 1 and is 1 with --launcher local (got {args.ngpus}); several GPUs "
+            f"per run: --launcher torchrun or slurm-array"
+        )
     if args.tiny_updates < 1:
         raise SystemExit(f"--tiny-updates must be >= 1, got {args.tiny_updates}")
 
@@ -642,9 +831,11 @@ def print_plan(runs: Sequence[dict]) -> None:
     """--dry-run: each run's glue.sh command and the fairseq-train flags it resolves to."""
     for i, run in enumerate(runs):
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in shown_env(run["env"]).items())
-        print(f"# [{i}] {run['task']}/{run['method']}/seed{run['seed']}"
-              + (" (baseline twin in this paper's schedule)" if run["twin"] else "")
-              + f"\n{env} {shlex.join(run['cmd'])}\n#   fairseq-train {shlex.join(run['flags'])}")
+        print(
+            f"# [{i}] {run['task']}/{run['method']}/seed{run['seed']}"
+            + (" (baseline twin in this paper's schedule)" if run["twin"] else "")
+            + f"\n{env} {shlex.join(run['cmd'])}\n#   fairseq-train {shlex.join(run['flags'])}"
+        )
 
 
 def run_all(runs: Sequence[dict], retry_failed: bool, quiet: bool) -> int:
@@ -668,9 +859,11 @@ def main(argv=None) -> int:
     check_args(args)
     command = "python benchmarks/quality/paper_scale.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     out = Path(args.output_dir).resolve()
-    report_args = dict(tasks=[glue_tasks.canonical_name(t) for t in args.tasks.split(",")] if args.tasks else None,
-                       methods=args.methods.split(",") if args.methods else None,
-                       seeds={int(s) for s in args.seeds.split(",")} if args.seeds else None)
+    report_args = dict(
+        tasks=[glue_tasks.canonical_name(t) for t in args.tasks.split(",")] if args.tasks else None,
+        methods=args.methods.split(",") if args.methods else None,
+        seeds={int(s) for s in args.seeds.split(",")} if args.seeds else None,
+    )
     if args.report_only:
         print(write_report(out, args.paper, args.backbone, command=command, **report_args))
         return 0
@@ -683,11 +876,22 @@ def main(argv=None) -> int:
     check_output_dir(out, setup)
     missing = sorted({r["task"] for r in runs if not (Path(args.data_root) / f"{r['task']}-bin").is_dir()})
     if missing:
-        raise SystemExit(f"--data-root {args.data_root}: no {', '.join(t + '-bin' for t in missing)}; binarize them "
-                         f"with `python -m glue_preprocess` (docs/recipes.md, 'Paper-scale reproduction')")
-    write_setup(out, {**setup, "pretrained": str(Path(args.pretrained).resolve()), "layers": model["layers"],
-                      "dim": model["dim"], "paper_size": model["paper_size"], "commit": git_commit(),
-                      "command": command})
+        raise SystemExit(
+            f"--data-root {args.data_root}: no {', '.join(t + '-bin' for t in missing)}; binarize them "
+            f"with `python -m glue_preprocess` (docs/recipes.md, 'Paper-scale reproduction')"
+        )
+    write_setup(
+        out,
+        {
+            **setup,
+            "pretrained": str(Path(args.pretrained).resolve()),
+            "layers": model["layers"],
+            "dim": model["dim"],
+            "paper_size": model["paper_size"],
+            "commit": git_commit(),
+            "command": command,
+        },
+    )
     if args.launcher == "slurm-array":
         submit = write_slurm_array(args, runs)
         print(f"wrote {out / 'jobs.txt'} ({len(runs)} runs), {out / 'paper_scale.sbatch'}; submit: bash {submit}")

@@ -30,6 +30,7 @@ Data and the converted model go to --work-dir.
 
     python benchmarks/quality/run.py --work-dir /scratch/quality --tasks CoLA,RTE --jobs 2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,15 +94,25 @@ class Control:
 
 # HyPe's recipe turns dropout off (0.1 -> 0); this control is vanilla with only that change, so a HyPe
 # gain can be split into "noise" and "no dropout".
-CONTROLS: dict[str, Control] = {c.name: c for c in (
-    Control("vanilla_dropout0", "Vanilla, dropout 0 (control)", "vanilla", ("--dropout", "0.0"),
-            "HyPe's recipe sets --dropout 0.0; vanilla with only that change"),
-)}
+CONTROLS: dict[str, Control] = {
+    c.name: c
+    for c in (
+        Control(
+            "vanilla_dropout0",
+            "Vanilla, dropout 0 (control)",
+            "vanilla",
+            ("--dropout", "0.0"),
+            "HyPe's recipe sets --dropout 0.0; vanilla with only that change",
+        ),
+    )
+}
 
 
 def spec_of(name: str):
     """The registered method or the study control called `name` (label, baseline, optimizer family)."""
     return CONTROLS[name] if name in CONTROLS else get_method(name)
+
+
 RESULTS_DIR = REPO / "benchmarks" / "results" / "quality"
 
 
@@ -126,24 +137,70 @@ def study_flags(method: str, protocol=PROTOCOL) -> list[str]:
     return method_flags(method, overrides)
 
 
-def train_command(task: str, method: str, seed: int, lr: float, data: Path, run_dir: Path,
-                  pretrained: dict, n_train: int, protocol=PROTOCOL) -> list[str]:
+def train_command(
+    task: str,
+    method: str,
+    seed: int,
+    lr: float,
+    data: Path,
+    run_dir: Path,
+    pretrained: dict,
+    n_train: int,
+    protocol=PROTOCOL,
+) -> list[str]:
     """The complete fairseq-train command of one run."""
     spec = glue_tasks.resolve_task(task)
     updates = num_updates(n_train, protocol)
     warmup = max(1, round(float(protocol["warmup_ratio"]) * updates))
     return trainer_command(None) + [
-        str(data), "--user-dir", str(REPO / "robustft"), "--task", "sentence_prediction",
-        "--init-token", "0", "--shorten-method", "truncate",
-        *pretrained["train_args"], "--restore-file", str(pretrained["model"]),
-        "--reset-optimizer", "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler",
-        *spec.train_flags(), *study_flags(method, protocol),
-        "--lr", f"{lr:g}", "--batch-size", str(protocol["batch_size"]), "--required-batch-size-multiple", "1",
-        "--max-epoch", str(protocol["epochs"]), "--max-update", str(updates),
-        "--lr-scheduler", "polynomial_decay", "--total-num-update", str(updates), "--warmup-updates", str(warmup),
-        "--clip-norm", str(protocol["clip_norm"]), "--seed", str(seed), "--no-save",
-        "--save-dir", str(run_dir / "checkpoints"), "--log-format", "simple", "--log-interval", "20",
-        "--num-workers", "0", "--cpu",
+        str(data),
+        "--user-dir",
+        str(REPO / "robustft"),
+        "--task",
+        "sentence_prediction",
+        "--init-token",
+        "0",
+        "--shorten-method",
+        "truncate",
+        *pretrained["train_args"],
+        "--restore-file",
+        str(pretrained["model"]),
+        "--reset-optimizer",
+        "--reset-dataloader",
+        "--reset-meters",
+        "--reset-lr-scheduler",
+        *spec.train_flags(),
+        *study_flags(method, protocol),
+        "--lr",
+        f"{lr:g}",
+        "--batch-size",
+        str(protocol["batch_size"]),
+        "--required-batch-size-multiple",
+        "1",
+        "--max-epoch",
+        str(protocol["epochs"]),
+        "--max-update",
+        str(updates),
+        "--lr-scheduler",
+        "polynomial_decay",
+        "--total-num-update",
+        str(updates),
+        "--warmup-updates",
+        str(warmup),
+        "--clip-norm",
+        str(protocol["clip_norm"]),
+        "--seed",
+        str(seed),
+        "--no-save",
+        "--save-dir",
+        str(run_dir / "checkpoints"),
+        "--log-format",
+        "simple",
+        "--log-interval",
+        "20",
+        "--num-workers",
+        "0",
+        "--cpu",
     ]
 
 
@@ -155,8 +212,12 @@ def prepare_model(work: Path, protocol=PROTOCOL) -> dict:
         from hf2fairseq.convert import convert, find_package_dir
 
         log(f"converting {protocol['model_package']} -> {out}")
-        convert(find_package_dir(str(protocol["model_package"])), out, source=str(protocol["model_package"]),
-                max_positions=int(protocol["max_positions"]))
+        convert(
+            find_package_dir(str(protocol["model_package"])),
+            out,
+            source=str(protocol["model_package"]),
+            max_positions=int(protocol["max_positions"]),
+        )
     return load_pretrained(out)
 
 
@@ -167,16 +228,29 @@ def prepare_data(work: Path, glue_dir: Path, task: str, kind: str, model_dir: Pa
     data = root / f"{task}-bin"
     if (data / "summary.json").exists() or (data / "input0" / "dict.txt").exists():
         return data
-    options = {"main": dict(train_subset_size=protocol["train_subset"], subset_seed=protocol["subset_seed"]),
-               "grid": dict(train_subset_size=protocol["train_subset"], subset_seed=protocol["grid_subset_seed"],
-                            dev_from_train=protocol["grid_heldout"]),
-               "anchor": {}}[kind]
+    options = {
+        "main": dict(train_subset_size=protocol["train_subset"], subset_seed=protocol["subset_seed"]),
+        "grid": dict(
+            train_subset_size=protocol["train_subset"],
+            subset_seed=protocol["grid_subset_seed"],
+            dev_from_train=protocol["grid_heldout"],
+        ),
+        "anchor": {},
+    }[kind]
     from glue_preprocess import preprocess
 
     log(f"binarizing {task} ({kind}) -> {data}")
-    preprocess(glue_dir=str(glue_dir), tasks=[task], output_dir=str(root), tokenizer="wordpiece",
-               wordpiece_vocab=str(model_dir / "vocab.txt"), srcdict=str(model_dir / "dict.txt"),
-               workers=1, overwrite=True, **options)
+    preprocess(
+        glue_dir=str(glue_dir),
+        tasks=[task],
+        output_dir=str(root),
+        tokenizer="wordpiece",
+        wordpiece_vocab=str(model_dir / "vocab.txt"),
+        srcdict=str(model_dir / "dict.txt"),
+        workers=1,
+        overwrite=True,
+        **options,
+    )
     return data
 
 
@@ -196,8 +270,12 @@ def final_and_best(log_text: str, metric: str) -> dict | None:
     records = [r for r in parse_valid_records(log_text) if metric in r]
     if not records:
         return None
-    return {"final": records[-1][metric], "best": max(r[metric] for r in records),
-            "validations": len(records), "final_num_updates": records[-1].get("num_updates")}
+    return {
+        "final": records[-1][metric],
+        "best": max(r[metric] for r in records),
+        "validations": len(records),
+        "final_num_updates": records[-1].get("num_updates"),
+    }
 
 
 def run_result(run_dir: Path, metric: str) -> dict | None:
@@ -217,7 +295,9 @@ def execute_all(runs: Sequence[dict], jobs: int, retry_failed: bool) -> None:
     log(f"{len(todo)} of {len(runs)} runs to do, {jobs} at a time (1 thread each)")
 
     def one(run):
-        tag = f"{run['task']}/{run['method']}/seed{run['seed']}" + (f"@lr{run['lr']:g}" if "grid" in str(run["dir"]) else "")
+        tag = f"{run['task']}/{run['method']}/seed{run['seed']}" + (
+            f"@lr{run['lr']:g}" if "grid" in str(run["dir"]) else ""
+        )
         status = execute(run, echo=False, threads="1")
         log(f"{tag}: {status} ({json.loads((Path(run['dir']) / 'status.json').read_text())['seconds']} s)")
         return status
@@ -226,7 +306,9 @@ def execute_all(runs: Sequence[dict], jobs: int, retry_failed: bool) -> None:
         list(pool.map(one, todo))
 
 
-def grid_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, families, pretrained, protocol=PROTOCOL) -> list[dict]:
+def grid_runs(
+    work: Path, runs_root: Path, glue_dir: Path, tasks, families, pretrained, protocol=PROTOCOL
+) -> list[dict]:
     runs = []
     for task in tasks:
         data = prepare_data(work, glue_dir, task, "grid", pretrained["model"].parent, protocol)
@@ -236,8 +318,16 @@ def grid_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, families, pret
             for lr in protocol["lr_grid"][family]:
                 for seed in protocol["grid_seeds"]:
                     run_dir = runs_root / "grid" / task / f"{method}@lr{lr:g}" / f"seed{seed}"
-                    runs.append({"task": task, "method": method, "seed": seed, "lr": lr, "dir": run_dir,
-                                 "cmd": train_command(task, method, seed, lr, data, run_dir, pretrained, n, protocol)})
+                    runs.append(
+                        {
+                            "task": task,
+                            "method": method,
+                            "seed": seed,
+                            "lr": lr,
+                            "dir": run_dir,
+                            "cmd": train_command(task, method, seed, lr, data, run_dir, pretrained, n, protocol),
+                        }
+                    )
     return runs
 
 
@@ -252,8 +342,10 @@ def chosen_lrs(runs: Path, tasks, families, protocol=PROTOCOL) -> dict[str, dict
             method = FAMILY_BASELINE[family]
             means = {}
             for lr in protocol["lr_grid"][family]:
-                vals = [run_result(runs / "grid" / task / f"{method}@lr{lr:g}" / f"seed{s}", metric)
-                        for s in protocol["grid_seeds"]]
+                vals = [
+                    run_result(runs / "grid" / task / f"{method}@lr{lr:g}" / f"seed{s}", metric)
+                    for s in protocol["grid_seeds"]
+                ]
                 if any(v is None for v in vals):
                     means = None
                     break
@@ -262,7 +354,9 @@ def chosen_lrs(runs: Path, tasks, families, protocol=PROTOCOL) -> dict[str, dict
     return out
 
 
-def main_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, methods, seeds, lrs, pretrained, protocol=PROTOCOL) -> list[dict]:
+def main_runs(
+    work: Path, runs_root: Path, glue_dir: Path, tasks, methods, seeds, lrs, pretrained, protocol=PROTOCOL
+) -> list[dict]:
     """Seed-major order (every method of seed 1, then seed 2, ...): partial results stay paired."""
     runs = []
     for task in tasks:
@@ -274,8 +368,16 @@ def main_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, methods, seeds
                 if lr is None:
                     continue
                 run_dir = runs_root / "main" / task / method / f"seed{seed}"
-                runs.append({"task": task, "method": method, "seed": seed, "lr": lr, "dir": run_dir,
-                             "cmd": train_command(task, method, seed, lr, data, run_dir, pretrained, n, protocol)})
+                runs.append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "seed": seed,
+                        "lr": lr,
+                        "dir": run_dir,
+                        "cmd": train_command(task, method, seed, lr, data, run_dir, pretrained, n, protocol),
+                    }
+                )
     return runs
 
 
@@ -287,9 +389,16 @@ def anchor_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, lrs, pretrai
             continue
         data = prepare_data(work, glue_dir, task, "anchor", pretrained["model"].parent, protocol)
         run_dir = runs_root / "anchor" / task / "vanilla" / "seed1"
-        runs.append({"task": task, "method": "vanilla", "seed": 1, "lr": lr, "dir": run_dir,
-                     "cmd": train_command(task, "vanilla", 1, lr, data, run_dir, pretrained, train_size(data),
-                                          protocol)})
+        runs.append(
+            {
+                "task": task,
+                "method": "vanilla",
+                "seed": 1,
+                "lr": lr,
+                "dir": run_dir,
+                "cmd": train_command(task, "vanilla", 1, lr, data, run_dir, pretrained, train_size(data), protocol),
+            }
+        )
     return runs
 
 
@@ -301,10 +410,17 @@ def collect(runs: Path, tasks, methods) -> list[dict]:
         for method in methods:
             for run_dir in sorted((runs / "main" / task / method).glob("seed*")):
                 res = run_result(run_dir, metric)
-                rows.append({"task": task, "method": method, "seed": int(run_dir.name[4:]), "metric": metric,
-                             "status": run_status(run_dir) or "incomplete",
-                             "value": None if res is None else res["final"],
-                             "best_epoch_value": None if res is None else res["best"]})
+                rows.append(
+                    {
+                        "task": task,
+                        "method": method,
+                        "seed": int(run_dir.name[4:]),
+                        "metric": metric,
+                        "status": run_status(run_dir) or "incomplete",
+                        "value": None if res is None else res["final"],
+                        "best_epoch_value": None if res is None else res["best"],
+                    }
+                )
     return rows
 
 
@@ -314,7 +430,9 @@ def floor_of(task: str) -> tuple:
     majority = (spec.dev_majority or {}).get(spec.best_metric)
     if majority is None:
         return 0.0, None
-    label = "majority class" if spec.best_metric in ("accuracy", "f1") else f"{spec.best_metric} of a constant prediction"
+    label = (
+        "majority class" if spec.best_metric in ("accuracy", "f1") else f"{spec.best_metric} of a constant prediction"
+    )
     return float(majority), label
 
 
@@ -322,8 +440,11 @@ def task_table(task: str, rows: list[dict], methods) -> str:
     per = stats.by_seed([r for r in rows if r["task"] == task])
     best = stats.by_seed([r for r in rows if r["task"] == task], "best_epoch_value")
     metric = glue_tasks.resolve_task(task).best_metric
-    lines = [f"| method | {metric} after 3 epochs, mean ± std | vs baseline: mean paired diff [95 % CI], wins | "
-             f"best epoch, mean | failed |", "|---|---|---|---|---|"]
+    lines = [
+        f"| method | {metric} after 3 epochs, mean ± std | vs baseline: mean paired diff [95 % CI], wins | "
+        f"best epoch, mean | failed |",
+        "|---|---|---|---|---|",
+    ]
     for method in methods:
         m = spec_of(method)
         values = per.get((task, method), {})
@@ -334,8 +455,10 @@ def task_table(task: str, rows: list[dict], methods) -> str:
         if m.baseline is not None:
             diff = f"{diff} (vs {get_method(m.baseline).label})"
         b = stats.summarize(list(best.get((task, method), {}).values()))
-        lines.append(f"| {m.label} | {stats.summarize(list(values.values())).text()} | {diff} | "
-                     f"{'–' if b.mean is None else f'{b.mean:.2f}'} | {failed or ''} |")
+        lines.append(
+            f"| {m.label} | {stats.summarize(list(values.values())).text()} | {diff} | "
+            f"{'–' if b.mean is None else f'{b.mean:.2f}'} | {failed or ''} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -357,8 +480,7 @@ def plot_task(task: str, rows: list[dict], methods, path: Path, title: str) -> N
         seeds = sorted(per[(task, method)])
         ys = [per[(task, method)][s] for s in seeds]
         offsets = [(i - (len(ys) - 1) / 2) * 0.08 for i in range(len(ys))]
-        ax.scatter([x + o for o in offsets], ys, s=18, color="tab:blue", zorder=3,
-                   label="one seed" if x == 0 else None)
+        ax.scatter([x + o for o in offsets], ys, s=18, color="tab:blue", zorder=3, label="one seed" if x == 0 else None)
         summary = stats.summarize(ys)
         ax.hlines(summary.mean, x - 0.3, x + 0.3, color="k", zorder=4, label="mean over seeds" if x == 0 else None)
         low = min(low, min(ys))
@@ -397,8 +519,7 @@ def write_report(runs: Path, results: Path, tasks, methods, command: str, protoc
         "# Quality study: all-MiniLM-L6-v2, GLUE low-resource (1,000 train examples)",
         "",
         f"Command: `{command}`  ",
-        f"Commit: {git_commit()}; written {datetime.date.today().isoformat()} on {platform.machine()} CPU "
-        f"(fp32).  ",
+        f"Commit: {git_commit()}; written {datetime.date.today().isoformat()} on {platform.machine()} CPU (fp32).  ",
         "Protocol: `robustft_experiments/quality.py` (`PROTOCOL`): train subset of "
         f"{protocol['train_subset']} (subset seed {protocol['subset_seed']}, the same for every run), full GLUE "
         f"dev, batch {protocol['batch_size']}, {protocol['epochs']} epochs, warmup {protocol['warmup_ratio']:.0%}, "
@@ -412,12 +533,17 @@ def write_report(runs: Path, results: Path, tasks, methods, command: str, protoc
         f"train minus {protocol['grid_heldout']} held-out train examples and scored on those: never on the dev "
         "numbers below.",
         "",
-        "| task | " + " | ".join(f"{f} lr (grid {', '.join(f'{x:g}' for x in protocol['lr_grid'][f])})" for f in families)
-        + " |", "|---|" + "---|" * len(families),
+        "| task | "
+        + " | ".join(f"{f} lr (grid {', '.join(f'{x:g}' for x in protocol['lr_grid'][f])})" for f in families)
+        + " |",
+        "|---|" + "---|" * len(families),
     ]
     for task in tasks:
-        head.append(f"| {task} | " + " | ".join("pending" if lrs[task][f] is None else f"{lrs[task][f]:g}"
-                                                 for f in families) + " |")
+        head.append(
+            f"| {task} | "
+            + " | ".join("pending" if lrs[task][f] is None else f"{lrs[task][f]:g}" for f in families)
+            + " |"
+        )
     body = []
     for task in tasks:
         floor, label = floor_of(task)
@@ -425,20 +551,37 @@ def write_report(runs: Path, results: Path, tasks, methods, command: str, protoc
         if label:
             body.append(f"{label.capitalize()} on dev: {floor:.2f}.  ")
         if task in anchors:
-            body.append(f"Anchor: vanilla on the full train set, seed 1: {anchors[task]['final']:.2f} "
-                        f"(best epoch {anchors[task]['best']:.2f}).  ")
+            body.append(
+                f"Anchor: vanilla on the full train set, seed 1: {anchors[task]['final']:.2f} "
+                f"(best epoch {anchors[task]['best']:.2f}).  "
+            )
         body += ["", task_table(task, rows, methods)]
         if any(r["value"] is not None for r in rows if r["task"] == task):
             png = results / f"{task}.png"
-            plot_task(task, rows, methods, png, f"{task} dev, all-MiniLM-L6-v2, 1k train examples, "
-                                                 f"every seed shown; commit {git_commit().split()[0]}")
+            plot_task(
+                task,
+                rows,
+                methods,
+                png,
+                f"{task} dev, all-MiniLM-L6-v2, 1k train examples, every seed shown; commit {git_commit().split()[0]}",
+            )
             body.append(f"![{task}]({png.name})")
     text = "\n".join(head + body) + "\n"
     (results / "results.md").write_text(text)
-    (results / "results.json").write_text(json.dumps(
-        {"command": command, "commit": git_commit(), "protocol": {k: (list(v) if isinstance(v, tuple) else v)
-                                                                  for k, v in protocol.items()},
-         "lrs": lrs, "anchors": anchors, "runs": rows}, indent=1, default=str))
+    (results / "results.json").write_text(
+        json.dumps(
+            {
+                "command": command,
+                "commit": git_commit(),
+                "protocol": {k: (list(v) if isinstance(v, tuple) else v) for k, v in protocol.items()},
+                "lrs": lrs,
+                "anchors": anchors,
+                "runs": rows,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     return text
 
 
@@ -449,8 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="where results.md/json and plots go")
     p.add_argument("--glue-dir", type=Path, default=REPO.parent / "shared" / "data" / "glue")
     p.add_argument("--tasks", default="CoLA,RTE")
-    p.add_argument("--methods", default="all",
-                   help=f"'all' or a comma list of {', '.join(METHODS)} and the controls {', '.join(CONTROLS)}")
+    p.add_argument(
+        "--methods",
+        default="all",
+        help=f"'all' or a comma list of {', '.join(METHODS)} and the controls {', '.join(CONTROLS)}",
+    )
     p.add_argument("--seeds", default=",".join(map(str, PROTOCOL["seeds"])))
     p.add_argument("--stages", default="grid,main,anchor,report")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
@@ -462,8 +608,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     command = "python benchmarks/quality/run.py " + shlex.join(sys.argv[1:] if argv is None else list(argv))
     tasks = [glue_tasks.canonical_name(t) for t in args.tasks.split(",") if t]
-    methods = (list(METHODS) + list(CONTROLS) if args.methods == "all"
-               else [spec_of(m).name for m in args.methods.split(",") if m])
+    methods = (
+        list(METHODS) + list(CONTROLS)
+        if args.methods == "all"
+        else [spec_of(m).name for m in args.methods.split(",") if m]
+    )
     seeds = [int(s) for s in args.seeds.split(",") if s]
     stages = [s for s in args.stages.split(",") if s]
     unknown = set(stages) - {"grid", "main", "anchor", "report"}
@@ -475,12 +624,17 @@ def main(argv=None) -> int:
     pretrained = prepare_model(work) if needs_runs else None
     runs_root = args.results.resolve() / "runs"
     if "grid" in stages:
-        execute_all(grid_runs(work, runs_root, args.glue_dir, tasks, families, pretrained), args.jobs, args.retry_failed)
+        execute_all(
+            grid_runs(work, runs_root, args.glue_dir, tasks, families, pretrained), args.jobs, args.retry_failed
+        )
     lrs = chosen_lrs(runs_root, tasks, families)
     log(f"learning rates: {lrs}")
     if "main" in stages:
-        execute_all(main_runs(work, runs_root, args.glue_dir, tasks, methods, seeds, lrs, pretrained), args.jobs,
-                    args.retry_failed)
+        execute_all(
+            main_runs(work, runs_root, args.glue_dir, tasks, methods, seeds, lrs, pretrained),
+            args.jobs,
+            args.retry_failed,
+        )
     if "anchor" in stages:
         execute_all(anchor_runs(work, runs_root, args.glue_dir, tasks, lrs, pretrained), args.jobs, args.retry_failed)
     if "report" in stages:

@@ -7,6 +7,7 @@ A run counts as failed when its status.json says so, or when its log has no vali
 runs are listed in the table, never filled in. Each task's column is its best-checkpoint metric (GLUE
 task table), each method's row label and order come from the method registry.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,13 @@ def parse_valid_records(log_text: str, subset: str = "valid") -> list[dict]:
             except json.JSONDecodeError:
                 continue
             prefix = f"{subset}_"
-            records.append({k[len(prefix):]: _number(v) for k, v in raw.items()
-                            if k.startswith(prefix) and _number(v) is not None})
+            records.append(
+                {
+                    k[len(prefix) :]: _number(v)
+                    for k, v in raw.items()
+                    if k.startswith(prefix) and _number(v) is not None
+                }
+            )
     return records
 
 
@@ -88,8 +94,13 @@ def best_of_run(log_text: str, metric: str, maximize: bool = True) -> dict | Non
         return None
     pick = max if maximize else min
     best = pick(recs, key=lambda r: r[metric])
-    return {"best": best[metric], "best_num_updates": best.get("num_updates"), "last": recs[-1][metric],
-            "num_validations": len(recs), "all_metrics_at_best": best}
+    return {
+        "best": best[metric],
+        "best_num_updates": best.get("num_updates"),
+        "last": recs[-1][metric],
+        "num_validations": len(recs),
+        "all_metrics_at_best": best,
+    }
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -105,8 +116,19 @@ def collect(sweep_dir: Path) -> list[dict]:
         state = status["status"]
         if state == "ok" and result is None:
             state = "failed"  # finished without a single validation: nothing to report
-        row = {"task": task, "method": method, "seed": seed, "status": state, "metric": metric, "best": None, "last": None, "best_num_updates": None,
-               "seconds": status.get("seconds"), "returncode": status.get("returncode"), "log": str(log)}
+        row = {
+            "task": task,
+            "method": method,
+            "seed": seed,
+            "status": state,
+            "metric": metric,
+            "best": None,
+            "last": None,
+            "best_num_updates": None,
+            "seconds": status.get("seconds"),
+            "returncode": status.get("returncode"),
+            "log": str(log),
+        }
         if result is not None and state == "ok":
             row.update(best=result["best"], last=result["last"], best_num_updates=result["best_num_updates"])
         rows.append(row)
@@ -117,8 +139,7 @@ def aggregate(rows: list[dict]) -> dict:
     """{(method, task): {"mean", "std", "n", "failed", "values"}} over seeds (sample std, 0 for n = 1)."""
     cells = {}
     for r in rows:
-        cell = cells.setdefault((r["method"], r["task"]),
-                                {"values": [], "failed": 0, "incomplete": 0, "not_landed": 0})
+        cell = cells.setdefault((r["method"], r["task"]), {"values": [], "failed": 0, "incomplete": 0, "not_landed": 0})
         if r["status"] == "ok":
             cell["values"].append(r["best"])
         elif r["status"] == "failed":
@@ -193,8 +214,16 @@ def plot(rows: list[dict], path: Path, cells: dict | None = None, title: str = "
                 failed_x.append((x, "not landed" if c["not_landed"] else "failed"))
         bars = ax.bar(xs, ys, width, yerr=es, capsize=3, label=method_label(m))
         for x, label in failed_x:
-            ax.text(x, 0, label, rotation=90, ha="center", va="bottom", fontsize=7,
-                    color=bars.patches[0].get_facecolor() if bars.patches else "k")
+            ax.text(
+                x,
+                0,
+                label,
+                rotation=90,
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                color=bars.patches[0].get_facecolor() if bars.patches else "k",
+            )
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels([f"{t}\n({task_metric(t)})" for t in tasks])
     values = [c["mean"] - c["std"] for c in cells.values() if c["n"]]
@@ -216,18 +245,36 @@ def write_report(sweep_dir: Path, title: str = "GLUE dev") -> dict:
         print(f"[report] no runs under {sweep_dir}/runs")
         return {"rows": [], "table": ""}
     cells = aggregate(rows)
-    fields = ["task", "method", "seed", "status", "metric", "best", "last", "best_num_updates", "seconds",
-              "returncode", "log"]
+    fields = [
+        "task",
+        "method",
+        "seed",
+        "status",
+        "metric",
+        "best",
+        "last",
+        "best_num_updates",
+        "seconds",
+        "returncode",
+        "log",
+    ]
     with open(sweep_dir / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
-    summary = [{"method": m, "task": t, **{k: c[k] for k in ("mean", "std", "n", "failed", "incomplete", "not_landed", "values")}}
-               for (m, t), c in sorted(cells.items())]
+    summary = [
+        {
+            "method": m,
+            "task": t,
+            **{k: c[k] for k in ("mean", "std", "n", "failed", "incomplete", "not_landed", "values")},
+        }
+        for (m, t), c in sorted(cells.items())
+    ]
     (sweep_dir / "results.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
     table = markdown_table(rows, cells)
-    (sweep_dir / "results.md").write_text(f"# {title}\n\nBest dev metric per run, mean ± std over seeds "
-                                          f"(sample std; n = finished runs).\n\n{table}")
+    (sweep_dir / "results.md").write_text(
+        f"# {title}\n\nBest dev metric per run, mean ± std over seeds (sample std; n = finished runs).\n\n{table}"
+    )
     plot(rows, sweep_dir / "results.png", cells, title)
     print(table)
     print(f"[report] wrote {sweep_dir}/results.{{csv,json,md,png}}")

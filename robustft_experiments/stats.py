@@ -4,6 +4,7 @@ Student-t confidence interval and wins / seeds.
 
 Pure functions over plain lists; no I/O. n = 1 has no spread: std and intervals are None, never 0.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,9 @@ def paired(method: Mapping[int, float], baseline: Mapping[int, float], level: fl
     if not diffs:
         return Paired(0, None, None, None, 0, 0, ())
     low, high = t_interval(diffs, level)
-    return Paired(len(diffs), statistics.fmean(diffs), low, high, sum(d > 0 for d in diffs),
-                  sum(d == 0 for d in diffs), seeds)
+    return Paired(
+        len(diffs), statistics.fmean(diffs), low, high, sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), seeds
+    )
 
 
 def by_seed(rows: Sequence[Mapping], value_key: str = "value") -> dict[tuple, dict[int, float]]:

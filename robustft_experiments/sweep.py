@@ -12,6 +12,7 @@ At the end the report (`scripts/report.py OUT`) writes results.csv/json, results
 Method flags come from the method registry (`robustft_common.methods`), task flags from the GLUE task
 table (`robustft_common.glue_tasks`); the schedule (lr, batch, updates) from the options below.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENTRY_POINT = REPO / "scripts" / "sweep.py"  # what --emit-jobs lines run
 DEFAULT_METHODS = "vanilla,r3f,hype_u,pats,hype_r3f"
 
+
 def task_flags(task: str) -> list[str]:
     """--num-classes, regression, metric reporting and best-checkpoint selection for one GLUE task."""
     return glue_tasks.resolve_task(task).train_flags()
@@ -46,20 +48,60 @@ def run_args(task, method, seed, data_root: Path, run_dir: Path, pretrained: dic
     data = Path(data_root) / f"{task}-bin"
     model = []
     if pretrained is not None:
-        model = [*pretrained["train_args"], "--restore-file", str(pretrained["model"]),
-                 "--reset-optimizer", "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler"]
+        model = [
+            *pretrained["train_args"],
+            "--restore-file",
+            str(pretrained["model"]),
+            "--reset-optimizer",
+            "--reset-dataloader",
+            "--reset-meters",
+            "--reset-lr-scheduler",
+        ]
     warmup = max(1, int(round(args.warmup_ratio * args.max_update)))
     cmd = [
-        str(data), "--user-dir", str(REPO / "robustft"), "--task", "sentence_prediction",
-        "--init-token", "0", *(["--separator-token", "2"] if args.separator_token else []),
-        "--shorten-method", "truncate", *model, *task_flags(task), *method_flags(method),
-        "--lr", str(lr), "--batch-size", str(args.batch_size), "--required-batch-size-multiple", "1",
-        "--max-update", str(args.max_update), "--max-epoch", str(args.max_epoch),
-        "--lr-scheduler", "polynomial_decay", "--total-num-update", str(args.max_update),
-        "--warmup-updates", str(warmup), "--clip-norm", "0.0",
-        "--seed", str(seed), "--save-dir", str(run_dir / "checkpoints"),
-        "--log-format", "simple", "--log-interval", str(args.log_interval), "--num-workers", "0",
-        "--ddp-backend", "legacy_ddp",
+        str(data),
+        "--user-dir",
+        str(REPO / "robustft"),
+        "--task",
+        "sentence_prediction",
+        "--init-token",
+        "0",
+        *(["--separator-token", "2"] if args.separator_token else []),
+        "--shorten-method",
+        "truncate",
+        *model,
+        *task_flags(task),
+        *method_flags(method),
+        "--lr",
+        str(lr),
+        "--batch-size",
+        str(args.batch_size),
+        "--required-batch-size-multiple",
+        "1",
+        "--max-update",
+        str(args.max_update),
+        "--max-epoch",
+        str(args.max_epoch),
+        "--lr-scheduler",
+        "polynomial_decay",
+        "--total-num-update",
+        str(args.max_update),
+        "--warmup-updates",
+        str(warmup),
+        "--clip-norm",
+        "0.0",
+        "--seed",
+        str(seed),
+        "--save-dir",
+        str(run_dir / "checkpoints"),
+        "--log-format",
+        "simple",
+        "--log-interval",
+        str(args.log_interval),
+        "--num-workers",
+        "0",
+        "--ddp-backend",
+        "legacy_ddp",
     ]
     if args.validate_interval_updates:
         cmd += ["--validate-interval-updates", str(args.validate_interval_updates)]
@@ -110,15 +152,17 @@ def execute(run: dict, echo: bool = True, threads: str | None = None) -> str:
     run_dir = Path(run["dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "status.json").unlink(missing_ok=True)
-    (run_dir / "command.json").write_text(json.dumps(
-        {k: run[k] for k in ("task", "method", "seed")} | {"cmd": [str(c) for c in run["cmd"]]}, indent=1))
+    (run_dir / "command.json").write_text(
+        json.dumps({k: run[k] for k in ("task", "method", "seed")} | {"cmd": [str(c) for c in run["cmd"]]}, indent=1)
+    )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
         env["OMP_NUM_THREADS"] = threads
     start = time.time()
     with open(run_dir / "train.log", "w") as log:
-        proc = subprocess.Popen([str(c) for c in run["cmd"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env, cwd=REPO)
+        proc = subprocess.Popen(
+            [str(c) for c in run["cmd"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
+        )
         for line in proc.stdout:
             log.write(line)
             log.flush()  # `tail -f train.log` while it runs
@@ -127,8 +171,9 @@ def execute(run: dict, echo: bool = True, threads: str | None = None) -> str:
                 sys.stdout.flush()
         rc = proc.wait()
     status = "ok" if rc == 0 else "failed"
-    (run_dir / "status.json").write_text(json.dumps(
-        {"status": status, "returncode": rc, "seconds": round(time.time() - start, 1)}))
+    (run_dir / "status.json").write_text(
+        json.dumps({"status": status, "returncode": rc, "seconds": round(time.time() - start, 1)})
+    )
     return status
 
 
@@ -148,8 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, default=0.06)
     p.add_argument("--validate-interval-updates", type=int, default=0)
     p.add_argument("--log-interval", type=int, default=10)
-    p.add_argument("--separator-token", action="store_true",
-                   help="RoBERTa pair layout <s> A </s></s> B </s> (default: BERT's [CLS] A [SEP] B [SEP])")
+    p.add_argument(
+        "--separator-token",
+        action="store_true",
+        help="RoBERTa pair layout <s> A </s></s> B </s> (default: BERT's [CLS] A [SEP] B [SEP])",
+    )
     p.add_argument("--save-checkpoints", action="store_true", help="keep checkpoint_best.pt per run")
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--threads", help="OMP_NUM_THREADS for each run")
@@ -171,7 +219,9 @@ def main(argv=None) -> int:
         lines = []
         for i, _ in enumerate(runs):
             cmd = [a for a in base if not a.startswith("--emit-jobs")]
-            lines.append(shlex.join([c for c in cmd if c != str(args.emit_jobs)] + ["--only-run", str(i), "--no-report"]))
+            lines.append(
+                shlex.join([c for c in cmd if c != str(args.emit_jobs)] + ["--only-run", str(i), "--no-report"])
+            )
         args.emit_jobs.write_text("\n".join(lines) + "\n")
         print(f"wrote {len(lines)} commands to {args.emit_jobs}")
         return 0

@@ -4,6 +4,7 @@ Writes exactly what `fairseq-preprocess --only-source` (RoBERTa GLUE layout) and
 layout of `glue_preprocess` write — frequency-sorted dictionaries padded to a multiple of 8, mmap
 indexed datasets — without paying a fairseq-preprocess process start (seconds) per column.
 """
+
 from __future__ import annotations
 
 import random
@@ -34,16 +35,16 @@ def binarize_lines(dictionary, lines: Sequence[str], prefix: Path) -> None:
     builder.finalize(f"{prefix}.idx")
 
 
-def toy_rows(n: int, seed: int, vocab: int = 40, min_len: int = 3, max_len: int = 10
-             ) -> list[tuple[list[str], list[str]]]:
+def toy_rows(
+    n: int, seed: int, vocab: int = 40, min_len: int = 3, max_len: int = 10
+) -> list[tuple[list[str], list[str]]]:
     """n pairs of random sentences over words w0..w{vocab-1} (a reproducible toy corpus)."""
     rng = random.Random(seed)
     sentence = lambda: [f"w{rng.randrange(vocab)}" for _ in range(rng.randint(min_len, max_len))]  # noqa: E731
     return [(sentence(), sentence()) for _ in range(n)]
 
 
-def write_sentence_prediction(out: Path, columns: dict[str, dict[str, list[str]]],
-                              regression: bool = False) -> Path:
+def write_sentence_prediction(out: Path, columns: dict[str, dict[str, list[str]]], regression: bool = False) -> Path:
     """RoBERTa GLUE layout: `columns[name][split]` lines for name in input0, input1 (optional), label.
 
     Dictionaries come from the train split; regression labels are written as text
@@ -62,8 +63,9 @@ def write_sentence_prediction(out: Path, columns: dict[str, dict[str, list[str]]
     return out
 
 
-def write_text2text(out: Path, splits: dict[str, tuple[list[str], list[str]]],
-                    dictionary_from: str | None = "train") -> Path:
+def write_text2text(
+    out: Path, splits: dict[str, tuple[list[str], list[str]]], dictionary_from: str | None = "train"
+) -> Path:
     """Translation layout with one joint src/tgt dictionary (glue_preprocess --format text2text)."""
     out.mkdir(parents=True, exist_ok=True)
     src_train, tgt_train = splits[dictionary_from]
@@ -76,18 +78,27 @@ def write_text2text(out: Path, splits: dict[str, tuple[list[str], list[str]]],
     return out
 
 
-def toy_classification(root: Path, n_train: int, n_valid: int, vocab: int = 40, min_len: int = 3,
-                       max_len: int = 10) -> tuple[Path, Path]:
+def toy_classification(
+    root: Path, n_train: int, n_valid: int, vocab: int = 40, min_len: int = 3, max_len: int = 10
+) -> tuple[Path, Path]:
     """A binary toy task (label: is the first word in the lower half of the vocab?) written twice:
     RoBERTa GLUE layout (`root/sp-bin`, input0 + label) and text-to-text layout (`root/t2t-bin`)."""
     splits = {}
     for split, n, seed in (("train", n_train, 1), ("valid", n_valid, 2)):
         words = [a for a, _ in toy_rows(n, seed, vocab, min_len, max_len)]
         splits[split] = [(" ".join(a), int(a[0][1:]) < vocab // 2) for a in words]
-    sp = write_sentence_prediction(root / "sp-bin", {
-        "input0": {s: [r[0] for r in rows] for s, rows in splits.items()},
-        "label": {s: ["pos" if r[1] else "neg" for r in rows] for s, rows in splits.items()}})
-    t2t = write_text2text(root / "t2t-bin", {
-        s: ([f"sst2 sentence: {r[0]}" for r in rows], ["positive" if r[1] else "negative" for r in rows])
-        for s, rows in splits.items()})
+    sp = write_sentence_prediction(
+        root / "sp-bin",
+        {
+            "input0": {s: [r[0] for r in rows] for s, rows in splits.items()},
+            "label": {s: ["pos" if r[1] else "neg" for r in rows] for s, rows in splits.items()},
+        },
+    )
+    t2t = write_text2text(
+        root / "t2t-bin",
+        {
+            s: ([f"sst2 sentence: {r[0]}" for r in rows], ["positive" if r[1] else "negative" for r in rows])
+            for s, rows in splits.items()
+        },
+    )
     return sp, t2t

@@ -21,6 +21,7 @@ O(1). Without `layernorm_embedding` the noise is added to the embedding lookup (
 Either way the fraction of non-pad entries that really changed at that point is counted, summed over
 every noised call (so a second encoder pass is counted too).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -53,7 +54,8 @@ def transformer_encoder(model):
     if encoder is None or not hasattr(encoder, "embed_tokens") or not hasattr(encoder, "forward_embedding"):
         raise ValueError(
             f"R3F needs a model whose encoder is a fairseq TransformerEncoder with `embed_tokens` "
-            f"(RoBERTa, XLM-R, BART, transformer); got {type(model).__name__}")
+            f"(RoBERTa, XLM-R, BART, transformer); got {type(model).__name__}"
+        )
     return encoder
 
 
@@ -104,7 +106,8 @@ class EncoderEmbeddingNoise:
             # forward_embedding embeds B x T src_tokens as B x T x C (fairseq transformer_encoder.py:124-129)
             raise RuntimeError(
                 f"R3F: the encoder embedded a {tuple(like.shape)} input inside the noisy forward of the "
-                f"{tuple(self.src_tokens.shape)} source batch; R3F noises one source batch per forward")
+                f"{tuple(self.src_tokens.shape)} source batch; R3F noises one source batch per forward"
+            )
         if self.noise is None:
             self.noise = sample_noise(like, eps, self.noise_type)
         return self.noise
@@ -149,6 +152,7 @@ def noised_forward(model, src_tokens: torch.Tensor, eps: float, noise_type: str,
     with EncoderEmbeddingNoise(model, src_tokens, eps, noise_type) as noise:
         output = forward()
     if not noise.fired:
-        raise RuntimeError("R3F: the noisy forward never embedded the source tokens; the noise did not "
-                           "reach the encoder")
+        raise RuntimeError(
+            "R3F: the noisy forward never embedded the source tokens; the noise did not reach the encoder"
+        )
     return output, noise

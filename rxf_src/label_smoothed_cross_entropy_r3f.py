@@ -23,23 +23,29 @@ KL_NORMS = ("token", "sentence")
 
 @dataclass
 class LabelSmoothedCrossEntropyR3FConfig(LabelSmoothedCrossEntropyCriterionConfig, HypeConfig):
-    eps: float = field(default=1e-5, metadata={
-        "help": "R3F noise scale on the encoder's token embeddings (decoder inputs stay clean): half-range "
-                "of uniform U(-eps, eps), std of normal N(0, eps^2)"})
+    eps: float = field(
+        default=1e-5,
+        metadata={
+            "help": "R3F noise scale on the encoder's token embeddings (decoder inputs stay clean): half-range "
+            "of uniform U(-eps, eps), std of normal N(0, eps^2)"
+        },
+    )
     r3f_lambda: float = field(default=1.0, metadata={"help": "weight of the symmetric KL term"})
-    noise_type: ChoiceEnum(list(R3F_NOISE_TYPES)) = field(default="normal", metadata={
-        "help": "R3F noise distribution"})
-    r3f_kl_norm: ChoiceEnum(list(KL_NORMS)) = field(default="token", metadata={
-        "help": "token: KL summed over target tokens (pads excluded) and normalised like the CE "
-                "(per token, or per sentence with --sentence-avg); sentence: the reference's scale, "
-                "KL summed over target tokens / #sentences * sample_size (lambda x mean target length)"})
+    noise_type: ChoiceEnum(list(R3F_NOISE_TYPES)) = field(default="normal", metadata={"help": "R3F noise distribution"})
+    r3f_kl_norm: ChoiceEnum(list(KL_NORMS)) = field(
+        default="token",
+        metadata={
+            "help": "token: KL summed over target tokens (pads excluded) and normalised like the CE "
+            "(per token, or per sentence with --sentence-avg); sentence: the reference's scale, "
+            "KL summed over target tokens / #sentences * sample_size (lambda x mean target length)"
+        },
+    )
 
 
 @register_criterion("label_smoothed_cross_entropy_r3f", dataclass=LabelSmoothedCrossEntropyR3FConfig)
 class LabelSmoothedCrossEntropyR3FCriterion(LabelSmoothedCrossEntropyCriterion):
     def __init__(self, cfg: LabelSmoothedCrossEntropyR3FConfig, task):
-        super().__init__(task, cfg.sentence_avg, cfg.label_smoothing, cfg.ignore_prefix_size,
-                         cfg.report_accuracy)
+        super().__init__(task, cfg.sentence_avg, cfg.label_smoothing, cfg.ignore_prefix_size, cfg.report_accuracy)
         validate_r3f_flags(cfg)
         require_choice("--r3f-kl-norm", cfg.r3f_kl_norm, KL_NORMS)
         self.cfg = cfg
@@ -59,12 +65,21 @@ class LabelSmoothedCrossEntropyR3FCriterion(LabelSmoothedCrossEntropyCriterion):
         loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
         nsentences = sample["target"].size(0)
         sample_size = nsentences if self.sentence_avg else sample["ntokens"]
-        logging_output = {"nll_loss": nll_loss.data, "ntokens": sample["ntokens"],
-                          "nsentences": nsentences, "sample_size": sample_size}
+        logging_output = {
+            "nll_loss": nll_loss.data,
+            "ntokens": sample["ntokens"],
+            "nsentences": nsentences,
+            "sample_size": sample_size,
+        }
 
         if model.training:
-            noisy_output, noise = noised_forward(model, sample["net_input"]["src_tokens"], self.noise_eps,
-                                                 self.noise_type, lambda: model(**sample["net_input"]))
+            noisy_output, noise = noised_forward(
+                model,
+                sample["net_input"]["src_tokens"],
+                self.noise_eps,
+                self.noise_type,
+                lambda: model(**sample["net_input"]),
+            )
             target = model.get_targets(sample, net_output)
             logits, noisy_logits = net_output[0], noisy_output[0]
             if self.ignore_prefix_size > 0:
@@ -76,8 +91,9 @@ class LabelSmoothedCrossEntropyR3FCriterion(LabelSmoothedCrossEntropyCriterion):
             else:
                 kl_term = kl_sum
             loss = loss + self.r3f_lambda * kl_term
-            logging_output.update(symm_kl=kl_sum.detach(), r3f_noise_effective_num=noise.changed,
-                                  r3f_noise_effective_den=noise.total)
+            logging_output.update(
+                symm_kl=kl_sum.detach(), r3f_noise_effective_num=noise.changed, r3f_noise_effective_den=noise.total
+            )
         logging_output["loss"] = loss.data
         if self.report_accuracy:
             n_correct, total = self.compute_accuracy(model, net_output, sample)

@@ -25,21 +25,35 @@ REGRESSION_KL = ("gaussian", "none")
 class SentencePredictionR3FConfig(SentencePredictionConfig, HypeConfig):
     # `--eps`, `--r3f-lambda`, `--noise-type`: the reference's flag names, kept for drop-in recipes
     # (no fairseq component defines `eps` / `noise_type`; a test checks the values arrive).
-    eps: float = field(default=1e-5, metadata={
-        "help": "R3F noise scale on the encoder's token embeddings: half-range of uniform U(-eps, eps), "
-                "std of normal N(0, eps^2); 0 keeps only the dropout difference between the passes"})
-    r3f_lambda: float = field(default=1.0, metadata={
-        "help": "weight of the symmetric KL term (per sentence, like the task loss)"})
-    noise_type: ChoiceEnum(list(R3F_NOISE_TYPES)) = field(default="uniform", metadata={
-        "help": "R3F noise distribution"})
-    r3f_regression_kl: ChoiceEnum(list(REGRESSION_KL)) = field(default="gaussian", metadata={
-        "help": "with --regression-target: gaussian = symmetric KL of the two unit-variance-MSE Gaussians, "
-                "2 * (clean - noisy)^2 per sentence; none = no R3F term and no noisy pass (the reference "
-                "runs the noisy pass and ignores it)"})
-    r4f_spectral_norm_dense: bool = field(default=False, metadata={
-        "help": "R4F as in the paper: with --spectral-norm-classification-head also spectral-normalise the "
-                "head's dense layer (fairseq normalises out_proj only); applied when the model registers the "
-                "head, under fairseq-train and hydra alike (robustft_common/spectral_norm_heads.py)"})
+    eps: float = field(
+        default=1e-5,
+        metadata={
+            "help": "R3F noise scale on the encoder's token embeddings: half-range of uniform U(-eps, eps), "
+            "std of normal N(0, eps^2); 0 keeps only the dropout difference between the passes"
+        },
+    )
+    r3f_lambda: float = field(
+        default=1.0, metadata={"help": "weight of the symmetric KL term (per sentence, like the task loss)"}
+    )
+    noise_type: ChoiceEnum(list(R3F_NOISE_TYPES)) = field(
+        default="uniform", metadata={"help": "R3F noise distribution"}
+    )
+    r3f_regression_kl: ChoiceEnum(list(REGRESSION_KL)) = field(
+        default="gaussian",
+        metadata={
+            "help": "with --regression-target: gaussian = symmetric KL of the two unit-variance-MSE Gaussians, "
+            "2 * (clean - noisy)^2 per sentence; none = no R3F term and no noisy pass (the reference "
+            "runs the noisy pass and ignores it)"
+        },
+    )
+    r4f_spectral_norm_dense: bool = field(
+        default=False,
+        metadata={
+            "help": "R4F as in the paper: with --spectral-norm-classification-head also spectral-normalise the "
+            "head's dense layer (fairseq normalises out_proj only); applied when the model registers the "
+            "head, under fairseq-train and hydra alike (robustft_common/spectral_norm_heads.py)"
+        },
+    )
 
 
 @register_criterion("sentence_prediction_r3f", dataclass=SentencePredictionR3FConfig)
@@ -70,14 +84,20 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         logging_output = {}
         if not model.training or (self.regression_target and not self.noisy_pass_on_regression):
             return None, logging_output
-        noisy_logits, noise = noised_forward(model, sample["net_input"]["src_tokens"], self.eps,
-                                             self.noise_type, lambda: self.classification_logits(model, sample))
+        noisy_logits, noise = noised_forward(
+            model,
+            sample["net_input"]["src_tokens"],
+            self.eps,
+            self.noise_type,
+            lambda: self.classification_logits(model, sample),
+        )
         if self.regression_target:
             # MSE is the NLL of N(prediction, 1/2); KL_S of two such Gaussians is 2 * (mean difference)^2
             kl = 2.0 * (logits.view(-1).float() - noisy_logits.view(-1).float()).pow(2)
         else:
             kl = symmetric_kl(logits, noisy_logits)
         kl_sum = kl.sum()
-        logging_output.update(symm_kl=kl_sum.detach(), r3f_noise_effective_num=noise.changed,
-                              r3f_noise_effective_den=noise.total)
+        logging_output.update(
+            symm_kl=kl_sum.detach(), r3f_noise_effective_num=noise.changed, r3f_noise_effective_den=noise.total
+        )
         return self.r3f_lambda * kl_sum, logging_output

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """HF BERT-family checkpoint -> fairseq checkpoint; same as `python -m hf2fairseq` (see hf2fairseq/convert.py)."""
+
 import sys
 
 from hf2fairseq.convert import main

@@ -11,6 +11,7 @@ Steps (each skipped when its output already exists, so a re-run resumes):
 5. the report (robustft_experiments.report): results.md (table), results.png, results.csv/json in the work dir.
 A method whose components are not registered is listed as "not landed"; a run that crashes as "failed".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,26 @@ DEMO_METHODS = ["vanilla", "r3f", "hype_u", "pats", "hype_r3f"]
 # methods (PATS Table 2 grid 1e-5 ... 5e-4: Adamax takes a larger lr)
 SCHEDULES = {
     # 640 rows / batch 16 = one epoch of 40 updates, validated once on the full RTE dev set (277)
-    "demo": {"train_subset": 640, "max_update": 40, "batch_size": 16, "lr": 1e-4, "validate_every": 0,
-             "max_positions": 128, "valid_steps": 0, "adamax_lr": 2e-4},
-    "tiny": {"train_subset": 64, "max_update": 6, "batch_size": 8, "lr": 1e-4, "validate_every": 6,
-             "max_positions": 64, "valid_steps": 2, "adamax_lr": 2e-4},
+    "demo": {
+        "train_subset": 640,
+        "max_update": 40,
+        "batch_size": 16,
+        "lr": 1e-4,
+        "validate_every": 0,
+        "max_positions": 128,
+        "valid_steps": 0,
+        "adamax_lr": 2e-4,
+    },
+    "tiny": {
+        "train_subset": 64,
+        "max_update": 6,
+        "batch_size": 8,
+        "lr": 1e-4,
+        "validate_every": 6,
+        "max_positions": 64,
+        "valid_steps": 2,
+        "adamax_lr": 2e-4,
+    },
 }
 
 
@@ -75,14 +92,17 @@ def convert_model(out: Path, max_positions: int) -> dict:
 
 def find_glue_dir(work: Path, explicit: str | None) -> Path:
     """A GLUE folder holding RTE/{train,dev}.tsv: --glue-dir / $GLUE_DIR / ../shared/data/glue / download."""
+
     def has_rte(d):
         return (Path(d) / "RTE" / "train.tsv").exists() and (Path(d) / "RTE" / "dev.tsv").exists()
 
     for name, cand in (("--glue-dir", explicit), ("GLUE_DIR", os.environ.get("GLUE_DIR"))):
         if cand:  # given explicitly: use it or stop, never silently fall back
             if not has_rte(cand):
-                raise SystemExit(f"{name}={cand} has no RTE/train.tsv + RTE/dev.tsv; point it at the folder that "
-                                 "holds RTE/ (as written by GLUE's download_glue_data.py) or unset it to download")
+                raise SystemExit(
+                    f"{name}={cand} has no RTE/train.tsv + RTE/dev.tsv; point it at the folder that "
+                    "holds RTE/ (as written by GLUE's download_glue_data.py) or unset it to download"
+                )
             log(f"GLUE data: {cand}")
             return Path(cand)
     for cand in (REPO.parent / "shared" / "data" / "glue", work / "glue"):
@@ -102,8 +122,10 @@ def download_rte(glue_dir: Path) -> Path:
             with urllib.request.urlopen(GLUE_RTE_URL, timeout=60) as resp, open(archive, "wb") as f:
                 shutil.copyfileobj(resp, f)
         except OSError as err:
-            raise SystemExit(f"could not download {GLUE_RTE_URL} ({err}); download GLUE yourself "
-                             "(RTE/{train,dev,test}.tsv) and run with GLUE_DIR=/path/to/glue_data") from err
+            raise SystemExit(
+                f"could not download {GLUE_RTE_URL} ({err}); download GLUE yourself "
+                "(RTE/{train,dev,test}.tsv) and run with GLUE_DIR=/path/to/glue_data"
+            ) from err
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)
         extracted = Path(tmp) / "RTE"
@@ -125,9 +147,18 @@ def prepare_rte(glue_dir: Path, model_dir: Path, out: Path, train_subset: int) -
     log(f"binarizing RTE (WordPiece, converted dictionary, {train_subset} train rows) -> {data}")
     from glue_preprocess import preprocess
 
-    preprocess(glue_dir=str(glue_dir), tasks=["RTE"], output_dir=str(out), tokenizer="wordpiece",
-               wordpiece_vocab=str(model_dir / "vocab.txt"), srcdict=str(model_dir / "dict.txt"),
-               train_subset_size=train_subset, subset_seed=1, workers=1, overwrite=True)
+    preprocess(
+        glue_dir=str(glue_dir),
+        tasks=["RTE"],
+        output_dir=str(out),
+        tokenizer="wordpiece",
+        wordpiece_vocab=str(model_dir / "vocab.txt"),
+        srcdict=str(model_dir / "dict.txt"),
+        train_subset_size=train_subset,
+        subset_seed=1,
+        workers=1,
+        overwrite=True,
+    )
     stamp.write_text(json.dumps(want))
     return out
 
@@ -150,13 +181,37 @@ def landed(method: str) -> tuple[bool, str]:
 
 
 def sweep_args(work: Path, data_root: Path, model_dir: Path, sched: dict, names: list[str], threads: str):
-    argv = ["--data-root", str(data_root), "--output-dir", str(work / "sweep"), "--pretrained", str(model_dir),
-            "--tasks", "RTE", "--methods", ",".join(names), "--seeds", "1", "--cpu",
-            "--lr", str(sched["lr"]), "--lr-adamax", str(sched["adamax_lr"]),
-            "--batch-size", str(sched["batch_size"]),
-            "--max-update", str(sched["max_update"]), "--validate-interval-updates", str(sched["validate_every"]),
-            "--warmup-ratio", "0.1",
-            "--log-interval", "5" if sched["max_update"] >= 20 else "1", "--threads", threads]
+    argv = [
+        "--data-root",
+        str(data_root),
+        "--output-dir",
+        str(work / "sweep"),
+        "--pretrained",
+        str(model_dir),
+        "--tasks",
+        "RTE",
+        "--methods",
+        ",".join(names),
+        "--seeds",
+        "1",
+        "--cpu",
+        "--lr",
+        str(sched["lr"]),
+        "--lr-adamax",
+        str(sched["adamax_lr"]),
+        "--batch-size",
+        str(sched["batch_size"]),
+        "--max-update",
+        str(sched["max_update"]),
+        "--validate-interval-updates",
+        str(sched["validate_every"]),
+        "--warmup-ratio",
+        "0.1",
+        "--log-interval",
+        "5" if sched["max_update"] >= 20 else "1",
+        "--threads",
+        threads,
+    ]
     extra = []
     if sched["valid_steps"]:
         extra += ["--max-valid-steps", str(sched["valid_steps"])]
@@ -169,8 +224,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=REPO / "demo_out")
     p.add_argument("--glue-dir", help="GLUE folder with RTE/ (default: $GLUE_DIR, ../shared/data/glue, download)")
-    p.add_argument("--schedule", choices=sorted(SCHEDULES), default="demo",
-                   help="demo: ~2-3 min per method on 2 cores; tiny: a few updates (CI)")
+    p.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        default="demo",
+        help="demo: ~2-3 min per method on 2 cores; tiny: a few updates (CI)",
+    )
     p.add_argument("--methods", default=",".join(DEMO_METHODS), help="from the method registry")
     p.add_argument("--max-update", type=int, help="override the schedule's updates per method")
     p.add_argument("--threads", default=os.environ.get("OMP_NUM_THREADS", "2"))

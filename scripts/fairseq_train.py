@@ -4,6 +4,7 @@
 Same flags as fairseq-train; add `--user-dir robustft` for the methods as usual. Registering the model
 before fairseq parses `--arch` is why this launcher exists (fairseq accepts a single --user-dir).
 """
+
 import sys
 
 from fairseq_cli.train import cli_main
@@ -15,8 +16,17 @@ def torchrun_flags(argv, env) -> list:
     """Under torchrun, fairseq's auto-detection fails (fairseq.md §5): pass rank/world size explicitly."""
     if "LOCAL_RANK" not in env or "--distributed-rank" in argv:
         return []
-    return ["--distributed-world-size", env["WORLD_SIZE"], "--distributed-rank", env["RANK"],
-            "--device-id", env["LOCAL_RANK"], "--distributed-init-method", "env://", "--distributed-no-spawn"]
+    return [
+        "--distributed-world-size",
+        env["WORLD_SIZE"],
+        "--distributed-rank",
+        env["RANK"],
+        "--device-id",
+        env["LOCAL_RANK"],
+        "--distributed-init-method",
+        "env://",
+        "--distributed-no-spawn",
+    ]
 
 
 if __name__ == "__main__":

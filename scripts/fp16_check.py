@@ -17,6 +17,7 @@ OUT_DIR/summary.json and a table on stdout.
 dim-64 models; note fairseq's overflow path calls `.cuda()` (fairseq/trainer.py:1022), so a CPU run that
 overflows crashes instead of skipping the step: the smoke uses a low initial loss scale.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 SENTENCE_PREDICTION = {name: method_flags(name) for name in REGISTRY if name != "noisytune"}
 SEQ2SEQ = {
     "hyperdecoder": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
-    "hyperdecoder_r3f": ["--criterion", "label_smoothed_cross_entropy_r3f", "--label-smoothing", "0.1",
-                         "--eps", "1e-5"],
+    "hyperdecoder_r3f": [
+        "--criterion",
+        "label_smoothed_cross_entropy_r3f",
+        "--label-smoothing",
+        "0.1",
+        "--eps",
+        "1e-5",
+    ],
 }
 METHODS = [*SENTENCE_PREDICTION, *SEQ2SEQ]
 REPORTED_PREFIXES = ("r3f_", "hype_", "pats_", "symm_kl")
@@ -71,8 +78,18 @@ def adamax_family(method: str) -> bool:
     return method in REGISTRY and REGISTRY[method].optimizer_family == "adamax"
 
 
-TINY_ROBERTA = ["--arch", "roberta_base", "--encoder-layers", "2", "--encoder-embed-dim", "64",
-                "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2"]
+TINY_ROBERTA = [
+    "--arch",
+    "roberta_base",
+    "--encoder-layers",
+    "2",
+    "--encoder-embed-dim",
+    "64",
+    "--encoder-ffn-embed-dim",
+    "128",
+    "--encoder-attention-heads",
+    "2",
+]
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -85,14 +102,43 @@ def make_data(root: Path, n_train: int, n_valid: int):
 # ------------------------------------------------------------------------------------------ runs
 def run_argv(method: str, mode: str, data, save_dir: Path, updates: int, smoke: bool):
     sp, t2t = data
-    common = ["--user-dir", str(REPO / "robustft"), "--max-update", str(updates), "--save-dir", str(save_dir),
-              "--log-format", "json", "--log-interval", "1", "--seed", "1", "--num-workers", "0",
-              "--no-epoch-checkpoints", "--required-batch-size-multiple", "1", "--batch-size", "16",
-              "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(max(1, updates // 16)),
-              "--total-num-update", str(updates), "--clip-norm", "0.0",
-              # the RoBERTa GLUE recipe's loss scaling (fairseq.md section 3); low start on CPU
-              "--fp16-init-scale", "4" if not smoke else "1", "--threshold-loss-scale", "1",
-              "--fp16-scale-window", "128", *MODES[mode]]
+    common = [
+        "--user-dir",
+        str(REPO / "robustft"),
+        "--max-update",
+        str(updates),
+        "--save-dir",
+        str(save_dir),
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        "--seed",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-epoch-checkpoints",
+        "--required-batch-size-multiple",
+        "1",
+        "--batch-size",
+        "16",
+        "--lr-scheduler",
+        "polynomial_decay",
+        "--warmup-updates",
+        str(max(1, updates // 16)),
+        "--total-num-update",
+        str(updates),
+        "--clip-norm",
+        "0.0",
+        # the RoBERTa GLUE recipe's loss scaling (fairseq.md section 3); low start on CPU
+        "--fp16-init-scale",
+        "4" if not smoke else "1",
+        "--threshold-loss-scale",
+        "1",
+        "--fp16-scale-window",
+        "128",
+        *MODES[mode],
+    ]
     common += ["--lr", "1e-4"]  # the optimizer and its settings: the method's flags (registry)
     if adamax_family(method) and mode == "fp16":
         common += ["--fp16-no-flatten-grads"]  # adamax, PATS, SAGE keep per-tensor state: no flat fp32 buffer
@@ -100,12 +146,41 @@ def run_argv(method: str, mode: str, data, save_dir: Path, updates: int, smoke: 
         common += ["--cpu"]
     if method in SENTENCE_PREDICTION:
         model = TINY_ROBERTA if smoke else ["--arch", "roberta_base"]
-        return [str(sp), "--task", "sentence_prediction", "--num-classes", "2", "--init-token", "0",
-                "--separator-token", "2", "--max-positions", "512", *model, *common,
-                "--ddp-backend", "legacy_ddp", *method_argv_flags(method)]
+        return [
+            str(sp),
+            "--task",
+            "sentence_prediction",
+            "--num-classes",
+            "2",
+            "--init-token",
+            "0",
+            "--separator-token",
+            "2",
+            "--max-positions",
+            "512",
+            *model,
+            *common,
+            "--ddp-backend",
+            "legacy_ddp",
+            *method_argv_flags(method),
+        ]
     arch = "hyperdecoder_bart_tiny" if smoke else "hyperdecoder_bart_base"
-    return [str(t2t), "--task", "hyperdecoder_glue", "-s", "src", "-t", "tgt", "--arch", arch, *common,
-            "--ddp-backend", "legacy_ddp", *ADAM, *method_argv_flags(method)]
+    return [
+        str(t2t),
+        "--task",
+        "hyperdecoder_glue",
+        "-s",
+        "src",
+        "-t",
+        "tgt",
+        "--arch",
+        arch,
+        *common,
+        "--ddp-backend",
+        "legacy_ddp",
+        *ADAM,
+        *method_argv_flags(method),
+    ]
 
 
 class _Capture(logging.Handler):
@@ -161,7 +236,7 @@ def run_one(method, mode, data, out_dir: Path, updates: int, smoke: bool, max_ov
             del checkpoint_utils.save_checkpoint.best  # per run, not per process
         sys.argv = ["fairseq-train", *argv]
         train.cli_main()
-    except BaseException as err:  # noqa: BLE001  (FloatingPointError, SystemExit, ...)
+    except BaseException as err:  # FloatingPointError, SystemExit, ...
         result["problems"].append(f"raised {type(err).__name__}: {err}")
     finally:
         logging.getLogger().removeHandler(capture)
@@ -174,7 +249,9 @@ def run_one(method, mode, data, out_dir: Path, updates: int, smoke: bool, max_ov
     result["overflows"] = sum("gradient overflow detected" in line for line in capture.lines)
     steps = result["updates"] + result["overflows"]
     result["overflow_frac"] = result["overflows"] / steps if steps else 0.0
-    result["final_loss_scale"] = float(train_recs[-1]["loss_scale"]) if train_recs and "loss_scale" in train_recs[-1] else None
+    result["final_loss_scale"] = (
+        float(train_recs[-1]["loss_scale"]) if train_recs and "loss_scale" in train_recs[-1] else None
+    )
     losses = [float(r["loss"]) for r in train_recs] + [float(r["valid_loss"]) for r in valid_recs]
     result["loss_first_last"] = [float(train_recs[0]["loss"]), float(train_recs[-1]["loss"])] if train_recs else None
 
@@ -207,13 +284,17 @@ def run_one(method, mode, data, out_dir: Path, updates: int, smoke: bool, max_ov
 
 
 def _table(results) -> str:
-    lines = ["| method | mode | ok | updates | overflows | loss first->last | loss scale | noise metrics (mean) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | mode | ok | updates | overflows | loss first->last | loss scale | noise metrics (mean) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         noise = ", ".join(f"{k} {v['mean']:.4g}" for k, v in r["noise"].items())
         loss = "" if not r["loss_first_last"] else f"{r['loss_first_last'][0]:.3f}->{r['loss_first_last'][1]:.3f}"
-        lines.append(f"| {r['method']} | {r['mode']} | {'yes' if r['ok'] else 'NO: ' + '; '.join(r['problems'])} | "
-                     f"{r['updates']} | {r['overflows']} | {loss} | {r['final_loss_scale']} | {noise} |")
+        lines.append(
+            f"| {r['method']} | {r['mode']} | {'yes' if r['ok'] else 'NO: ' + '; '.join(r['problems'])} | "
+            f"{r['updates']} | {r['overflows']} | {loss} | {r['final_loss_scale']} | {noise} |"
+        )
     return "\n".join(lines)
 
 
@@ -223,10 +304,17 @@ def main(argv=None) -> int:
     parser.add_argument("--updates", type=int, default=300)
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)}")
-    parser.add_argument("--max-overflow-frac", type=float, default=0.2,
-                        help="fail a run when more than this fraction of its steps overflowed")
-    parser.add_argument("--cpu-smoke", action="store_true",
-                        help="CPU, tiny models, --memory-efficient-fp16 only, 2 updates (tests the script)")
+    parser.add_argument(
+        "--max-overflow-frac",
+        type=float,
+        default=0.2,
+        help="fail a run when more than this fraction of its steps overflowed",
+    )
+    parser.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="CPU, tiny models, --memory-efficient-fp16 only, 2 updates (tests the script)",
+    )
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
@@ -251,10 +339,10 @@ def main(argv=None) -> int:
     results = []
     for method in methods:
         for mode in modes:
-            results.append(run_one(method, mode, data, args.out_dir, updates, args.cpu_smoke,
-                                   args.max_overflow_frac))
-            print(f"FP16CHECK {json.dumps({k: results[-1][k] for k in ('method', 'mode', 'ok', 'problems')})}",
-                  flush=True)
+            results.append(run_one(method, mode, data, args.out_dir, updates, args.cpu_smoke, args.max_overflow_frac))
+            print(
+                f"FP16CHECK {json.dumps({k: results[-1][k] for k in ('method', 'mode', 'ok', 'problems')})}", flush=True
+            )
     device = "cpu (smoke)" if args.cpu_smoke else torch.cuda.get_device_name(0)
     summary = {"device": device, "torch": torch.__version__, "updates": updates, "results": results}
     (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -8,6 +8,7 @@ import --user-dir).
 
 ROBUSTFT_USER_DIR (used by the yamls' common.user_dir) defaults to this checkout's robustft/.
 """
+
 import os
 from pathlib import Path
 

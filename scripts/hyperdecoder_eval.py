@@ -7,6 +7,7 @@ DATA_DIR is glue_preprocess's `text2text-bin/`. `--split valid` (default) scores
 `valid_<task>` split; `--split valid_rte` one task. Prints one row per task (n, invalid answers,
 GLUE metrics x100) and the average (per-task means averaged), and with --json writes them too.
 """
+
 import argparse
 import json
 import logging
@@ -27,8 +28,11 @@ def parse_args(argv=None):
     p.add_argument("--max-len-b", type=int, default=16, help="max generated tokens per answer")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bpe", default="auto", help="auto (from tasks.json), none, gpt2, sentencepiece, wordpiece")
-    p.add_argument("--bpe-args", default="{}", help="JSON, e.g. '{\"gpt2_encoder_json\": \"encoder.json\", "
-                                                    "\"gpt2_vocab_bpe\": \"vocab.bpe\"}'")
+    p.add_argument(
+        "--bpe-args",
+        default="{}",
+        help='JSON, e.g. \'{"gpt2_encoder_json": "encoder.json", "gpt2_vocab_bpe": "vocab.bpe"}\'',
+    )
     p.add_argument("--user-dir", default=os.path.join(REPO, "hyperdecoder_src"))
     p.add_argument("--cpu", action="store_true", help="evaluate on CPU even when CUDA is available")
     p.add_argument("--json", help="also write the scores to this JSON file")
@@ -65,10 +69,12 @@ def evaluate(args):
     # the generator was built for the model before its weights were loaded: same object, so fine
     task.load_dataset(args.split)
     dataset = task.dataset(args.split)
-    itr = task.get_batch_iterator(dataset=dataset, max_sentences=args.batch_size,
-                                  max_positions=utils.resolve_max_positions(task.max_positions(),
-                                                                            model.max_positions()),
-                                  ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
+    itr = task.get_batch_iterator(
+        dataset=dataset,
+        max_sentences=args.batch_size,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ignore_invalid_inputs=False,
+    ).next_epoch_itr(shuffle=False)
     scorer = glue_scoring.GlueScorer(task.label_words)
     records = []
     with torch.no_grad():

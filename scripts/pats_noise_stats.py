@@ -13,6 +13,7 @@ default). Writes OUT/<label>/summary.json and prints a markdown table: per logge
 of the perturbed entries with rho >= 10^k and with a kick >= 1% / 10% / 100% of the weight, max rho
 (after the cap), max |noise| and max kick.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,9 +48,16 @@ def ensure_data(work: Path, glue_dir: Path, model_dir: Path) -> Path:
 
     out = work / "data"
     if not (out / "RTE-bin").exists():
-        preprocess(glue_dir=str(glue_dir), tasks=["RTE"], output_dir=str(out), tokenizer="wordpiece",
-                   wordpiece_vocab=str(model_dir / "vocab.txt"), srcdict=str(model_dir / "dict.txt"),
-                   workers=1, overwrite=True)
+        preprocess(
+            glue_dir=str(glue_dir),
+            tasks=["RTE"],
+            output_dir=str(out),
+            tokenizer="wordpiece",
+            wordpiece_vocab=str(model_dir / "vocab.txt"),
+            srcdict=str(model_dir / "dict.txt"),
+            workers=1,
+            overwrite=True,
+        )
     return out
 
 
@@ -59,12 +67,37 @@ def train(work: Path, data: Path, model_dir: Path, label: str, opts) -> Path:
     extra = "--log-format json --pats-log-stats"
     if opts.max_ratio is not None:
         extra += f" --pats-max-ratio {opts.max_ratio:g}"
-    args = sweep.build_parser().parse_args([
-        "--data-root", str(data), "--output-dir", str(work / label), "--pretrained", str(model_dir),
-        "--tasks", "RTE", "--methods", "pats", "--seeds", str(opts.seed), "--cpu", "--lr", str(opts.lr),
-        "--lr-adamax", str(opts.lr), "--batch-size", str(opts.batch_size),
-        "--max-update", str(opts.max_update),
-        "--warmup-ratio", "0.1", "--log-interval", "1", "--extra-args", extra])
+    args = sweep.build_parser().parse_args(
+        [
+            "--data-root",
+            str(data),
+            "--output-dir",
+            str(work / label),
+            "--pretrained",
+            str(model_dir),
+            "--tasks",
+            "RTE",
+            "--methods",
+            "pats",
+            "--seeds",
+            str(opts.seed),
+            "--cpu",
+            "--lr",
+            str(opts.lr),
+            "--lr-adamax",
+            str(opts.lr),
+            "--batch-size",
+            str(opts.batch_size),
+            "--max-update",
+            str(opts.max_update),
+            "--warmup-ratio",
+            "0.1",
+            "--log-interval",
+            "1",
+            "--extra-args",
+            extra,
+        ]
+    )
     (run,) = sweep.plan(args)
     if sweep.run_status(run["dir"]) != "ok" and sweep.execute(run, echo=False) != "ok":
         raise SystemExit(f"training failed: {run['dir'] / 'train.log'}")
@@ -83,42 +116,59 @@ def read_stats(run_dir: Path) -> list:
         except json.JSONDecodeError:
             continue
         if "pats_ratio_max" in record and "num_updates" in record:
-            rows.append({k: (float(v) if k != "num_updates" else int(v)) for k, v in record.items()
-                         if k.startswith("pats_") or k == "num_updates"})
+            rows.append(
+                {
+                    k: (float(v) if k != "num_updates" else int(v))
+                    for k, v in record.items()
+                    if k.startswith("pats_") or k == "num_updates"
+                }
+            )
     return rows
 
 
 def table(rows: list) -> str:
     decades = sorted((k for k in rows[0] if k.startswith("pats_frac_ratio_ge_")), key=lambda k: float(k[19:]))
     kicks = sorted((k for k in rows[0] if k.startswith("pats_frac_kick_ge_")), key=lambda k: float(k[18:]))
-    head = (["update", "noised"] + [f"rho>={k[19:]}" for k in decades] + ["max rho", "max |noise|"]
-            + [f"kick>={float(k[18:]):g}" for k in kicks] + ["max kick"])
+    head = (
+        ["update", "noised"]
+        + [f"rho>={k[19:]}" for k in decades]
+        + ["max rho", "max |noise|"]
+        + [f"kick>={float(k[18:]):g}" for k in kicks]
+        + ["max kick"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     shown = [r for r in rows if r["num_updates"] in SHOWN_UPDATES or r is rows[-1]]
     for r in shown:
-        cells = ([str(r["num_updates"]), f"{r['pats_frac_noised']:.3f}"] + [f"{r[k]:.2g}" for k in decades]
-                 + [f"{r['pats_ratio_max']:.3g}", f"{r['pats_noise_max']:.3g}"]
-                 + [f"{r[k]:.2g}" for k in kicks] + [f"{r['pats_kick_max']:.3g}"])
+        cells = (
+            [str(r["num_updates"]), f"{r['pats_frac_noised']:.3f}"]
+            + [f"{r[k]:.2g}" for k in decades]
+            + [f"{r['pats_ratio_max']:.3g}", f"{r['pats_noise_max']:.3g}"]
+            + [f"{r[k]:.2g}" for k in kicks]
+            + [f"{r['pats_kick_max']:.3g}"]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     worst = {k: max(r[k] for r in rows) for k in ("pats_ratio_max", "pats_noise_max", "pats_kick_max")}
     worst.update({k: max(r[k] for r in rows) for k in kicks})
-    lines.append("| max over updates | | " + " | " * len(decades) + f"{worst['pats_ratio_max']:.3g} | "
-                 f"{worst['pats_noise_max']:.3g} | " + " | ".join(f"{worst[k]:.2g}" for k in kicks)
-                 + f" | {worst['pats_kick_max']:.3g} |")
+    lines.append(
+        "| max over updates | | " + " | " * len(decades) + f"{worst['pats_ratio_max']:.3g} | "
+        f"{worst['pats_noise_max']:.3g} | "
+        + " | ".join(f"{worst[k]:.2g}" for k in kicks)
+        + f" | {worst['pats_kick_max']:.3g} |"
+    )
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "pats_noise")
-    p.add_argument("--glue-dir", type=Path,
-                   default=Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue")))
+    p.add_argument(
+        "--glue-dir", type=Path, default=Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
+    )
     p.add_argument("--max-update", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--max-ratio", type=float,
-                   help="--pats-max-ratio (0 = uncapped; default: the flag's default)")
+    p.add_argument("--max-ratio", type=float, help="--pats-max-ratio (0 = uncapped; default: the flag's default)")
     opts = p.parse_args(argv)
     if not (opts.glue_dir / "RTE" / "train.tsv").exists():
         raise SystemExit(f"--glue-dir {opts.glue_dir}: no RTE/train.tsv (set GLUE_DIR or --glue-dir)")

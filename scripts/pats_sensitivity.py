@@ -13,6 +13,7 @@ OUT/sensitivity.png (histogram of log10 s per module type, pooled over layers).
 
   python scripts/pats_sensitivity.py CKPT --out DIR [--source ema|gradient] [--data BIN]
 """
+
 import argparse
 import json
 import math
@@ -35,8 +36,7 @@ def load(checkpoint, data=None, overrides=None):
     arg_overrides = dict(overrides or {})
     if data:
         arg_overrides["data"] = data
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint],
-                                                                       arg_overrides=arg_overrides)
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides=arg_overrides)
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     return models[0], cfg, task, state
 
@@ -50,9 +50,13 @@ def ema_sensitivities(model, cfg, state):
         raise SystemExit(f"--source ema needs an adamax_pats/adamax_sage checkpoint, this one used {name}")
     prefix = "pats" if name == "adamax_pats" else "sage"
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    mask = param_filters.select(names, opt_cfg[f"{prefix}_param_include"],
-                                opt_cfg[f"{prefix}_param_exclude"], f"--{prefix}-param-include",
-                                f"--{prefix}-param-exclude")
+    mask = param_filters.select(
+        names,
+        opt_cfg[f"{prefix}_param_include"],
+        opt_cfg[f"{prefix}_param_exclude"],
+        f"--{prefix}-param-include",
+        f"--{prefix}-param-exclude",
+    )
     selected = [n for n, m in zip(names, mask) if m]
     opt_state = state["last_optimizer_state"]["state"]
     out = {}
@@ -68,9 +72,13 @@ def ema_sensitivities(model, cfg, state):
 def gradient_sensitivities(model, cfg, task, split, num_batches, batch_size, include, exclude):
     task.load_dataset(split)
     criterion = task.build_criterion(cfg.criterion)
-    itr = task.get_batch_iterator(dataset=task.dataset(split), max_sentences=batch_size,
-                                  max_positions=model.max_positions(), ignore_invalid_inputs=True,
-                                  seed=1).next_epoch_itr(shuffle=False)
+    itr = task.get_batch_iterator(
+        dataset=task.dataset(split),
+        max_sentences=batch_size,
+        max_positions=model.max_positions(),
+        ignore_invalid_inputs=True,
+        seed=1,
+    ).next_epoch_itr(shuffle=False)
     model.train(False)
     model.zero_grad()
     for i, sample in enumerate(itr):
@@ -81,19 +89,22 @@ def gradient_sensitivities(model, cfg, task, split, num_batches, batch_size, inc
     names = [n for n, p in model.named_parameters() if p.grad is not None]
     mask = param_filters.select(names, include, exclude, "--include", "--exclude")
     params = dict(model.named_parameters())
-    return {n: (params[n].detach() * params[n].grad).abs().float()
-            for n, m in zip(names, mask) if m}
+    return {n: (params[n].detach() * params[n].grad).abs().float() for n, m in zip(names, mask) if m}
 
 
 def summarize(sens):
     per_tensor = {}
     for n, s in sens.items():
         flat = s.reshape(-1)
-        sample = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[:1 << 20]]
+        sample = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: 1 << 20]]
         q = torch.quantile(sample.double(), torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
-        per_tensor[n] = {"numel": flat.numel(), "mean": flat.double().mean().item(),
-                         "max": flat.max().item(), "frac_zero": (flat == 0).double().mean().item(),
-                         "quantiles": dict(zip(map(str, QUANTILES), q))}
+        per_tensor[n] = {
+            "numel": flat.numel(),
+            "mean": flat.double().mean().item(),
+            "max": flat.max().item(),
+            "frac_zero": (flat == 0).double().mean().item(),
+            "quantiles": dict(zip(map(str, QUANTILES), q)),
+        }
     return per_tensor
 
 
@@ -147,8 +158,9 @@ def main(argv=None):
     ap.add_argument("--split", default="valid")
     ap.add_argument("--num-batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--include", default=param_filters.ENCODER_LAYERS,
-                    help="--source gradient: regex of parameters to analyse")
+    ap.add_argument(
+        "--include", default=param_filters.ENCODER_LAYERS, help="--source gradient: regex of parameters to analyse"
+    )
     ap.add_argument("--exclude", default=param_filters.LAYER_NORM)
     ap.add_argument("--bins", type=int, default=60)
     args = ap.parse_args(argv)
@@ -159,14 +171,20 @@ def main(argv=None):
     if args.source == "ema":
         sens = ema_sensitivities(model, cfg, state)
     else:
-        sens = gradient_sensitivities(model, cfg, task, args.split, args.num_batches, args.batch_size,
-                                      args.include, args.exclude)
+        sens = gradient_sensitivities(
+            model, cfg, task, args.split, args.num_batches, args.batch_size, args.include, args.exclude
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     edges, hists = log_histograms(sens, args.bins)
-    report = {"checkpoint": str(args.checkpoint), "source": args.source,
-              "num_updates": state.get("optimizer_history", [{}])[-1].get("num_updates"),
-              "per_tensor": summarize(sens), "log10_bin_edges": edges, "histograms": hists}
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "source": args.source,
+        "num_updates": state.get("optimizer_history", [{}])[-1].get("num_updates"),
+        "per_tensor": summarize(sens),
+        "log10_bin_edges": edges,
+        "histograms": hists,
+    }
     (out / "sensitivity.json").write_text(json.dumps(report, indent=1))
     plot(edges, hists, out / "sensitivity.png", f"{Path(args.checkpoint).name} ({args.source})")
     print(f"wrote {out / 'sensitivity.json'} and {out / 'sensitivity.png'} ({len(sens)} tensors)")

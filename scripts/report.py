@@ -5,6 +5,7 @@
 
 Entry point of `robustft_experiments.report` (same as `python -m robustft_experiments.report`).
 """
+
 import sys
 
 from robustft_experiments.report import main

@@ -6,6 +6,7 @@
 
 Entry point of `robustft_experiments.sweep` (options: `--help`; same as `python -m robustft_experiments.sweep`).
 """
+
 import sys
 
 from robustft_experiments.sweep import main

@@ -1,4 +1,5 @@
 """Shared test utilities: tiny binarized datasets and real `fairseq-train` runs in subprocesses."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,18 @@ GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "gl
 
 # 2 layers, dim 64: the tiny RoBERTa every end-to-end test trains.
 TINY_ROBERTA = [
-    "--arch", "roberta_base", "--encoder-layers", "2", "--encoder-embed-dim", "64",
-    "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2", "--max-positions", "64",
+    "--arch",
+    "roberta_base",
+    "--encoder-layers",
+    "2",
+    "--encoder-embed-dim",
+    "64",
+    "--encoder-ffn-embed-dim",
+    "128",
+    "--encoder-attention-heads",
+    "2",
+    "--max-positions",
+    "64",
 ]
 
 
@@ -26,7 +37,12 @@ def _write_split(path: Path, rows):
 
 
 def make_sentence_prediction_data(
-    root: Path, n_train=96, n_valid=32, regression=False, two_inputs=True, seed=0,
+    root: Path,
+    n_train=96,
+    n_valid=32,
+    regression=False,
+    two_inputs=True,
+    seed=0,
     label_names=("neg", "pos"),
 ) -> Path:
     """Binarize a learnable toy task in fairseq's RoBERTa GLUE layout (input0/, input1/, label/).
@@ -64,9 +80,7 @@ def run_tool(tool: str, *args, env=None, check=True, cwd=None) -> subprocess.Com
     """Run a console script of the venv (fairseq-train, fairseq-preprocess, ...) and capture output."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
-    proc = subprocess.run(
-        [str(BIN / tool), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd
-    )
+    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{tool} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
@@ -80,24 +94,46 @@ def run_hydra_train(*overrides, cwd, config_name="rte", check=True) -> subproces
     scripts/configs/finetuning, with hydra's own outputs in `cwd`."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "hydra_train.py"), "--config-dir",
-         str(REPO / "scripts" / "configs" / "finetuning"), "--config-name", config_name,
-         f"hydra.run.dir={cwd}", *map(str, overrides)],
-        capture_output=True, text=True, env=full_env, cwd=cwd)
+        [
+            sys.executable,
+            str(REPO / "scripts" / "hydra_train.py"),
+            "--config-dir",
+            str(REPO / "scripts" / "configs" / "finetuning"),
+            "--config-name",
+            config_name,
+            f"hydra.run.dir={cwd}",
+            *map(str, overrides),
+        ],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"hydra_train.py exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
-                             f"\n--- stderr ---\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"hydra_train.py exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
+            f"\n--- stderr ---\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 # The tiny RoBERTa and a CPU fp32 run, as hydra overrides of scripts/configs/finetuning/*.yaml.
 TINY_ROBERTA_HYDRA = [
-    "+model.encoder_layers=2", "+model.encoder_embed_dim=64", "+model.encoder_ffn_embed_dim=128",
-    "+model.encoder_attention_heads=2", "task.max_positions=64", "common.fp16=false", "common.cpu=true",
-    "common.log_interval=1", "common.seed=1", "dataset.num_workers=0", "optimization.lr=[1e-3]",
+    "+model.encoder_layers=2",
+    "+model.encoder_embed_dim=64",
+    "+model.encoder_ffn_embed_dim=128",
+    "+model.encoder_attention_heads=2",
+    "task.max_positions=64",
+    "common.fp16=false",
+    "common.cpu=true",
+    "common.log_interval=1",
+    "common.seed=1",
+    "dataset.num_workers=0",
+    "optimization.lr=[1e-3]",
     # the yamls' polynomial decay ends at max_update by default: fix its horizon so that a run stopped
     # early and resumed follows the same learning rates as a straight one
-    "lr_scheduler.warmup_updates=0", "+lr_scheduler.total_num_update=1000",
+    "lr_scheduler.warmup_updates=0",
+    "+lr_scheduler.total_num_update=1000",
 ]
 
 
@@ -106,12 +142,44 @@ def sentence_prediction_args(
 ):
     """Common flags of a tiny CPU `fairseq-train --task sentence_prediction` run with json logs."""
     return [
-        data, "--cpu", "--user-dir", REPO / "robustft", "--task", "sentence_prediction",
-        "--criterion", criterion, "--num-classes", num_classes, "--init-token", "0", "--separator-token", "2",
-        *TINY_ROBERTA, "--batch-size", "16", "--required-batch-size-multiple", "1",
-        "--max-update", max_update, "--lr", "1e-3", "--optimizer", "adam",
-        "--save-dir", save_dir, "--log-format", "json", "--log-interval", "1",
-        "--seed", "1", "--num-workers", "0", "--no-epoch-checkpoints", "--ddp-backend", "legacy_ddp",
+        data,
+        "--cpu",
+        "--user-dir",
+        REPO / "robustft",
+        "--task",
+        "sentence_prediction",
+        "--criterion",
+        criterion,
+        "--num-classes",
+        num_classes,
+        "--init-token",
+        "0",
+        "--separator-token",
+        "2",
+        *TINY_ROBERTA,
+        "--batch-size",
+        "16",
+        "--required-batch-size-multiple",
+        "1",
+        "--max-update",
+        max_update,
+        "--lr",
+        "1e-3",
+        "--optimizer",
+        "adam",
+        "--save-dir",
+        save_dir,
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        "--seed",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-epoch-checkpoints",
+        "--ddp-backend",
+        "legacy_ddp",
         *extra,
     ]
 

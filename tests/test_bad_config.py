@@ -5,6 +5,7 @@ criterion -> Trainer -> optimizer; flags checked at the first forward go through
 forward of the criterion); three go through the real `fairseq-train` to pin the CLI contract
 (non-zero exit, flag named on stderr).
 """
+
 import subprocess
 
 import pytest
@@ -33,8 +34,11 @@ SENTENCE_PREDICTION_CASES = [
     ("hype_eps_nan", [*HYPE, "--hype-eps", "nan"], "--hype-eps"),
     ("hype_type_unknown", [*HYPE, "--hype-type", "laplace"], "--hype-type"),
     ("hype_one_sided_with_normal", [*HYPE, "--hype-type", "normal", "--hype-uniform", "one_sided"], "--hype-uniform"),
-    ("hype_only_intermediate_and_top", [*HYPE, "--hype-only-intermediate", "--hype-top-layers", "1"],
-     "--hype-only-intermediate"),
+    (
+        "hype_only_intermediate_and_top",
+        [*HYPE, "--hype-only-intermediate", "--hype-top-layers", "1"],
+        "--hype-only-intermediate",
+    ),
     ("hype_top_layers_negative", [*HYPE, "--hype-top-layers", "-1"], "--hype-top-layers"),
     ("hype_top_layers_past_depth", [*HYPE, "--hype-top-layers", "3"], "--hype-top-layers"),
     ("hype_low_layers_past_depth", [*HYPE, "--hype-low-layers", "5"], "--hype-low-layers"),
@@ -69,8 +73,11 @@ SENTENCE_PREDICTION_CASES = [
     ("noisytune_lambda_negative", [*NOISYTUNE, "--noisytune-lambda", "-0.1"], "--noisytune-lambda"),
     ("noisytune_lambda_nan", [*NOISYTUNE, "--noisytune-lambda", "nan"], "--noisytune-lambda"),
     ("noisytune_from_scratch", [*PATS, "--noisytune-lambda", "0.15"], "--noisytune-lambda"),
-    ("noisytune_filter_matches_nothing", [*NOISYTUNE, "--noisytune-param-include", "no_such_param"],
-     "--noisytune-param-include"),
+    (
+        "noisytune_filter_matches_nothing",
+        [*NOISYTUNE, "--noisytune-param-include", "no_such_param"],
+        "--noisytune-param-include",
+    ),
 ]
 
 
@@ -85,13 +92,30 @@ SEQ2SEQ_CASES = [
     ("generated_with_layerdrop", ["--decoder-layerdrop", "0.1"], "layerdrop"),
     ("eval_bpe_unknown", ["--hyperdecoder-eval-glue", "--hyperdecoder-eval-bpe", "bytes"], "--hyperdecoder-eval-bpe"),
     ("seq2seq_r3f_eps_negative", ["--criterion", "label_smoothed_cross_entropy_r3f", "--eps", "-1"], "--eps"),
-    ("seq2seq_r3f_kl_norm_unknown", ["--criterion", "label_smoothed_cross_entropy_r3f", "--r3f-kl-norm", "batch"],
-     "--r3f-kl-norm"),
-    ("seq2seq_hype_past_depth", ["--criterion", "label_smoothed_cross_entropy_r3f", "--hype-type", "normal",
-                                 "--hype-decoder", "--hype-low-layers", "3"], "--hype-low-layers"),
+    (
+        "seq2seq_r3f_kl_norm_unknown",
+        ["--criterion", "label_smoothed_cross_entropy_r3f", "--r3f-kl-norm", "batch"],
+        "--r3f-kl-norm",
+    ),
+    (
+        "seq2seq_hype_past_depth",
+        [
+            "--criterion",
+            "label_smoothed_cross_entropy_r3f",
+            "--hype-type",
+            "normal",
+            "--hype-decoder",
+            "--hype-low-layers",
+            "3",
+        ],
+        "--hype-low-layers",
+    ),
     ("nothing_trainable", ["--encoder-adapter", "none", "--decoder-adapter", "none"], "--decoder-adapter"),
-    ("eval_args_not_json", ["--hyperdecoder-eval-glue", "--hyperdecoder-eval-args", "{beam: 1}"],
-     "--hyperdecoder-eval-args"),
+    (
+        "eval_args_not_json",
+        ["--hyperdecoder-eval-glue", "--hyperdecoder-eval-args", "{beam: 1}"],
+        "--hyperdecoder-eval-args",
+    ),
 ]
 
 
@@ -129,7 +153,7 @@ def refusal(argv, capsys):
     except SystemExit as err:
         assert err.code != 0
         return capsys.readouterr().err
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         return f"{type(err).__name__}: {err}"
     return None
 
@@ -150,8 +174,14 @@ def _params(cases):
 
 def test_valid_configurations_build(data, capsys):
     """The harness itself accepts the good configurations (else every refusal below would be vacuous)."""
-    for extra in ([], R3F, HYPE, PATS, SAGE, [*R3F, "--hype-type", "normal", "--spectral-norm-classification-head",
-                                              "--r4f-spectral-norm-dense"]):
+    for extra in (
+        [],
+        R3F,
+        HYPE,
+        PATS,
+        SAGE,
+        [*R3F, "--hype-type", "normal", "--spectral-norm-classification-head", "--r4f-spectral-norm-dense"],
+    ):
         assert refusal(_sp_argv(data, extra), capsys) is None, extra
     for extra in (HD, ["--criterion", "label_smoothed_cross_entropy_r3f", "--hype-type", "normal", "--hype-decoder"]):
         assert refusal(_s2s_argv(data, extra), capsys) is None, extra
@@ -183,9 +213,16 @@ def test_real_cli_exits_nonzero_naming_the_flag(data):
     for i, (extra, _) in enumerate(CLI_CASES):
         argv = _sp_argv(data, extra)
         argv[argv.index("--save-dir") + 1] = str(data[2] / f"cli{i}")
-        procs.append(subprocess.Popen([str(BIN / "fairseq-train"), *map(str, argv)], cwd=REPO, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      env={"OMP_NUM_THREADS": "1", "PATH": str(BIN)}))
+        procs.append(
+            subprocess.Popen(
+                [str(BIN / "fairseq-train"), *map(str, argv)],
+                cwd=REPO,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={"OMP_NUM_THREADS": "1", "PATH": str(BIN)},
+            )
+        )
     for p, (extra, text) in zip(procs, CLI_CASES):
         out, err = p.communicate(timeout=300)
         assert p.returncode != 0, extra

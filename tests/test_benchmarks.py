@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/run.py on the tiny size: every configuration runs through the real fairseq
 Trainer in its worker process and the JSON + markdown outputs are consistent. No timing assertions."""
+
 import json
 import math
 import os
@@ -12,23 +13,49 @@ import pytest
 from tests.fairseq_helpers import REPO
 
 RUN = REPO / "benchmarks" / "run.py"
-EXPECTED = ["vanilla", "adamax", "r3f", "r4f", "hype", "hype_r3f", "adamax_pats", "adamax_sage",
-            "single_adapter", "hyperdecoder", "ref_vanilla", "ref_r3f"]
-BASELINES = {"adamax": "vanilla", "r3f": "vanilla", "r4f": "vanilla", "hype": "vanilla", "hype_r3f": "vanilla",
-             "adamax_pats": "adamax", "adamax_sage": "adamax", "hyperdecoder": "single_adapter",
-             "ref_r3f": "ref_vanilla"}
+EXPECTED = [
+    "vanilla",
+    "adamax",
+    "r3f",
+    "r4f",
+    "hype",
+    "hype_r3f",
+    "adamax_pats",
+    "adamax_sage",
+    "single_adapter",
+    "hyperdecoder",
+    "ref_vanilla",
+    "ref_r3f",
+]
+BASELINES = {
+    "adamax": "vanilla",
+    "r3f": "vanilla",
+    "r4f": "vanilla",
+    "hype": "vanilla",
+    "hype_r3f": "vanilla",
+    "adamax_pats": "adamax",
+    "adamax_sage": "adamax",
+    "hyperdecoder": "single_adapter",
+    "ref_r3f": "ref_vanilla",
+}
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, str(RUN), *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, str(RUN), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    proc = _run("--size", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "0", "--optimizer-steps", "2",
-                "--out", out)
+    proc = _run(
+        "--size", "tiny", "--rounds", "1", "--steps", "2", "--warmup", "0", "--optimizer-steps", "2", "--out", out
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return out, json.loads((out / "tiny.json").read_text()), (out / "tiny.md").read_text(), proc.stdout
 
@@ -61,13 +88,23 @@ def test_method_configurations_take_the_registry_flags(tiny):
     def tail(name, n):
         return argv[name][-n:]
 
-    for name, method, overrides in (("r3f", "r3f", {}), ("r4f", "r4f", {}), ("hype", "hype_n", {"--dropout": None}),
-                                    ("hype_r3f", "hype_r3f", {"--dropout": None}), ("ref_r3f", "r3f", {})):
+    for name, method, overrides in (
+        ("r3f", "r3f", {}),
+        ("r4f", "r4f", {}),
+        ("hype", "hype_n", {"--dropout": None}),
+        ("hype_r3f", "hype_r3f", {"--dropout": None}),
+        ("ref_r3f", "r3f", {}),
+    ):
         flags = method_flags(method, overrides)
         assert tail(name, len(flags)) == flags, name
     stock = {"--criterion": "sentence_prediction", "--hype-type": None}
-    for name, method in (("vanilla", "vanilla"), ("adamax", "vanilla_adamax"), ("adamax_pats", "pats"),
-                         ("adamax_sage", "sage"), ("ref_vanilla", "vanilla")):
+    for name, method in (
+        ("vanilla", "vanilla"),
+        ("adamax", "vanilla_adamax"),
+        ("adamax_pats", "pats"),
+        ("adamax_sage", "sage"),
+        ("ref_vanilla", "vanilla"),
+    ):
         flags = method_flags(method, stock)
         assert tail(name, len(flags)) == flags, name
 
@@ -82,13 +119,19 @@ def test_ratios_match_the_raw_step_times(tiny):
         assert rows[name]["x_baseline"] == pytest.approx(expected, rel=1e-9), name
         assert rows[name]["baseline"] == base
         assert rows[name]["opt_step_x_baseline"] == pytest.approx(
-            statistics.median(opt[name]) / statistics.median(opt[base]), rel=1e-9), name
+            statistics.median(opt[name]) / statistics.median(opt[base]), rel=1e-9
+        ), name
     assert rows["ref_r3f"]["x_vanilla"] == pytest.approx(
-        statistics.median(raw["ref_r3f"]) / statistics.median(raw["ref_vanilla"]), rel=1e-9)
+        statistics.median(raw["ref_r3f"]) / statistics.median(raw["ref_vanilla"]), rel=1e-9
+    )
     checks = {c["check"]: c for c in result["targets"]}
-    assert set(checks) == {"r3f <= 2x vanilla", "hype <= 1.03x vanilla", "adamax_pats <= 1.08x adamax",
-                           "hyperdecoder <= 1.15x single_adapter",
-                           "r3f x vanilla <= reference R3F x its vanilla"}
+    assert set(checks) == {
+        "r3f <= 2x vanilla",
+        "hype <= 1.03x vanilla",
+        "adamax_pats <= 1.08x adamax",
+        "hyperdecoder <= 1.15x single_adapter",
+        "r3f x vanilla <= reference R3F x its vanilla",
+    }
     for check in checks.values():
         limit = check.get("reference")
         if limit is None:
@@ -114,9 +157,28 @@ def test_markdown_table_has_one_row_per_configuration(tiny):
 def test_shape_options_and_on_demand_configurations(tmp_path):
     """--layers/--dim/--batch/--seq-len reshape the RoBERTa configurations (scripts/bench_hype_overhead.py's
     knobs); adamax_pats_noise0 (scripts/bench_pats_overhead.py's "noise 0" row) runs when named."""
-    proc = _run("--size", "tiny", "--rounds", "1", "--steps", "1", "--warmup", "0", "--out", tmp_path,
-                "--only", "vanilla,hype,adamax,adamax_pats_noise0", "--layers", "1", "--dim", "32",
-                "--batch", "2", "--seq-len", "16")
+    proc = _run(
+        "--size",
+        "tiny",
+        "--rounds",
+        "1",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--out",
+        tmp_path,
+        "--only",
+        "vanilla,hype,adamax,adamax_pats_noise0",
+        "--layers",
+        "1",
+        "--dim",
+        "32",
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     result = json.loads((tmp_path / "tiny-layers1-dim32-batch2-seqlen16.json").read_text())
     assert result["meta"]["shape_overrides"] == {"layers": 1, "dim": 32, "batch": 2, "seq_len": 16}

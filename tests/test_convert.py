@@ -2,6 +2,7 @@
 sentences and pairs with token types 0/1), a new classification head starts from BERT's pooler as in
 BertForSequenceClassification, and glue_preprocess's WordPiece mode with the converted dict.txt yields the
 ids the model expects."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ def rte_pairs(n=6):
     dev = GLUE_DIR / "RTE" / "dev.tsv"
     if not dev.exists():
         return list(zip(FALLBACK_SENTENCES, FALLBACK_SENTENCES[1:] + FALLBACK_SENTENCES[:1]))
-    rows = dev.read_text(encoding="utf-8").splitlines()[1:n + 1]
+    rows = dev.read_text(encoding="utf-8").splitlines()[1 : n + 1]
     return [(r.split("\t")[1], r.split("\t")[2]) for r in rows]
 
 
@@ -73,8 +74,13 @@ def hub(converted):
     from fairseq.models.roberta import RobertaModel
 
     _, out, _ = converted
-    model = RobertaModel.from_pretrained(str(out), checkpoint_file="model.pt", user_dir=str(REPO / "hf2fairseq"),
-                                         bpe="bert", bpe_vocab_file=str(out / "vocab.txt"))
+    model = RobertaModel.from_pretrained(
+        str(out),
+        checkpoint_file="model.pt",
+        user_dir=str(REPO / "hf2fairseq"),
+        bpe="bert",
+        bpe_vocab_file=str(out / "vocab.txt"),
+    )
     return model.eval()
 
 
@@ -117,12 +123,12 @@ def test_segment_ids_follow_the_first_separator():
     from hf2fairseq.model import SegmentEmbedding
 
     seg = SegmentEmbedding(2, 4, separator_idx=2, padding_idx=1)
-    tokens = torch.tensor([[0, 7, 8, 2, 9, 2, 1, 1],
-                           [0, 7, 2, 2, 9, 9, 2, 1],
-                           [0, 7, 8, 9, 2, 1, 1, 1]])
-    assert seg.segment_ids(tokens).tolist() == [[0, 0, 0, 0, 1, 1, 0, 0],
-                                                [0, 0, 0, 1, 1, 1, 1, 0],
-                                                [0, 0, 0, 0, 0, 0, 0, 0]]
+    tokens = torch.tensor([[0, 7, 8, 2, 9, 2, 1, 1], [0, 7, 2, 2, 9, 9, 2, 1], [0, 7, 8, 9, 2, 1, 1, 1]])
+    assert seg.segment_ids(tokens).tolist() == [
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 1, 1, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0],
+    ]
     assert SegmentEmbedding(1, 4, 2, 1).segment_ids(tokens).eq(0).all()  # type_vocab_size 1: type 0 only
 
 
@@ -169,12 +175,19 @@ def test_dictionary_and_rows(converted):
     assert torch.equal(emb[-1], word[vocab.index("[MASK]")])  # <mask> appended by fairseq's tasks
     pos = sd["encoder.sentence_encoder.embed_positions.weight"]
     assert torch.equal(pos[2], hf["embeddings.position_embeddings.weight"][0]) and pos.shape[0] == 512 + 2
-    assert torch.equal(sd["encoder.sentence_encoder.embed_segments.weight"],
-                       hf["embeddings.token_type_embeddings.weight"])
+    assert torch.equal(
+        sd["encoder.sentence_encoder.embed_segments.weight"], hf["embeddings.token_type_embeddings.weight"]
+    )
     assert torch.equal(sd["pooler.weight"], hf["pooler.dense.weight"]) and bool(sd["pooler.present"])
     assert torch.equal(sd["pooler.bias"], hf["pooler.dense.bias"]) and meta["pooler_in_checkpoint"] is True
-    assert meta["train_args"][:6] == ["--arch", "hf_bert", "--hf-bert-layer-norm-eps", "1e-12",
-                                      "--hf-bert-type-vocab-size", "2"]
+    assert meta["train_args"][:6] == [
+        "--arch",
+        "hf_bert",
+        "--hf-bert-layer-norm-eps",
+        "1e-12",
+        "--hf-bert-type-vocab-size",
+        "2",
+    ]
     assert json.loads((out / "convert.json").read_text())["lowercase"] is True
 
 
@@ -187,16 +200,25 @@ def test_glue_preprocess_wordpiece_ids_match_converted_model(converted, bert_out
     _, out, _ = converted
     _, _, _, tok = bert_outputs
     header = "index\tsentence1\tsentence2\tlabel"
-    rows = [("Dr. Smith's café wasn't open; it closed in 1999.", "The café was closed.", "entailment"),
-            ("Résumé: naïve über-coöperation.", "Nothing ❤ here", "not_entailment")]
+    rows = [
+        ("Dr. Smith's café wasn't open; it closed in 1999.", "The café was closed.", "entailment"),
+        ("Résumé: naïve über-coöperation.", "Nothing ❤ here", "not_entailment"),
+    ]
     rte = tmp_path / "glue" / "RTE"
     rte.mkdir(parents=True)
     for split in ("train", "dev"):
         (rte / f"{split}.tsv").write_text(
-            "\n".join([header] + [f"{i}\t{a}\t{b}\t{lab}" for i, (a, b, lab) in enumerate(rows)]) + "\n")
-    preprocess(glue_dir=str(tmp_path / "glue"), tasks=["RTE"], output_dir=str(tmp_path / "bin"),
-               tokenizer="wordpiece", wordpiece_vocab=str(out / "vocab.txt"), srcdict=str(out / "dict.txt"),
-               log=lambda *a, **k: None)
+            "\n".join([header] + [f"{i}\t{a}\t{b}\t{lab}" for i, (a, b, lab) in enumerate(rows)]) + "\n"
+        )
+    preprocess(
+        glue_dir=str(tmp_path / "glue"),
+        tasks=["RTE"],
+        output_dir=str(tmp_path / "bin"),
+        tokenizer="wordpiece",
+        wordpiece_vocab=str(out / "vocab.txt"),
+        srcdict=str(out / "dict.txt"),
+        log=lambda *a, **k: None,
+    )
     vocab = (out / "vocab.txt").read_text(encoding="utf-8").splitlines()
     d = Dictionary.load(str(tmp_path / "bin" / "RTE-bin" / "input0" / "dict.txt"))
     for col, name in ((0, "input0"), (1, "input1")):
@@ -219,6 +241,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
 
 
 # ---- the pretrained pooler initialises the classification head (BertForSequenceClassification) ----
+
 
 def test_new_head_is_bert_pooler_plus_classifier(hub, converted, bert_outputs, bert_pair_outputs):
     """A head registered on the loaded model: dense == BERT's pooler, tanh; with BertForSequenceClassification's
@@ -250,8 +273,9 @@ def test_no_pooler_init_flag_and_activation_check(converted):
     from fairseq.models.roberta import RobertaModel
 
     _, out, _ = converted
-    kw = dict(checkpoint_file="model.pt", user_dir=str(REPO / "hf2fairseq"), bpe="bert",
-              bpe_vocab_file=str(out / "vocab.txt"))
+    kw = dict(
+        checkpoint_file="model.pt", user_dir=str(REPO / "hf2fairseq"), bpe="bert", bpe_vocab_file=str(out / "vocab.txt")
+    )
     hub = RobertaModel.from_pretrained(str(out), hf_bert_no_pooler_init=True, **kw)
     hub.register_classification_head("plain", num_classes=2)
     dense = hub.model.classification_heads["plain"].dense
@@ -283,8 +307,9 @@ def test_roberta_base_conversion_is_stock_fairseq(converted, tmp_path):
     assert torch.equal(sd["encoder.sentence_encoder.embed_positions.weight"][2], expect)
     assert not any(k.startswith("pooler.") or "embed_segments" in k for k in sd)
     assert meta["pooler_in_checkpoint"] is False and "--hf-bert-type-vocab-size" not in meta["train_args"]
-    stock = RobertaModel.from_pretrained(str(tmp_path), checkpoint_file="model.pt", bpe="bert",
-                                         bpe_vocab_file=str(tmp_path / "vocab.txt"))
+    stock = RobertaModel.from_pretrained(
+        str(tmp_path), checkpoint_file="model.pt", bpe="bert", bpe_vocab_file=str(tmp_path / "vocab.txt")
+    )
     assert type(stock.model) is RobertaModel
 
 
@@ -298,8 +323,14 @@ def tiny_bert(tmp_path_factory):
     """A random 2-layer / dim-64 transformers BertModel (with pooler) saved as a HF checkpoint, converted."""
     root = tmp_path_factory.mktemp("tiny_bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2,
-                                     num_attention_heads=2, intermediate_size=128, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     model = transformers.BertModel(config)
     model.save_pretrained(str(root / "hf"))
@@ -323,8 +354,15 @@ def _tiny_rte(root, tokenizer_vocab, srcdict):
             b = " ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(3, 8)))
             rows.append(f"{i}\t{a}\t{b}\t{rng.choice(['entailment', 'not_entailment'])}")
         (rte / f"{split}.tsv").write_text("\n".join(rows) + "\n")
-    preprocess(glue_dir=str(root / "glue"), tasks=["RTE"], output_dir=str(root / "bin"), tokenizer="wordpiece",
-               wordpiece_vocab=str(tokenizer_vocab), srcdict=str(srcdict), log=lambda *a, **k: None)
+    preprocess(
+        glue_dir=str(root / "glue"),
+        tasks=["RTE"],
+        output_dir=str(root / "bin"),
+        tokenizer="wordpiece",
+        wordpiece_vocab=str(tokenizer_vocab),
+        srcdict=str(srcdict),
+        log=lambda *a, **k: None,
+    )
     return root / "bin" / "RTE-bin"
 
 
@@ -338,12 +376,47 @@ def test_fine_tune_starts_from_pooler_and_resume_keeps_trained_head(tiny_bert):
     data = _tiny_rte(tiny_bert, fs / "vocab.txt", fs / "dict.txt")
     save = tiny_bert / "ckpt"
     train_args = json.loads((fs / "convert.json").read_text())["train_args"]
-    cmd = [sys.executable, str(REPO / "scripts" / "fairseq_train.py"), str(data), "--cpu",
-           "--task", "sentence_prediction", "--criterion", "sentence_prediction", "--num-classes", "2",
-           "--init-token", "0", *train_args, "--restore-file", str(fs / "model.pt"), "--reset-optimizer",
-           "--reset-dataloader", "--reset-meters", "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "8",
-           "--required-batch-size-multiple", "1", "--max-update", "3", "--save-dir", str(save), "--seed", "1",
-           "--num-workers", "0", "--no-epoch-checkpoints", "--log-format", "json", "--log-interval", "1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "scripts" / "fairseq_train.py"),
+        str(data),
+        "--cpu",
+        "--task",
+        "sentence_prediction",
+        "--criterion",
+        "sentence_prediction",
+        "--num-classes",
+        "2",
+        "--init-token",
+        "0",
+        *train_args,
+        "--restore-file",
+        str(fs / "model.pt"),
+        "--reset-optimizer",
+        "--reset-dataloader",
+        "--reset-meters",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--required-batch-size-multiple",
+        "1",
+        "--max-update",
+        "3",
+        "--save-dir",
+        str(save),
+        "--seed",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-epoch-checkpoints",
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "num_updates: 3 >= max_update: 3" in proc.stdout + proc.stderr
@@ -366,8 +439,13 @@ def _tiny_hub(tiny_bert):
     from fairseq.models.roberta import RobertaModel
 
     fs = tiny_bert / "fs"
-    return RobertaModel.from_pretrained(str(fs), checkpoint_file="model.pt", user_dir=str(REPO / "hf2fairseq"),
-                                        bpe="bert", bpe_vocab_file=str(fs / "vocab.txt")).eval()
+    return RobertaModel.from_pretrained(
+        str(fs),
+        checkpoint_file="model.pt",
+        user_dir=str(REPO / "hf2fairseq"),
+        bpe="bert",
+        bpe_vocab_file=str(fs / "vocab.txt"),
+    ).eval()
 
 
 def test_spectral_normed_head_gets_the_pooler_as_weight_orig(tiny_bert):
@@ -412,9 +490,18 @@ def test_hydra_hf_bert_pairs_and_pooler_flag(tiny_bert, tmp_path, no_pooler_init
     if not data.exists():
         _tiny_rte(tiny_bert, fs / "vocab.txt", fs / "dict.txt")
     flag = ["+model.hf_bert_no_pooler_init=true"] if no_pooler_init else []
-    run_hydra_train(*TINY_ROBERTA_HYDRA, "model._name=hf_bert", "task.separator_token=null", f"task.data={data}",
-                    f"checkpoint.restore_file={fs / 'model.pt'}", f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-                    "optimization.max_update=1", "dataset.batch_size=8", *flag, cwd=tmp_path)
+    run_hydra_train(
+        *TINY_ROBERTA_HYDRA,
+        "model._name=hf_bert",
+        "task.separator_token=null",
+        f"task.data={data}",
+        f"checkpoint.restore_file={fs / 'model.pt'}",
+        f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+        "optimization.max_update=1",
+        "dataset.batch_size=8",
+        *flag,
+        cwd=tmp_path,
+    )
     state = torch.load(tmp_path / "ckpt" / "checkpoint_last.pt", weights_only=True)
     pooler = torch.load(fs / "model.pt", weights_only=True)["model"]["pooler.weight"]
     dense = state["model"]["classification_heads.sentence_classification_head.dense.weight"]

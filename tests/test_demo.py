@@ -1,5 +1,6 @@
 """`make demo`'s pipeline (scripts/demo.py --schedule tiny): MiniLM conversion, RTE WordPiece binarization,
 a few fine-tuning updates per method from the converted checkpoint, table and plot."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,9 +32,22 @@ def _demo_module():
 def demo_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("demo")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--schedule", "tiny", "--work-dir", str(work),
-         "--threads", "1", "--glue-dir", str(GLUE_DIR)],
-        capture_output=True, text=True, cwd=REPO, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            str(REPO / "scripts" / "demo.py"),
+            "--schedule",
+            "tiny",
+            "--work-dir",
+            str(work),
+            "--threads",
+            "1",
+            "--glue-dir",
+            str(GLUE_DIR),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     return work, proc
 
@@ -46,20 +60,24 @@ def test_demo_pipeline_trains_every_method_from_the_converted_model(demo_run):
     for method in METHODS:
         log = (work / "sweep" / "runs" / "RTE" / method / "seed1" / "train.log").read_text()
         assert runs[method]["status"] == "ok"
-        assert "Loaded checkpoint" in log and "minilm-fairseq-64/model.pt (epoch 1 @ 0 updates)" in log  # fine-tuned, not from scratch
+        assert (
+            "Loaded checkpoint" in log and "minilm-fairseq-64/model.pt (epoch 1 @ 0 updates)" in log
+        )  # fine-tuned, not from scratch
         assert "num_updates: 6 >= max_update: 6" in log
         assert "train_inner" in log  # fairseq's progress output
         assert 0.0 <= runs[method]["best"] <= 100.0
     # method flags reached fairseq: the R3F criterion, HyPe noise, the PATS optimizer
-    cmds = {m: json.loads((work / "sweep" / "runs" / "RTE" / m / "seed1" / "command.json").read_text())["cmd"]
-            for m in METHODS}
+    cmds = {
+        m: json.loads((work / "sweep" / "runs" / "RTE" / m / "seed1" / "command.json").read_text())["cmd"]
+        for m in METHODS
+    }
     assert "sentence_prediction_r3f" in cmds["r3f"] and "uniform" in cmds["hype_u"]
     assert "adamax_pats" in cmds["pats"] and "--hype-type" in cmds["hype_r3f"]
     assert "[RTE/vanilla/s1]" in proc.stdout  # progress streamed to the console
     table = (work / "sweep" / "results.md").read_text()
     for m in METHODS:  # the registry's flags, in order, and the adamax family's own lr
         start = cmds[m].index("--criterion")
-        assert cmds[m][start:start + len(methods.METHODS[m].flags)] == methods.method_flags(m)
+        assert cmds[m][start : start + len(methods.METHODS[m].flags)] == methods.method_flags(m)
         assert cmds[m][cmds[m].index("--lr") + 1] == ("0.0002" if m == "pats" else "0.0001")
     for label in ("Vanilla", "R3F", "HyPe-U", "PATS", "HyPe+R3F"):
         assert f"| {label} | " in table
@@ -71,9 +89,22 @@ def test_rerun_keeps_finished_runs(demo_run):
     log = work / "sweep" / "runs" / "RTE" / "vanilla" / "seed1" / "train.log"
     before = log.stat().st_mtime_ns
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--schedule", "tiny", "--work-dir", str(work),
-         "--methods", "vanilla", "--glue-dir", str(GLUE_DIR)],
-        capture_output=True, text=True, cwd=REPO, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        [
+            sys.executable,
+            str(REPO / "scripts" / "demo.py"),
+            "--schedule",
+            "tiny",
+            "--work-dir",
+            str(work),
+            "--methods",
+            "vanilla",
+            "--glue-dir",
+            str(GLUE_DIR),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "vanilla: already done, kept" in proc.stdout and log.stat().st_mtime_ns == before

@@ -6,6 +6,7 @@ Cost: fairseq's imports dominate a tiny run, so each rank is ONE python process 
 method in turn (`python -m tests.test_distributed JOBS.json`, see `launcher_main`): 2 processes for the
 whole matrix instead of 2 per method. The same launcher runs the resume matrix (test_resume_exact.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,27 +64,80 @@ SENTENCE_PREDICTION_METHODS = {
 }
 SEQ2SEQ_METHODS = {
     "hyperdecoder": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
-    "hyperdecoder_r3f": ["--criterion", "label_smoothed_cross_entropy_r3f", "--label-smoothing", "0.1",
-                         "--eps", "1e-2"],
+    "hyperdecoder_r3f": [
+        "--criterion",
+        "label_smoothed_cross_entropy_r3f",
+        "--label-smoothing",
+        "0.1",
+        "--eps",
+        "1e-2",
+    ],
 }
 METHODS = [*SENTENCE_PREDICTION_METHODS, *SEQ2SEQ_METHODS]
 # methods combined in one run, with gradient accumulation (c10d's no_sync path)
-COMBO = ["--criterion", "sentence_prediction_r3f", "--eps", "1e-2", "--hype-type", "normal", "--hype-eps", "1e-2",
-         "--optimizer", "adamax_pats", "--pats-noise", "1e-3", "--update-freq", "2", "--batch-size", "8"]
+COMBO = [
+    "--criterion",
+    "sentence_prediction_r3f",
+    "--eps",
+    "1e-2",
+    "--hype-type",
+    "normal",
+    "--hype-eps",
+    "1e-2",
+    "--optimizer",
+    "adamax_pats",
+    "--pats-noise",
+    "1e-3",
+    "--update-freq",
+    "2",
+    "--batch-size",
+    "8",
+]
 
 
 def method_argv(method: str, sp_data: Path, t2t_data: Path, save_dir: Path, max_update: int, *extra):
     """Full fairseq-train argv of a tiny CPU run of `method` (sentence prediction or text-to-text)."""
     if method in SENTENCE_PREDICTION_METHODS:
-        args = sentence_prediction_args(sp_data, save_dir, *SENTENCE_PREDICTION_METHODS[method],
-                                        max_update=max_update)
+        args = sentence_prediction_args(sp_data, save_dir, *SENTENCE_PREDICTION_METHODS[method], max_update=max_update)
     else:
-        args = [t2t_data, "--cpu", "--user-dir", REPO / "robustft", "--task", "hyperdecoder_glue",
-                "-s", "src", "-t", "tgt", "--arch", "hyperdecoder_bart_tiny", *SEQ2SEQ_METHODS[method],
-                "--batch-size", "16", "--required-batch-size-multiple", "1", "--max-update", max_update,
-                "--lr", "1e-3", "--optimizer", "adam", "--save-dir", save_dir, "--log-format", "json",
-                "--log-interval", "1", "--seed", "1", "--num-workers", "0", "--no-epoch-checkpoints",
-                "--ddp-backend", "legacy_ddp"]
+        args = [
+            t2t_data,
+            "--cpu",
+            "--user-dir",
+            REPO / "robustft",
+            "--task",
+            "hyperdecoder_glue",
+            "-s",
+            "src",
+            "-t",
+            "tgt",
+            "--arch",
+            "hyperdecoder_bart_tiny",
+            *SEQ2SEQ_METHODS[method],
+            "--batch-size",
+            "16",
+            "--required-batch-size-multiple",
+            "1",
+            "--max-update",
+            max_update,
+            "--lr",
+            "1e-3",
+            "--optimizer",
+            "adam",
+            "--save-dir",
+            save_dir,
+            "--log-format",
+            "json",
+            "--log-interval",
+            "1",
+            "--seed",
+            "1",
+            "--num-workers",
+            "0",
+            "--no-epoch-checkpoints",
+            "--ddp-backend",
+            "legacy_ddp",
+        ]
     return [str(a) for a in (*args, *extra)]
 
 
@@ -142,7 +196,7 @@ def launcher_main(jobs_file: str) -> None:
         print(f"{MARK} JOB {job['name']}", flush=True)
         try:
             _run_job(job)
-        except BaseException as err:  # noqa: BLE001  (SystemExit too: fairseq exits on some errors)
+        except BaseException as err:  # SystemExit too: fairseq exits on some errors
             message = f"{type(err).__name__}: {err}".replace("\n", " ")
             print(f"{MARK} ERROR {job['name']}: {message}", flush=True)
             if not job.get("expect_error"):
@@ -170,19 +224,34 @@ def run_launcher(jobs, workdir: Path, ranks=(None,), timeout=900):
         for job in jobs:
             job = dict(job)
             if rank is not None:
-                job["argv"] = [*job["argv"], "--distributed-world-size", str(len(ranks)),
-                               "--distributed-rank", str(rank), "--distributed-backend", "gloo",
-                               "--distributed-init-method", f"tcp://127.0.0.1:{port}",
-                               "--distributed-no-spawn"]
+                job["argv"] = [
+                    *job["argv"],
+                    "--distributed-world-size",
+                    str(len(ranks)),
+                    "--distributed-rank",
+                    str(rank),
+                    "--distributed-backend",
+                    "gloo",
+                    "--distributed-init-method",
+                    f"tcp://127.0.0.1:{port}",
+                    "--distributed-no-spawn",
+                ]
                 if job.get("dump"):
                     job["dump"] = str(job["dump"]).format(rank=rank)
             rank_jobs.append(job)
         jobs_file = workdir / f"jobs_rank{rank}.json"
         jobs_file.write_text(json.dumps(rank_jobs))
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.test_distributed", str(jobs_file)], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "tests.test_distributed", str(jobs_file)],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for p in procs:
@@ -202,7 +271,7 @@ def split_by_job(output: str) -> dict:
     parts, name = {}, None
     for line in output.splitlines():
         if line.startswith(f"{MARK} JOB "):
-            name = line[len(f"{MARK} JOB "):].strip()
+            name = line[len(f"{MARK} JOB ") :].strip()
             parts[name] = []
         elif name is not None:
             parts[name].append(line)
@@ -255,8 +324,13 @@ MAX_UPDATE = 4  # 48 examples / (2 ranks x 16) = 2 updates per epoch: the run cr
 
 def _job(name, method, data, tmp, *extra, expect_error=False, cpu_c10d=False):
     sp, t2t = data
-    return {"name": name, "argv": method_argv(method, sp, t2t, tmp / name, MAX_UPDATE, *extra),
-            "dump": str(tmp / f"{name}.rank{{rank}}.pt"), "expect_error": expect_error, "cpu_c10d": cpu_c10d}
+    return {
+        "name": name,
+        "argv": method_argv(method, sp, t2t, tmp / name, MAX_UPDATE, *extra),
+        "dump": str(tmp / f"{name}.rank{{rank}}.pt"),
+        "expect_error": expect_error,
+        "cpu_c10d": cpu_c10d,
+    }
 
 
 # c10d without --find-unused-parameters: RoBERTa's lm_head gets no gradient in sentence prediction, so
@@ -270,16 +344,31 @@ def ddp_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     data = make_sp_data(tmp), make_t2t_data(tmp)
     jobs = [_job(f"legacy_{m}", m, data, tmp) for m in METHODS]
-    jobs += [_job(f"c10d_{m}", m, data, tmp, "--ddp-backend", "c10d", "--find-unused-parameters", cpu_c10d=True)
-             for m in METHODS]
-    jobs += [_job(f"c10dnofind_{m}", m, data, tmp, "--ddp-backend", "c10d", cpu_c10d=True)
-             for m in C10D_NOFIND_RUNS]
-    jobs += [_job(f"{backend}_combo", "vanilla", data, tmp, *COMBO, *COMBO_BACKENDS[backend],
-                  "--save-interval-updates", "1", cpu_c10d=backend == "c10d") for backend in COMBO_BACKENDS]
+    jobs += [
+        _job(f"c10d_{m}", m, data, tmp, "--ddp-backend", "c10d", "--find-unused-parameters", cpu_c10d=True)
+        for m in METHODS
+    ]
+    jobs += [_job(f"c10dnofind_{m}", m, data, tmp, "--ddp-backend", "c10d", cpu_c10d=True) for m in C10D_NOFIND_RUNS]
+    jobs += [
+        _job(
+            f"{backend}_combo",
+            "vanilla",
+            data,
+            tmp,
+            *COMBO,
+            *COMBO_BACKENDS[backend],
+            "--save-interval-updates",
+            "1",
+            cpu_c10d=backend == "c10d",
+        )
+        for backend in COMBO_BACKENDS
+    ]
     # expected failures last: a run that dies mid-step is the only one that could leave a collective open
     jobs.append(_job("c10d_stock_cpu", "vanilla", data, tmp, "--ddp-backend", "c10d", expect_error=True))
-    jobs += [_job(f"c10dnofind_{m}", m, data, tmp, "--ddp-backend", "c10d", cpu_c10d=True, expect_error=True)
-             for m in C10D_NOFIND_FAILS]
+    jobs += [
+        _job(f"c10dnofind_{m}", m, data, tmp, "--ddp-backend", "c10d", cpu_c10d=True, expect_error=True)
+        for m in C10D_NOFIND_FAILS
+    ]
     outputs = run_launcher(jobs, tmp, ranks=(0, 1))
     return tmp, data, [split_by_job(o) for o in outputs]
 
@@ -296,6 +385,7 @@ RESUME_VARIANTS = {
     "broadcast_legacy": ("legacy", []),
 }
 
+
 @pytest.fixture(scope="module")
 def ddp_resumed(ddp_runs):
     """2-rank runs resumed after update 1 from the straight combo runs' checkpoint_1_1.pt."""
@@ -305,14 +395,35 @@ def ddp_resumed(ddp_runs):
         name = f"resumed_{variant}"
         (tmp / name).mkdir()
         shutil.copy(tmp / f"{backend}_combo" / "checkpoint_1_1.pt", tmp / name / "checkpoint_last.pt")
-        jobs.append(_job(name, "vanilla", data, tmp, *COMBO, *COMBO_BACKENDS[backend], "--save-interval-updates",
-                         "1", *extra, cpu_c10d=backend == "c10d", expect_error=variant.startswith("broadcast")))
+        jobs.append(
+            _job(
+                name,
+                "vanilla",
+                data,
+                tmp,
+                *COMBO,
+                *COMBO_BACKENDS[backend],
+                "--save-interval-updates",
+                "1",
+                *extra,
+                cpu_c10d=backend == "c10d",
+                expect_error=variant.startswith("broadcast"),
+            )
+        )
     outputs = run_launcher(jobs, tmp, ranks=(0, 1))
     return tmp, [split_by_job(o) for o in outputs]
 
 
-@pytest.mark.parametrize("name", [*(f"legacy_{m}" for m in METHODS), *(f"c10d_{m}" for m in METHODS),
-                                  *(f"c10dnofind_{m}" for m in C10D_NOFIND_RUNS), "legacy_combo", "c10d_combo"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        *(f"legacy_{m}" for m in METHODS),
+        *(f"c10d_{m}" for m in METHODS),
+        *(f"c10dnofind_{m}" for m in C10D_NOFIND_RUNS),
+        "legacy_combo",
+        "c10d_combo",
+    ],
+)
 def test_replicas_stay_bit_identical(ddp_runs, name):
     tmp, _, (rank0, rank1) = ddp_runs
     assert job_error(rank0[name]) is None and job_error(rank1[name]) is None
@@ -329,9 +440,12 @@ def test_replicas_stay_bit_identical(ddp_runs, name):
 
 def test_method_specific_noise_really_ran_under_ddp(ddp_runs):
     _, _, (rank0, _) = ddp_runs
-    for name, key in (("legacy_r3f", "r3f_noise_effective"), ("legacy_hype", "hype_noise_effective"),
-                      ("legacy_hyperdecoder_r3f", "r3f_noise_effective"),
-                      ("legacy_adamax_pats", "pats_frac_noised")):
+    for name, key in (
+        ("legacy_r3f", "r3f_noise_effective"),
+        ("legacy_hype", "hype_noise_effective"),
+        ("legacy_hyperdecoder_r3f", "r3f_noise_effective"),
+        ("legacy_adamax_pats", "pats_frac_noised"),
+    ):
         values = [float(r[key]) for r in train_records(rank0[name]) if key in r]
         assert values and min(values) > 0.3, (name, key, values)
 
@@ -370,8 +484,9 @@ def test_two_rank_resume_is_exact(ddp_runs, ddp_resumed, variant):
     resumed = {int(r["num_updates"]): r for r in train_records(rank0[name])}
     assert sorted(resumed) == list(range(2, MAX_UPDATE + 1))
     for step, rec in resumed.items():
-        assert {k: v for k, v in rec.items() if k not in timing} == \
-            {k: v for k, v in straight[step].items() if k not in timing}, step
+        assert {k: v for k, v in rec.items() if k not in timing} == {
+            k: v for k, v in straight[step].items() if k not in timing
+        }, step
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,22 +495,46 @@ def test_two_rank_resume_is_exact(ddp_runs, ddp_resumed, variant):
 
 def test_fp16_check_script_cpu_smoke(tmp_path):
     out = tmp_path / "fp16"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "fp16_check.py"), "--out-dir", str(out),
-                           "--cpu-smoke"], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=420)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fp16_check.py"), "--out-dir", str(out), "--cpu-smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        timeout=420,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     summary = json.loads((out / "summary.json").read_text())
     # every registry method but NoisyTune (a one-shot perturbation before training), then the seq2seq ones
-    assert [(r["method"], r["mode"]) for r in summary["results"]] == [(m, "memory_efficient_fp16") for m in (
-        "vanilla", "r3f", "r4f", "hype_n", "hype_u", "hype_u_official", "hype_r3f", "vanilla_adamax", "sage",
-        "pats", "hyperdecoder", "hyperdecoder_r3f")]
+    assert [(r["method"], r["mode"]) for r in summary["results"]] == [
+        (m, "memory_efficient_fp16")
+        for m in (
+            "vanilla",
+            "r3f",
+            "r4f",
+            "hype_n",
+            "hype_u",
+            "hype_u_official",
+            "hype_r3f",
+            "vanilla_adamax",
+            "sage",
+            "pats",
+            "hyperdecoder",
+            "hyperdecoder_r3f",
+        )
+    ]
     for r in summary["results"]:
         assert r["ok"] and r["updates"] == 2, r
     noise = {r["method"]: r["noise"] for r in summary["results"]}
-    for method, key in (("r3f", "r3f_noise_effective"), ("hype_n", "hype_noise_effective"),
-                        ("hype_u_official", "hype_noise_effective"), ("hype_r3f", "hype_noise_effective"),
-                        ("hype_r3f", "r3f_noise_effective"), ("pats", "pats_frac_noised"),
-                        ("hyperdecoder_r3f", "r3f_noise_effective")):
+    for method, key in (
+        ("r3f", "r3f_noise_effective"),
+        ("hype_n", "hype_noise_effective"),
+        ("hype_u_official", "hype_noise_effective"),
+        ("hype_r3f", "hype_noise_effective"),
+        ("hype_r3f", "r3f_noise_effective"),
+        ("pats", "pats_frac_noised"),
+        ("hyperdecoder_r3f", "r3f_noise_effective"),
+    ):
         assert 0.0 < noise[method][key]["mean"] <= 1.0, (method, noise[method])
 
 

@@ -1,6 +1,7 @@
 """robustft_common/fairseq_patches.py: each patch's guard (fails when the fairseq code it relies on changes),
 idempotent installation, and a run through the plugin that uses none of its components trains
 bit-identically to stock fairseq."""
+
 import argparse
 import inspect
 import re
@@ -30,9 +31,14 @@ def _patched():
     from fairseq.models.roberta.model import RobertaModel
     from fairseq.trainer import Trainer
 
-    return [checkpoint_utils.load_checkpoint_to_cpu, Trainer._build_optimizer,
-            RobertaModel.upgrade_state_dict_named, BARTModel.upgrade_state_dict_named,
-            RobertaModel.register_classification_head, BARTModel.register_classification_head]
+    return [
+        checkpoint_utils.load_checkpoint_to_cpu,
+        Trainer._build_optimizer,
+        RobertaModel.upgrade_state_dict_named,
+        BARTModel.upgrade_state_dict_named,
+        RobertaModel.register_classification_head,
+        BARTModel.register_classification_head,
+    ]
 
 
 def test_install_is_idempotent_and_wraps_fairseq_once():
@@ -64,14 +70,20 @@ def test_guard_checkpoint_loads_go_through_the_module_attribute():
     from fairseq.trainer import Trainer
 
     assert _params(checkpoint_utils.load_checkpoint_to_cpu) == [
-        ("path", inspect.Parameter.empty), ("arg_overrides", None), ("load_on_all_ranks", False)]
+        ("path", inspect.Parameter.empty),
+        ("arg_overrides", None),
+        ("load_on_all_ranks", False),
+    ]
     assert "checkpoint_utils.load_checkpoint_to_cpu(" in _source(Trainer.load_checkpoint)
-    assert "load_checkpoint_to_cpu(filename, arg_overrides)" in _source(
-        checkpoint_utils.load_model_ensemble_and_task)
+    assert "load_checkpoint_to_cpu(filename, arg_overrides)" in _source(checkpoint_utils.load_model_ensemble_and_task)
     # nobody outside examples/ binds the function at import time (the wrapper would miss them)
     root = Path(checkpoint_utils.__file__).parent
-    binders = [str(p.relative_to(root)) for p in root.rglob("*.py") if "examples" not in p.parts
-               and re.search(r"from fairseq\.checkpoint_utils import .*load_checkpoint_to_cpu", p.read_text())]
+    binders = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if "examples" not in p.parts
+        and re.search(r"from fairseq\.checkpoint_utils import .*load_checkpoint_to_cpu", p.read_text())
+    ]
     assert binders == []
 
 
@@ -80,8 +92,7 @@ def test_guard_trainer_collects_optimizer_params_as_published():
     from fairseq.trainer import Trainer
 
     src = _source(Trainer._build_optimizer)
-    assert ("filter( lambda p: p.requires_grad, chain(self.model.parameters(), "
-            "self.criterion.parameters()), )") in src
+    assert ("filter( lambda p: p.requires_grad, chain(self.model.parameters(), self.criterion.parameters()), )") in src
     assert "optim.build_optimizer(self.cfg.optimizer, params)" in src
     assert _params(Trainer._build_optimizer) == [("self", inspect.Parameter.empty)]
 
@@ -98,12 +109,19 @@ def test_guard_head_upgrade_and_registration(module):
         from fairseq.models.bart.model import BARTModel as Model
 
     assert _params(Model.upgrade_state_dict_named) == [
-        ("self", inspect.Parameter.empty), ("state_dict", inspect.Parameter.empty), ("name", inspect.Parameter.empty)]
+        ("self", inspect.Parameter.empty),
+        ("state_dict", inspect.Parameter.empty),
+        ("name", inspect.Parameter.empty),
+    ]
     upgrade = _source(Model.upgrade_state_dict_named)
     assert '".out_proj.weight" ].size(0)' in upgrade and '".dense.weight" ].size(0)' in upgrade
     assert _params(Model.register_classification_head) == [
-        ("self", inspect.Parameter.empty), ("name", inspect.Parameter.empty), ("num_classes", None),
-        ("inner_dim", None), ("kwargs", inspect.Parameter.empty)]
+        ("self", inspect.Parameter.empty),
+        ("name", inspect.Parameter.empty),
+        ("num_classes", None),
+        ("inner_dim", None),
+        ("kwargs", inspect.Parameter.empty),
+    ]
     assert "self.classification_heads[name] = " in _source(Model.register_classification_head)
     assert "self.dense = nn.Linear(input_dim, inner_dim)" in _source(Head.__init__)
     assert "self.out_proj = torch.nn.utils.spectral_norm(self.out_proj)" in _source(Head.__init__)
@@ -120,10 +138,15 @@ def test_guard_head_is_registered_before_criterion_optimizer_and_checkpoint():
 
     build = _source(SentencePredictionTask.build_model)
     assert build.index("models.build_model(cfg, self, from_checkpoint)") < build.index(
-        "model.register_classification_head(")
+        "model.register_classification_head("
+    )
     main = _source(train.main)
-    order = ["task.build_model(cfg.model)", "task.build_criterion(cfg.criterion)",
-             "Trainer(cfg, task, model, criterion, quantizer)", "checkpoint_utils.load_checkpoint("]
+    order = [
+        "task.build_model(cfg.model)",
+        "task.build_criterion(cfg.criterion)",
+        "Trainer(cfg, task, model, criterion, quantizer)",
+        "checkpoint_utils.load_checkpoint(",
+    ]
     positions = [main.index(s) for s in order]
     assert positions == sorted(positions)
 
@@ -144,7 +167,7 @@ TIMING = {"wps", "ups", "wpb_per_sec", "train_wall", "wall", "gb_free"}
 
 def _without_user_dir(args):
     i = args.index("--user-dir")
-    return args[:i] + args[i + 2:]
+    return args[:i] + args[i + 2 :]
 
 
 def _train(args, save_dir: Path, strict: bool):
@@ -157,8 +180,11 @@ def _train(args, save_dir: Path, strict: bool):
         assert proc.returncode == -6, log[-3000:]
         assert "done training" in log and re.search(r"Saved checkpoint \S*checkpoint_last\.pt", log), log[-3000:]
     assert (save_dir / "checkpoint_last.pt").exists()
-    return [{k: v for k, v in r.items() if not _is_timing(k)}
-            for r in json_logs(log) if "loss" in r or "train_loss" in r or "valid_loss" in r]
+    return [
+        {k: v for k, v in r.items() if not _is_timing(k)}
+        for r in json_logs(log)
+        if "loss" in r or "train_loss" in r or "valid_loss" in r
+    ]
 
 
 def _is_timing(key: str) -> bool:

@@ -1,5 +1,6 @@
 """glue_preprocess: parsers on the real GLUE files, handmade malformed / missing-task files, tokenizers,
 splits, text2text, and real `fairseq-train` runs on the binarized output."""
+
 from __future__ import annotations
 
 import csv
@@ -24,8 +25,23 @@ def make_tiny_gpt2(folder: Path):
     from fairseq.data.encoders.gpt2_bpe_utils import bytes_to_unicode
 
     symbols = list(bytes_to_unicode().values())
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("o", "n"), ("Ġ", "s"),
-              ("r", "e"), ("Ġ", "w"), ("a", "t"), ("e", "n"), ("Ġ", "o"), ("i", "s"), ("Ġ", "c")]
+    merges = [
+        ("Ġ", "t"),
+        ("h", "e"),
+        ("Ġt", "he"),
+        ("i", "n"),
+        ("Ġ", "a"),
+        ("e", "r"),
+        ("o", "n"),
+        ("Ġ", "s"),
+        ("r", "e"),
+        ("Ġ", "w"),
+        ("a", "t"),
+        ("e", "n"),
+        ("Ġ", "o"),
+        ("i", "s"),
+        ("Ġ", "c"),
+    ]
     vocab = symbols + ["".join(m) for m in merges]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "encoder.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
@@ -34,8 +50,35 @@ def make_tiny_gpt2(folder: Path):
 
 
 def make_tiny_wordpiece_vocab(path: Path):
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "a", "is", "cat", "dog", "sat", "on", "mat",
-             "##s", "##ed", "un", "##happy", "happy", ".", ",", "not", "good", "bad", "film", "it", "man", "woman"]
+    words = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        "the",
+        "a",
+        "is",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        "##s",
+        "##ed",
+        "un",
+        "##happy",
+        "happy",
+        ".",
+        ",",
+        "not",
+        "good",
+        "bad",
+        "film",
+        "it",
+        "man",
+        "woman",
+    ]
     path.write_text("".join(w + "\n" for w in words))
     return path
 
@@ -66,9 +109,19 @@ def _load(prefix: Path, dict_path: Path):
 # 1. parsers on the real files: exact counts, against an independent csv read
 
 
-REAL_COUNTS = [("CoLA", "train", 8551), ("CoLA", "valid", 1043), ("SST-2", "train", 67349), ("SST-2", "valid", 872),
-               ("MRPC", "train", 3668), ("MRPC", "valid", 408), ("STS-B", "train", 5749), ("STS-B", "valid", 1500),
-               ("RTE", "train", 2490), ("RTE", "valid", 277), ("QNLI", "valid", 5463)]
+REAL_COUNTS = [
+    ("CoLA", "train", 8551),
+    ("CoLA", "valid", 1043),
+    ("SST-2", "train", 67349),
+    ("SST-2", "valid", 872),
+    ("MRPC", "train", 3668),
+    ("MRPC", "valid", 408),
+    ("STS-B", "train", 5749),
+    ("STS-B", "valid", 1500),
+    ("RTE", "train", 2490),
+    ("RTE", "valid", 277),
+    ("QNLI", "valid", 5463),
+]
 
 
 @needs_glue
@@ -106,8 +159,10 @@ def test_real_quirks_bom_quotes_and_labels():
 # ---------------------------------------------------------------------------------------------
 # 2. handmade files in the release layout (MNLI, QQP, WNLI, AX are not in the shared copy)
 
-MNLI_TRAIN_HEADER = ("index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
-                     "sentence2_parse sentence1 sentence2 label1 gold_label").split()
+MNLI_TRAIN_HEADER = (
+    "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse "
+    "sentence2_parse sentence1 sentence2 label1 gold_label"
+).split()
 MNLI_DEV_HEADER = MNLI_TRAIN_HEADER[:-1] + ["label2", "label3", "label4", "label5", "gold_label"]
 
 
@@ -121,23 +176,44 @@ def make_handmade_glue(root: Path) -> Path:
     labels = ["entailment", "neutral", "contradiction"]
 
     def mnli_row(i, label, dev=False):
-        base = [str(i), "p", "q", "fiction", "( a )", "( b )", "(ROOT a)", "(ROOT b)",
-                f"the cat sat {i} .", f"a dog {i} is not happy ."]
+        base = [
+            str(i),
+            "p",
+            "q",
+            "fiction",
+            "( a )",
+            "( b )",
+            "(ROOT a)",
+            "(ROOT b)",
+            f"the cat sat {i} .",
+            f"a dog {i} is not happy .",
+        ]
         return base + ([label] * 5 + [label] if dev else [label, label]) if label else base
 
     _tsv(root / "MNLI/train.tsv", [MNLI_TRAIN_HEADER] + [mnli_row(i, labels[i % 3]) for i in range(12)])
     _tsv(root / "MNLI/dev_matched.tsv", [MNLI_DEV_HEADER] + [mnli_row(i, labels[i % 3], dev=True) for i in range(5)])
-    _tsv(root / "MNLI/dev_mismatched.tsv", [MNLI_DEV_HEADER] + [mnli_row(i, labels[(i + 1) % 3], dev=True) for i in range(4)])
+    _tsv(
+        root / "MNLI/dev_mismatched.tsv",
+        [MNLI_DEV_HEADER] + [mnli_row(i, labels[(i + 1) % 3], dev=True) for i in range(4)],
+    )
     _tsv(root / "MNLI/test_matched.tsv", [MNLI_TRAIN_HEADER[:10]] + [mnli_row(i, None) for i in range(3)])
     _tsv(root / "MNLI/test_mismatched.tsv", [MNLI_TRAIN_HEADER[:10]] + [mnli_row(i, None) for i in range(2)])
     _tsv(root / "diagnostic/diagnostic.tsv", [["index", "sentence1", "sentence2"], ["0", "the cat .", "a cat ."]])
     qqp_header = ["id", "qid1", "qid2", "question1", "question2", "is_duplicate"]
-    _tsv(root / "QQP/train.tsv", [qqp_header] + [[str(i), "1", "2", f'is the "cat {i} happy', "is it good ?", str(i % 2)]
-                                                 for i in range(10)])
-    _tsv(root / "QQP/dev.tsv", [qqp_header] + [[str(i), "1", "2", "is the dog bad ?", "the film ?", "1"] for i in range(3)])
+    _tsv(
+        root / "QQP/train.tsv",
+        [qqp_header] + [[str(i), "1", "2", f'is the "cat {i} happy', "is it good ?", str(i % 2)] for i in range(10)],
+    )
+    _tsv(
+        root / "QQP/dev.tsv",
+        [qqp_header] + [[str(i), "1", "2", "is the dog bad ?", "the film ?", "1"] for i in range(3)],
+    )
     _tsv(root / "QQP/test.tsv", [["id", "question1", "question2"], ["0", "a cat ?", "a dog ?"]])
     wnli_header = ["index", "sentence1", "sentence2", "label"]
-    _tsv(root / "WNLI/train.tsv", [wnli_header] + [[str(i), f"the man {i} sat .", "he sat .", str(i % 2)] for i in range(6)])
+    _tsv(
+        root / "WNLI/train.tsv",
+        [wnli_header] + [[str(i), f"the man {i} sat .", "he sat .", str(i % 2)] for i in range(6)],
+    )
     _tsv(root / "WNLI/dev.tsv", [wnli_header] + [["0", "the woman sat .", "she sat .", "1"]])
     _tsv(root / "WNLI/test.tsv", [["index", "sentence1", "sentence2"], ["0", "the cat sat .", "it sat ."]])
     return root
@@ -150,12 +226,19 @@ def handmade_glue(tmp_path_factory):
 
 def test_handmade_mnli_qqp_wnli_ax_layout(handmade_glue, tmp_path):
     vocab = make_tiny_wordpiece_vocab(tmp_path / "vocab.txt")
-    res = preprocess(handmade_glue, "MNLI,QQP,WNLI", tmp_path / "out", "wordpiece", wordpiece_vocab=str(vocab),
-                     log=lambda s: None)
+    res = preprocess(
+        handmade_glue, "MNLI,QQP,WNLI", tmp_path / "out", "wordpiece", wordpiece_vocab=str(vocab), log=lambda s: None
+    )
     mnli = tmp_path / "out" / "MNLI-bin"
     s = res["tasks"]["MNLI"]["splits"]
     assert {k: v["rows_written"] for k, v in s.items()} == {
-        "train": 12, "valid": 5, "valid1": 4, "test": 3, "test1": 2, "test2": 1}
+        "train": 12,
+        "valid": 5,
+        "valid1": 4,
+        "test": 3,
+        "test1": 2,
+        "test2": 1,
+    }
     assert s["test2"]["file"].endswith("diagnostic/diagnostic.tsv")
     d, lab = _load(mnli / "label" / "valid1", mnli / "label" / "dict.txt")
     # class id = index - 4 in fixed order entailment/neutral/contradiction; valid1 labels were shifted by one
@@ -181,8 +264,10 @@ BAD_CASES = [
     ("STS-B", "train.tsv", "0\tg\tf\ty\t0\tn\tn\ta\tb\tabc\n", 2, "score 'abc' is not a number"),
     ("STS-B", "train.tsv", "0\tg\tf\ty\t0\tn\tn\ta\tb\t7.5\n", 2, "outside [0, 5]"),
 ]
-HEADERS = {"RTE": "index\tsentence1\tsentence2\tlabel\n",
-           "STS-B": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"}
+HEADERS = {
+    "RTE": "index\tsentence1\tsentence2\tlabel\n",
+    "STS-B": "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n",
+}
 
 
 def _write_bad_task(root: Path, task, body):
@@ -205,8 +290,20 @@ def test_bad_row_stops_with_file_line(tmp_path, gpt2_files, task, fname, body, l
 
 def test_skip_bad_rows_counts_and_cli_exit(tmp_path, gpt2_files, capsys):
     glue = _write_bad_task(tmp_path / "glue", "RTE", "0\tthe cat\tentailment\n0\ta\tb\tmaybe\n")
-    args = ["--glue-dir", str(glue), "--tasks", "rte", "--output-dir", str(tmp_path / "out"), "--tokenizer", "gpt2",
-            "--gpt2-encoder-json", str(gpt2_files[0]), "--gpt2-vocab-bpe", str(gpt2_files[1])]
+    args = [
+        "--glue-dir",
+        str(glue),
+        "--tasks",
+        "rte",
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        "gpt2",
+        "--gpt2-encoder-json",
+        str(gpt2_files[0]),
+        "--gpt2-vocab-bpe",
+        str(gpt2_files[1]),
+    ]
     assert cli_main(args) == 2
     assert f"{glue / 'RTE' / 'train.tsv'}:2: expected 4" in capsys.readouterr().err
     assert cli_main(args + ["--skip-bad-rows"]) == 0
@@ -267,8 +364,9 @@ def test_interrupted_run_leaves_nothing(tmp_path, gpt2_files, monkeypatch):
 @pytest.fixture(scope="module")
 def rte_gpt2(tmp_path_factory, gpt2_files):
     out = tmp_path_factory.mktemp("rte_gpt2")
-    preprocess(GLUE_DIR, "RTE", out, **_gpt2_kwargs(gpt2_files), train_subset_size=64, subset_seed=3,
-               log=lambda s: None)
+    preprocess(
+        GLUE_DIR, "RTE", out, **_gpt2_kwargs(gpt2_files), train_subset_size=64, subset_seed=3, log=lambda s: None
+    )
     return out / "RTE-bin"
 
 
@@ -292,7 +390,9 @@ def test_gpt2_ids_decode_back_to_text(rte_gpt2, gpt2_files):
     d, lab = _load(rte_gpt2 / "label" / "valid", rte_gpt2 / "label" / "dict.txt")
     assert [d[int(lab[i][0])] for i in range(5)] == [r[3] for r in rows[:5]]
     assert [ln.split()[0] for ln in (rte_gpt2 / "label" / "dict.txt").read_text().splitlines()] == [
-        "entailment", "not_entailment"]
+        "entailment",
+        "not_entailment",
+    ]
 
 
 @needs_glue
@@ -317,8 +417,15 @@ def test_subset_and_dev_from_train(tmp_path):
 
 @needs_glue
 def test_stsb_regression_labels(tmp_path, gpt2_files):
-    preprocess(GLUE_DIR, "STS-B", tmp_path, **_gpt2_kwargs(gpt2_files), dev_from_train=50, train_subset_size=40,
-               log=lambda s: None)
+    preprocess(
+        GLUE_DIR,
+        "STS-B",
+        tmp_path,
+        **_gpt2_kwargs(gpt2_files),
+        dev_from_train=50,
+        train_subset_size=40,
+        log=lambda s: None,
+    )
     lab = tmp_path / "STS-B-bin" / "label"
     assert not (lab / "dict.txt").exists()
     test = [float(x) for x in (lab / "test.label").read_text().split()]
@@ -334,8 +441,15 @@ def test_wordpiece_real_vocab_ids_match_hf_tokenizer(tmp_path):
     model = Path(pkg.__file__).parent / "model"
     from tokenizers import Tokenizer
 
-    preprocess(GLUE_DIR, "SST-2", tmp_path, "wordpiece", wordpiece_vocab=str(model / "vocab.txt"),
-               train_subset_size=50, log=lambda s: None)
+    preprocess(
+        GLUE_DIR,
+        "SST-2",
+        tmp_path,
+        "wordpiece",
+        wordpiece_vocab=str(model / "vocab.txt"),
+        train_subset_size=50,
+        log=lambda s: None,
+    )
     out = tmp_path / "SST-2-bin"
     vocab = (model / "vocab.txt").read_text().split("\n")
     dict_words = [ln.rsplit(" ", 1)[0] for ln in (out / "input0" / "dict.txt").read_text().splitlines()]
@@ -355,8 +469,15 @@ def test_wordpiece_real_vocab_ids_match_hf_tokenizer(tmp_path):
 def test_sentencepiece_trained_on_train_split(tmp_path):
     import sentencepiece as spm
 
-    preprocess(GLUE_DIR, "MRPC", tmp_path, "sentencepiece", sentencepiece_vocab_size=500, train_subset_size=300,
-               log=lambda s: None)
+    preprocess(
+        GLUE_DIR,
+        "MRPC",
+        tmp_path,
+        "sentencepiece",
+        sentencepiece_vocab_size=500,
+        train_subset_size=300,
+        log=lambda s: None,
+    )
     out = tmp_path / "MRPC-bin"
     sp = spm.SentencePieceProcessor(model_file=str(out / "sentencepiece.model"))
     d, inp = _load(out / "input0" / "valid", out / "input0" / "dict.txt")
@@ -374,8 +495,15 @@ def test_sentencepiece_trained_on_train_split(tmp_path):
 @pytest.fixture(scope="module")
 def t2t(tmp_path_factory, gpt2_files):
     out = tmp_path_factory.mktemp("t2t")
-    preprocess(GLUE_DIR, "RTE,STS-B", out, format="text2text", **_gpt2_kwargs(gpt2_files), train_subset_size=48,
-               log=lambda s: None)
+    preprocess(
+        GLUE_DIR,
+        "RTE,STS-B",
+        out,
+        format="text2text",
+        **_gpt2_kwargs(gpt2_files),
+        train_subset_size=48,
+        log=lambda s: None,
+    )
     return out / "text2text-bin"
 
 
@@ -400,8 +528,9 @@ def test_text2text_layout(t2t, gpt2_files):
     rows = _read_tsv(GLUE_DIR / "RTE" / "dev.tsv")[1:]
     assert text(src[0]) == f"rte sentence1: {rows[0][1]} sentence2: {rows[0][2]}"
     assert [text(tgt[i]) for i in range(10)] == [r[3] for r in rows[:10]]
-    assert (t2t / "valid_rte.gold").read_text().split()[:10] == [str(["entailment", "not_entailment"].index(r[3]))
-                                                                  for r in rows[:10]]
+    assert (t2t / "valid_rte.gold").read_text().split()[:10] == [
+        str(["entailment", "not_entailment"].index(r[3])) for r in rows[:10]
+    ]
     srows = _read_tsv(GLUE_DIR / "STS-B" / "dev.tsv")[1:]
     _, stgt = _load(t2t / "valid_stsb.src-tgt.tgt", t2t / "dict.tgt.txt")
     for i in (0, 1, 7, 1499):
@@ -414,16 +543,61 @@ def test_text2text_layout(t2t, gpt2_files):
 @needs_glue
 def test_text2text_trains_with_fairseq_translation(t2t, tmp_path):
     proc = run_tool(
-        "fairseq-train", t2t, "--cpu", "--task", "translation", "--source-lang", "src", "--target-lang", "tgt",
-        "--arch", "transformer", "--encoder-layers", "1", "--decoder-layers", "1", "--encoder-embed-dim", "32",
-        "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
-        "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--share-all-embeddings",
-        "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "16", "--max-update", "3",
-        "--valid-subset", "valid_rte,valid_stsb", "--save-dir", tmp_path / "ckpt", "--no-save",
-        "--log-format", "json", "--log-interval", "1", "--num-workers", "0", "--max-source-positions", "1024",
-        "--skip-invalid-size-inputs-valid-test", "--max-valid-steps", "3",
+        "fairseq-train",
+        t2t,
+        "--cpu",
+        "--task",
+        "translation",
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        "--arch",
+        "transformer",
+        "--encoder-layers",
+        "1",
+        "--decoder-layers",
+        "1",
+        "--encoder-embed-dim",
+        "32",
+        "--decoder-embed-dim",
+        "32",
+        "--encoder-ffn-embed-dim",
+        "64",
+        "--decoder-ffn-embed-dim",
+        "64",
+        "--encoder-attention-heads",
+        "2",
+        "--decoder-attention-heads",
+        "2",
+        "--share-all-embeddings",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "16",
+        "--max-update",
+        "3",
+        "--valid-subset",
+        "valid_rte,valid_stsb",
+        "--save-dir",
+        tmp_path / "ckpt",
+        "--no-save",
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        "--num-workers",
+        "0",
+        "--max-source-positions",
+        "1024",
+        "--skip-invalid-size-inputs-valid-test",
+        "--max-valid-steps",
+        "3",
         # the plugin's exit hook: a cut-short validation otherwise aborts fairseq at exit (shutdown.py)
-        "--user-dir", REPO / "robustft",
+        "--user-dir",
+        REPO / "robustft",
     )
     logs = proc.stdout + proc.stderr
     assert json_logs(logs, prefix="valid_rte_") and json_logs(logs, prefix="valid_stsb_")
@@ -435,8 +609,12 @@ def test_text2text_trains_with_fairseq_translation(t2t, tmp_path):
 
 @needs_glue
 def test_rte_end_to_end_fairseq_train(rte_gpt2, tmp_path):
-    proc = run_tool("fairseq-train", *sentence_prediction_args(rte_gpt2, tmp_path / "ckpt", max_update=4),
-                    "--shorten-method", "truncate")
+    proc = run_tool(
+        "fairseq-train",
+        *sentence_prediction_args(rte_gpt2, tmp_path / "ckpt", max_update=4),
+        "--shorten-method",
+        "truncate",
+    )
     valid = json_logs(proc.stdout + proc.stderr, prefix="valid_")
     assert valid, proc.stdout[-3000:]
     acc = valid[-1]["valid_accuracy"]
@@ -457,8 +635,15 @@ def test_srcdict_is_used_for_both_inputs_and_text2text(tmp_path, gpt2_files):
     srcdict = tmp_path / "dict.txt"
     srcdict.write_text("".join(f"{i} {1000 - k}\n" for k, i in enumerate(order)))
     index = {str(i): 4 + k for k, i in enumerate(order)}  # fairseq: 4 specials, then the file's lines
-    preprocess(GLUE_DIR, "MRPC", tmp_path / "sp", **_gpt2_kwargs(gpt2_files), srcdict=str(srcdict),
-               train_subset_size=20, log=lambda s: None)
+    preprocess(
+        GLUE_DIR,
+        "MRPC",
+        tmp_path / "sp",
+        **_gpt2_kwargs(gpt2_files),
+        srcdict=str(srcdict),
+        train_subset_size=20,
+        log=lambda s: None,
+    )
     out = tmp_path / "sp" / "MRPC-bin"
     for col in ("input0", "input1"):
         assert (out / col / "dict.txt").read_bytes() == srcdict.read_bytes()
@@ -468,8 +653,16 @@ def test_srcdict_is_used_for_both_inputs_and_text2text(tmp_path, gpt2_files):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["binarized"]["input0/train"]["unk_replaced"] == 0
 
-    preprocess(GLUE_DIR, "MRPC", tmp_path / "t2t", format="text2text", **_gpt2_kwargs(gpt2_files),
-               srcdict=str(srcdict), train_subset_size=20, log=lambda s: None)
+    preprocess(
+        GLUE_DIR,
+        "MRPC",
+        tmp_path / "t2t",
+        format="text2text",
+        **_gpt2_kwargs(gpt2_files),
+        srcdict=str(srcdict),
+        train_subset_size=20,
+        log=lambda s: None,
+    )
     t2t = tmp_path / "t2t" / "text2text-bin"
     assert (t2t / "dict.src.txt").read_bytes() == srcdict.read_bytes() == (t2t / "dict.tgt.txt").read_bytes()
     _, tgt = _load(t2t / "valid_mrpc.src-tgt.tgt", t2t / "dict.tgt.txt")
@@ -485,8 +678,15 @@ def test_console_script_help():
 def test_text2text_mnli_splits_and_trained_sentencepiece(handmade_glue, tmp_path):
     import sentencepiece as spm
 
-    preprocess(handmade_glue, "MNLI,WNLI", tmp_path, "sentencepiece", format="text2text",
-               sentencepiece_vocab_size=60, log=lambda s: None)
+    preprocess(
+        handmade_glue,
+        "MNLI,WNLI",
+        tmp_path,
+        "sentencepiece",
+        format="text2text",
+        sentencepiece_vocab_size=60,
+        log=lambda s: None,
+    )
     out = tmp_path / "text2text-bin"
     meta = json.loads((out / "tasks.json").read_text())
     assert meta["splits"] == {"train": 18, "valid_mnli": 5, "valid_mnli_mm": 4, "valid_wnli": 1}
@@ -496,7 +696,9 @@ def test_text2text_mnli_splits_and_trained_sentencepiece(handmade_glue, tmp_path
     sp = spm.SentencePieceProcessor(model_file=str(model))
     d, src = _load(out / "valid_mnli_mm.src-tgt.src", out / "dict.src.txt")
     _, tgt = _load(out / "valid_mnli_mm.src-tgt.tgt", out / "dict.tgt.txt")
-    assert sp.decode_pieces(d.string(src[1]).split()) == "mnli premise: the cat sat 1 . hypothesis: a dog 1 is not happy ."
+    assert (
+        sp.decode_pieces(d.string(src[1]).split()) == "mnli premise: the cat sat 1 . hypothesis: a dog 1 is not happy ."
+    )
     assert sp.decode_pieces(d.string(tgt[1]).split()) == "contradiction"  # dev_mismatched row 1: labels[(1+1)%3]
     assert (out / "valid_mnli_mm.gold").read_text().split() == ["1", "2", "0", "1"]
     assert (out / "train.task").read_text().split() == ["mnli"] * 12 + ["wnli"] * 6
@@ -506,8 +708,10 @@ def test_missing_train_split_is_reported(tmp_path, gpt2_files):
     """Like the shared copy (no QNLI/train.tsv): dev/test are still binarized, the gap is in the summary."""
     glue = tmp_path / "glue"
     header = ["index", "question", "sentence", "label"]
-    _tsv(glue / "QNLI" / "dev.tsv", [header] + [[str(i), "is the cat on the mat ?", '" the cat sat .', "entailment"]
-                                                for i in range(7)])
+    _tsv(
+        glue / "QNLI" / "dev.tsv",
+        [header] + [[str(i), "is the cat on the mat ?", '" the cat sat .', "entailment"] for i in range(7)],
+    )
     _tsv(glue / "QNLI" / "test.tsv", [header[:3], ["0", "is it good ?", "it is bad ."]])
     vocab = make_tiny_wordpiece_vocab(tmp_path / "vocab.txt")
     res = preprocess(glue, "QNLI", tmp_path / "out", "wordpiece", wordpiece_vocab=str(vocab), log=lambda s: None)
@@ -527,8 +731,9 @@ def test_missing_train_split_is_reported(tmp_path, gpt2_files):
 def test_workers_give_identical_output(tmp_path):
     vocab = make_tiny_wordpiece_vocab(tmp_path / "vocab.txt")
     for w in (1, 2):
-        preprocess(GLUE_DIR, "CoLA", tmp_path / f"w{w}", "wordpiece", wordpiece_vocab=str(vocab), workers=w,
-                   log=lambda s: None)
+        preprocess(
+            GLUE_DIR, "CoLA", tmp_path / f"w{w}", "wordpiece", wordpiece_vocab=str(vocab), workers=w, log=lambda s: None
+        )
     one, two = tmp_path / "w1" / "CoLA-bin", tmp_path / "w2" / "CoLA-bin"
     files = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file() and p.name != "summary.json")
     assert files == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file() and p.name != "summary.json")
@@ -540,11 +745,20 @@ def test_workers_give_identical_output(tmp_path):
 @needs_glue
 def test_stsb_regression_end_to_end_fairseq_train(tmp_path):
     vocab = make_tiny_wordpiece_vocab(tmp_path / "vocab.txt")
-    preprocess(GLUE_DIR, "STS-B", tmp_path, "wordpiece", wordpiece_vocab=str(vocab), train_subset_size=48,
-               dev_from_train=32, log=lambda s: None)
+    preprocess(
+        GLUE_DIR,
+        "STS-B",
+        tmp_path,
+        "wordpiece",
+        wordpiece_vocab=str(vocab),
+        train_subset_size=48,
+        dev_from_train=32,
+        log=lambda s: None,
+    )
     data = tmp_path / "STS-B-bin"
-    args = sentence_prediction_args(data, tmp_path / "ckpt", "--regression-target", "--shorten-method", "truncate",
-                                    num_classes=1, max_update=3)
+    args = sentence_prediction_args(
+        data, tmp_path / "ckpt", "--regression-target", "--shorten-method", "truncate", num_classes=1, max_update=3
+    )
     # --init-token/--separator-token stay as RoBERTa's; wordpiece ids map [CLS]/[SEP] onto them (README)
     proc = run_tool("fairseq-train", *args)
     logs = proc.stdout + proc.stderr
@@ -565,15 +779,26 @@ def test_same_bytes_as_fairseq_roberta_recipe(rte_gpt2, gpt2_files, tmp_path):
     from fairseq_cli.preprocess import main as fairseq_preprocess
 
     rows = _read_tsv(GLUE_DIR / "RTE" / "dev.tsv")[1:]
-    encoder = MultiprocessingEncoder(Namespace(encoder_json=str(gpt2_files[0]), vocab_bpe=str(gpt2_files[1]),
-                                               keep_empty=True))
+    encoder = MultiprocessingEncoder(
+        Namespace(encoder_json=str(gpt2_files[0]), vocab_bpe=str(gpt2_files[1]), keep_empty=True)
+    )
     encoder.initializer()
     status, lines = encoder.encode_lines([r[2] for r in rows])
     assert status == "PASS"
     (tmp_path / "dev.input1").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    args = options.get_preprocessing_parser().parse_args([
-        "--only-source", "--validpref", str(tmp_path / "dev.input1"), "--destdir", str(tmp_path / "ref"),
-        "--srcdict", str(rte_gpt2 / "input0" / "dict.txt"), "--workers", "1"])
+    args = options.get_preprocessing_parser().parse_args(
+        [
+            "--only-source",
+            "--validpref",
+            str(tmp_path / "dev.input1"),
+            "--destdir",
+            str(tmp_path / "ref"),
+            "--srcdict",
+            str(rte_gpt2 / "input0" / "dict.txt"),
+            "--workers",
+            "1",
+        ]
+    )
     fairseq_preprocess(args)
     for ext in ("bin", "idx"):
         assert (tmp_path / "ref" / f"valid.{ext}").read_bytes() == (rte_gpt2 / "input1" / f"valid.{ext}").read_bytes()
@@ -588,8 +813,15 @@ def test_one_alias_resolver_for_every_spelling():
     from robustft_common import glue_tasks
     from robustft_experiments.report import canonical_task
 
-    for spelling, name in (("sts-b", "STS-B"), ("STSB", "STS-B"), ("sst_2", "SST-2"), ("SST-2", "SST-2"),
-                           ("mnli-m", "MNLI"), ("cola", "CoLA"), ("qqp", "QQP")):
+    for spelling, name in (
+        ("sts-b", "STS-B"),
+        ("STSB", "STS-B"),
+        ("sst_2", "SST-2"),
+        ("SST-2", "SST-2"),
+        ("mnli-m", "MNLI"),
+        ("cola", "CoLA"),
+        ("qqp", "QQP"),
+    ):
         assert glue_tasks.resolve_task(spelling).name == name
         assert preprocess_resolve(spelling) is glue_tasks.TASKS[name]
         assert canonical_task(spelling) == name
@@ -603,8 +835,11 @@ def test_task_table_train_flags_match_fairseq_metric_names():
     """The --report-* flag of each task makes fairseq's sentence_prediction log its best metric."""
     from robustft_common import glue_tasks
 
-    logged_by = {"--report-mcc": {"mcc"}, "--report-acc-and-f1": {"accuracy", "f1"},
-                 "--report-pearson-and-spearman": {"pearson", "spearman"}}
+    logged_by = {
+        "--report-mcc": {"mcc"},
+        "--report-acc-and-f1": {"accuracy", "f1"},
+        "--report-pearson-and-spearman": {"pearson", "spearman"},
+    }
     for task in glue_tasks.TASKS.values():
         flags = task.train_flags()
         logged = set().union(*(logged_by[f] for f in task.report_flags)) | ({"accuracy"} if task.labels else set())
@@ -630,8 +865,11 @@ def test_majority_class_scores_match_the_dev_files():
         gold = [task.labels.index(ex.label) for ex in read_split(GLUE_DIR, task.name, "valid")[0]]
         top = Counter(gold).most_common(1)[0][0]
         pred = [top] * len(gold)
-        fns = {"accuracy": accuracy_score, "f1": lambda g, p, task=task: f1_score(g, p, pos_label=task.positive_class),
-               "mcc": matthews_corrcoef}
+        fns = {
+            "accuracy": accuracy_score,
+            "f1": lambda g, p, task=task: f1_score(g, p, pos_label=task.positive_class),
+            "mcc": matthews_corrcoef,
+        }
         for metric, value in task.dev_majority.items():
             assert value == pytest.approx(100 * fns[metric](gold, pred), abs=1e-9), (task.name, metric)
         checked += 1

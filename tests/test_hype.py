@@ -1,5 +1,6 @@
 """HyPe in-process on tiny real fairseq models: where the noise enters, its distribution, eval
 determinism, gradients, variants, flag errors and the noise-effectiveness counts."""
+
 import logging
 import math
 
@@ -24,17 +25,64 @@ from tests.fairseq_helpers import REPO
 B, T, C = 8, 16, 64
 
 
-def build(*extra, arch="roberta_base", layers=2, eps="0.1", hype_type="normal", criterion="hype_sentence_prediction",
-          user_dir="hype_src"):
+def build(
+    *extra,
+    arch="roberta_base",
+    layers=2,
+    eps="0.1",
+    hype_type="normal",
+    criterion="hype_sentence_prediction",
+    user_dir="hype_src",
+):
     """A tiny model + criterion (default hype_sentence_prediction), built from real fairseq flags (dropout off)."""
-    argv = ["/unused", "--user-dir", str(REPO / user_dir), "--task", "sentence_prediction",
-            "--criterion", criterion, "--num-classes", "2", "--arch", arch,
-            "--encoder-layers", str(layers), "--encoder-embed-dim", str(C), "--encoder-ffn-embed-dim", "128",
-            "--encoder-attention-heads", "2", "--max-positions", "64",
-            *(["--decoder-layers", str(layers), "--decoder-embed-dim", str(C), "--decoder-ffn-embed-dim", "128",
-               "--decoder-attention-heads", "2"] if "bart" in arch else []),
-            "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0",
-            "--hype-type", hype_type, "--hype-eps", eps, *extra]
+    argv = [
+        "/unused",
+        "--user-dir",
+        str(REPO / user_dir),
+        "--task",
+        "sentence_prediction",
+        "--criterion",
+        criterion,
+        "--num-classes",
+        "2",
+        "--arch",
+        arch,
+        "--encoder-layers",
+        str(layers),
+        "--encoder-embed-dim",
+        str(C),
+        "--encoder-ffn-embed-dim",
+        "128",
+        "--encoder-attention-heads",
+        "2",
+        "--max-positions",
+        "64",
+        *(
+            [
+                "--decoder-layers",
+                str(layers),
+                "--decoder-embed-dim",
+                str(C),
+                "--decoder-ffn-embed-dim",
+                "128",
+                "--decoder-attention-heads",
+                "2",
+            ]
+            if "bart" in arch
+            else []
+        ),
+        "--dropout",
+        "0",
+        "--attention-dropout",
+        "0",
+        "--activation-dropout",
+        "0",
+        "--hype-type",
+        hype_type,
+        "--hype-eps",
+        eps,
+        *extra,
+    ]
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
     cfg = convert_namespace_to_omegaconf(args)
     words = Dictionary()
@@ -59,8 +107,11 @@ def make_sample(seed=0, padded=True):
     for i, n in enumerate(lengths.tolist()):
         tokens[i, n - 1] = 2  # </s>
         tokens[i, n:] = 1  # right padding
-    return {"net_input": {"src_tokens": tokens, "src_lengths": lengths},
-            "target": torch.randint(0, 2, (B,), generator=g), "ntokens": int(lengths.sum())}
+    return {
+        "net_input": {"src_tokens": tokens, "src_lengths": lengths},
+        "target": torch.randint(0, 2, (B,), generator=g),
+        "ntokens": int(lengths.sum()),
+    }
 
 
 def bart_input(sample):
@@ -76,11 +127,11 @@ class Recorder:
         self.clean, self.noisy, self.out, self.handles = [], [], [], []
         for layer in layers:
             self.handles += [
-                layer.register_forward_pre_hook(lambda m, a: self.clean.append(a[0].detach().clone()),
-                                                prepend=True),
+                layer.register_forward_pre_hook(lambda m, a: self.clean.append(a[0].detach().clone()), prepend=True),
                 layer.register_forward_pre_hook(lambda m, a: self.noisy.append(a[0].detach().clone())),
-                layer.register_forward_hook(lambda m, a, o: self.out.append(
-                    (o[0] if isinstance(o, tuple) else o).detach().clone())),
+                layer.register_forward_hook(
+                    lambda m, a, o: self.out.append((o[0] if isinstance(o, tuple) else o).detach().clone())
+                ),
             ]
 
     def noise(self):
@@ -104,7 +155,8 @@ def test_noise_enters_every_layer_input_and_not_after_the_last():
     rec = Recorder(layers)
     embedded = []
     model.encoder.sentence_encoder.dropout_module.register_forward_hook(
-        lambda m, a, o: embedded.append(o.detach().clone()))
+        lambda m, a, o: embedded.append(o.detach().clone())
+    )
     sample = make_sample()
     out = features(model, sample)
 
@@ -141,11 +193,14 @@ def _check_distribution(noise: torch.Tensor, noise_type: str, eps: float):
         assert noise.min() < 0.01 * eps and noise.max() > 0.99 * eps
 
 
-@pytest.mark.parametrize("flags,noise_type", [
-    ((), "normal"),
-    (("--hype-type", "uniform"), "uniform"),
-    (("--hype-type", "uniform", "--hype-uniform", "one_sided"), "uniform_one_sided"),
-])
+@pytest.mark.parametrize(
+    "flags,noise_type",
+    [
+        ((), "normal"),
+        (("--hype-type", "uniform"), "uniform"),
+        (("--hype-type", "uniform", "--hype-uniform", "one_sided"), "uniform_one_sided"),
+    ],
+)
 def test_noise_distribution_is_fresh_and_iid(flags, noise_type):
     model, _, cfg = build(*flags, eps="0.05")
     assert hype_settings(cfg).noise_type == noise_type
@@ -217,12 +272,15 @@ def test_gradients_match_manually_perturbed_forward():
 
 
 # -- variants --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("flags,perturbed", [
-    (("--hype-top-layers", "1", "--hype-low-layers", "1"), [0, 3]),
-    (("--hype-top-layers", "2"), [2, 3]),
-    (("--hype-low-layers", "1"), [0]),
-    ((), [0, 1, 2, 3]),
-])
+@pytest.mark.parametrize(
+    "flags,perturbed",
+    [
+        (("--hype-top-layers", "1", "--hype-low-layers", "1"), [0, 3]),
+        (("--hype-top-layers", "2"), [2, 3]),
+        (("--hype-low-layers", "1"), [0]),
+        ((), [0, 1, 2, 3]),
+    ],
+)
 def test_top_and_low_layers(flags, perturbed):
     model, _, cfg = build(*flags, layers=4)
     model.train()
@@ -317,13 +375,16 @@ def test_attach_is_idempotent_and_follows_the_flags():
     assert _n_hooks(model) == 0 and hype_logging_output(model) == {}
 
 
-@pytest.mark.parametrize("field,value,flag", [
-    ("hype_eps", -1.0, "--hype-eps"),
-    ("hype_eps", float("nan"), "--hype-eps"),
-    ("hype_type", "gaussian", "--hype-type"),
-    ("hype_uniform", "two_sided", "--hype-uniform"),
-    ("hype_top_layers", -1, "--hype-top-layers"),
-])
+@pytest.mark.parametrize(
+    "field,value,flag",
+    [
+        ("hype_eps", -1.0, "--hype-eps"),
+        ("hype_eps", float("nan"), "--hype-eps"),
+        ("hype_type", "gaussian", "--hype-type"),
+        ("hype_uniform", "two_sided", "--hype-uniform"),
+        ("hype_top_layers", -1, "--hype-top-layers"),
+    ],
+)
 def test_bad_flag_values_name_the_flag(field, value, flag):
     _, _, cfg = build()
     setattr(cfg, field, value)
@@ -364,8 +425,7 @@ def test_criterion_logs_noise_effective_counts_and_resets():
 def test_r3f_counts_both_passes_and_validation_logs_no_hype_noise():
     """A criterion with a second (R3F noisy) pass: HyPe's count covers both passes of the call, and none of
     it reaches the next call, e.g. a validation batch (which adds no noise)."""
-    model, criterion, cfg = build("--eps", "1e-3", eps="1e-3", criterion="sentence_prediction_r3f",
-                                  user_dir="robustft")
+    model, criterion, cfg = build("--eps", "1e-3", eps="1e-3", criterion="sentence_prediction_r3f", user_dir="robustft")
     sample = make_sample()
     model.train()
     _, _, log = criterion(model, sample)

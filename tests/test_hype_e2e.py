@@ -1,5 +1,6 @@
 """HyPe end to end through the real `fairseq-train`: alone (classification + resume, regression),
 under fp16, and composed with the R3F criterion and the adamax_pats optimizer once those exist."""
+
 import pytest
 
 from tests.fairseq_helpers import (
@@ -19,8 +20,11 @@ def data(tmp_path_factory):
 
 
 def train(data, save_dir, *extra, criterion="hype_sentence_prediction", max_update=8, **kw):
-    proc = run_tool("fairseq-train", *sentence_prediction_args(
-        data, save_dir, *extra, criterion=criterion, max_update=max_update), **kw)
+    proc = run_tool(
+        "fairseq-train",
+        *sentence_prediction_args(data, save_dir, *extra, criterion=criterion, max_update=max_update),
+        **kw,
+    )
     return proc.stdout + proc.stderr
 
 
@@ -35,6 +39,7 @@ def _registered(kind: str, name: str) -> bool:
         return False
     from fairseq.criterions import CRITERION_REGISTRY
     from fairseq.optim import OPTIMIZER_REGISTRY
+
     return name in (CRITERION_REGISTRY if kind == "criterion" else OPTIMIZER_REGISTRY)
 
 
@@ -57,9 +62,26 @@ def test_hype_trains_logs_noise_effective_and_resumes_exactly(data, tmp_path):
 
 def test_hype_regression_under_fp16_warns_and_logs_how_little_noise_survives(tmp_path):
     data = make_sentence_prediction_data(tmp_path / "reg", regression=True, two_inputs=False)
-    log = train(data, tmp_path / "ck", *HYPE_ONLY, "--hype-type", "uniform", "--hype-uniform", "one_sided",
-                "--hype-eps", "1e-5", "--memory-efficient-fp16", "--regression-target", "--num-classes", "1",
-                "--report-pearson-and-spearman", "--best-checkpoint-metric", "loss", "--no-save", max_update=3)
+    log = train(
+        data,
+        tmp_path / "ck",
+        *HYPE_ONLY,
+        "--hype-type",
+        "uniform",
+        "--hype-uniform",
+        "one_sided",
+        "--hype-eps",
+        "1e-5",
+        "--memory-efficient-fp16",
+        "--regression-target",
+        "--num-classes",
+        "1",
+        "--report-pearson-and-spearman",
+        "--best-checkpoint-metric",
+        "loss",
+        "--no-save",
+        max_update=3,
+    )
     assert "HyPe: uniform_one_sided noise, eps 1e-05" in log
     assert "--hype-eps 1e-05 is below the float16 resolution" in log
     valid = json_logs(log, "valid_")
@@ -70,9 +92,13 @@ def test_hype_regression_under_fp16_warns_and_logs_how_little_noise_survives(tmp
 
 
 def test_bad_hype_flag_fails_at_startup_naming_the_flag(data, tmp_path):
-    proc = run_tool("fairseq-train", *sentence_prediction_args(
-        data, tmp_path / "ck", *HYPE_ONLY, "--hype-top-layers", "5", criterion="hype_sentence_prediction"),
-        check=False)
+    proc = run_tool(
+        "fairseq-train",
+        *sentence_prediction_args(
+            data, tmp_path / "ck", *HYPE_ONLY, "--hype-top-layers", "5", criterion="hype_sentence_prediction"
+        ),
+        check=False,
+    )
     assert proc.returncode != 0
     assert "--hype-top-layers: 5 exceeds the 2 encoder layers" in proc.stdout + proc.stderr
 
@@ -80,8 +106,17 @@ def test_bad_hype_flag_fails_at_startup_naming_the_flag(data, tmp_path):
 def test_hype_with_r3f_criterion(data, tmp_path):
     if not _registered("criterion", "sentence_prediction_r3f"):
         pytest.skip("sentence_prediction_r3f is not registered yet (rxf_src)")
-    log = train(data, tmp_path / "ck", "--hype-type", "normal", "--hype-eps", "1e-3", "--no-save",
-                criterion="sentence_prediction_r3f", max_update=4)
+    log = train(
+        data,
+        tmp_path / "ck",
+        "--hype-type",
+        "normal",
+        "--hype-eps",
+        "1e-3",
+        "--no-save",
+        criterion="sentence_prediction_r3f",
+        max_update=4,
+    )
     assert "HyPe: normal noise, eps 0.001, on 2 encoder layers" in log
     records = json_logs(log)
     effective = [float(r["hype_noise_effective"]) for r in records if "hype_noise_effective" in r]

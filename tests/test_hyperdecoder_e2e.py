@@ -1,5 +1,6 @@
 """hyperdecoder end to end with the real fairseq CLIs on CPU: warm start from a tiny plain BART
 checkpoint, multi-task text-to-text training with per-task GLUE validation, resume, generation."""
+
 import json
 import random
 import re
@@ -10,9 +11,24 @@ from sklearn.metrics import matthews_corrcoef
 
 from tests.fairseq_helpers import REPO, json_logs, run_tool
 
-TINY = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64",
-        "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
-        "--max-source-positions", "128", "--max-target-positions", "128"]
+TINY = [
+    "--encoder-layers",
+    "2",
+    "--decoder-layers",
+    "2",
+    "--encoder-embed-dim",
+    "64",
+    "--encoder-ffn-embed-dim",
+    "128",
+    "--encoder-attention-heads",
+    "2",
+    "--decoder-attention-heads",
+    "2",
+    "--max-source-positions",
+    "128",
+    "--max-target-positions",
+    "128",
+]
 LABELS = {"rte": ["entailment", "not_entailment"], "cola": ["unacceptable", "acceptable"]}
 TASKS = ("rte", "cola", "stsb")
 
@@ -21,11 +37,17 @@ def _example(rng, task):
     words = [f"w{rng.randrange(30)}" for _ in range(rng.randint(3, 8))]
     frac = sum(int(w[1:]) < 15 for w in words) / len(words)
     if task == "stsb":
-        return (f"stsb sentence1: {' '.join(words)} sentence2: {' '.join(words[::-1])}",
-                f"{round(frac * 25) / 5:.1f}", f"{frac * 5:.3f}")
+        return (
+            f"stsb sentence1: {' '.join(words)} sentence2: {' '.join(words[::-1])}",
+            f"{round(frac * 25) / 5:.1f}",
+            f"{frac * 5:.3f}",
+        )
     cls = int(int(words[0][1:]) < 15)
-    src = (f"rte sentence1: {' '.join(words)} sentence2: {' '.join(words[:2])}" if task == "rte"
-           else f"cola sentence: {' '.join(words)}")
+    src = (
+        f"rte sentence1: {' '.join(words)} sentence2: {' '.join(words[:2])}"
+        if task == "rte"
+        else f"cola sentence: {' '.join(words)}"
+    )
     return src, LABELS[task][cls], str(cls)
 
 
@@ -47,25 +69,85 @@ def data(tmp_path_factory):
         (out / f"{name}.task").write_text("".join(r[0].split()[0] + "\n" for r in rows))
         (out / f"{name}.ref").write_text("".join(r[1] + "\n" for r in rows))
         (out / f"{name}.gold").write_text("".join(r[2] + "\n" for r in rows))
-    run_tool("fairseq-preprocess", "-s", "src", "-t", "tgt", "--trainpref", raw / "train",
-             "--validpref", ",".join(str(raw / f"valid_{t}") for t in TASKS),
-             "--destdir", out, "--joined-dictionary", "--workers", "1")
+    run_tool(
+        "fairseq-preprocess",
+        "-s",
+        "src",
+        "-t",
+        "tgt",
+        "--trainpref",
+        raw / "train",
+        "--validpref",
+        ",".join(str(raw / f"valid_{t}") for t in TASKS),
+        "--destdir",
+        out,
+        "--joined-dictionary",
+        "--workers",
+        "1",
+    )
     for i, t in enumerate(TASKS):  # fairseq-preprocess names the extra valid prefixes valid1, valid2
         for lang in ("src", "tgt"):
             for ext in ("bin", "idx"):
                 (out / f"{'valid' if i == 0 else f'valid{i}'}.src-tgt.{lang}.{ext}").rename(
-                    out / f"valid_{t}.src-tgt.{lang}.{ext}")
-    (out / "tasks.json").write_text(json.dumps({"format": "text2text", "tokenizer": {}, "tasks": {
-        "rte": {"labels": LABELS["rte"]}, "cola": {"labels": LABELS["cola"]}, "stsb": {"type": "regression"}}}))
+                    out / f"valid_{t}.src-tgt.{lang}.{ext}"
+                )
+    (out / "tasks.json").write_text(
+        json.dumps(
+            {
+                "format": "text2text",
+                "tokenizer": {},
+                "tasks": {
+                    "rte": {"labels": LABELS["rte"]},
+                    "cola": {"labels": LABELS["cola"]},
+                    "stsb": {"type": "regression"},
+                },
+            }
+        )
+    )
     return out
 
 
 def _train_args(data, save_dir, *extra, max_update=4):
-    return [data, "--cpu", "--user-dir", REPO / "hyperdecoder_src", "--task", "hyperdecoder_glue",
-            "-s", "src", "-t", "tgt", "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
-            "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "16", "--required-batch-size-multiple", "1",
-            "--max-update", max_update, "--save-dir", save_dir, "--log-format", "json", "--log-interval", "1",
-            "--seed", "1", "--num-workers", "0", "--no-epoch-checkpoints", "--dropout", "0.1", *extra]
+    return [
+        data,
+        "--cpu",
+        "--user-dir",
+        REPO / "hyperdecoder_src",
+        "--task",
+        "hyperdecoder_glue",
+        "-s",
+        "src",
+        "-t",
+        "tgt",
+        "--criterion",
+        "label_smoothed_cross_entropy",
+        "--label-smoothing",
+        "0.1",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "16",
+        "--required-batch-size-multiple",
+        "1",
+        "--max-update",
+        max_update,
+        "--save-dir",
+        save_dir,
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        "--seed",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-epoch-checkpoints",
+        "--dropout",
+        "0.1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +162,19 @@ def hyper_run(data, bart_checkpoint, tmp_path_factory):
     save = tmp_path_factory.mktemp("hyper")
 
     def args(max_update):
-        return _train_args(data, save, "--arch", "hyperdecoder_bart_tiny", "--finetune-from-model",
-                           bart_checkpoint, "--hyperdecoder-eval-glue", "--best-checkpoint-metric", "glue_avg",
-                           "--maximize-best-checkpoint-metric", max_update=max_update)
+        return _train_args(
+            data,
+            save,
+            "--arch",
+            "hyperdecoder_bart_tiny",
+            "--finetune-from-model",
+            bart_checkpoint,
+            "--hyperdecoder-eval-glue",
+            "--best-checkpoint-metric",
+            "glue_avg",
+            "--maximize-best-checkpoint-metric",
+            max_update=max_update,
+        )
 
     first = run_tool("fairseq-train", *args(4))
     snapshot = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
@@ -115,11 +207,13 @@ def test_warm_start_keeps_backbone_bit_identical(hyper_run, bart_checkpoint):
 def test_validation_logs_each_task_metric_and_average(hyper_run):
     _, log, _, _ = hyper_run
     valid = json_logs(log, prefix="valid_")[-1]
-    for key in ("valid_rte_accuracy", "valid_cola_mcc", "valid_stsb_pearson", "valid_stsb_spearman",
-                "valid_glue_avg"):
+    for key in ("valid_rte_accuracy", "valid_cola_mcc", "valid_stsb_pearson", "valid_stsb_spearman", "valid_glue_avg"):
         assert key in valid, valid
-    per_task = [float(valid["valid_rte_accuracy"]), float(valid["valid_cola_mcc"]),
-                (float(valid["valid_stsb_pearson"]) + float(valid["valid_stsb_spearman"])) / 2]
+    per_task = [
+        float(valid["valid_rte_accuracy"]),
+        float(valid["valid_cola_mcc"]),
+        (float(valid["valid_stsb_pearson"]) + float(valid["valid_stsb_spearman"])) / 2,
+    ]
     assert float(valid["valid_glue_avg"]) == pytest.approx(sum(per_task) / 3, abs=0.01)
 
 
@@ -131,9 +225,28 @@ def test_resume_continues_from_last_checkpoint(hyper_run):
 
 
 def _generate(data, checkpoint, subset, *extra):
-    out = run_tool("fairseq-generate", data, "--user-dir", REPO / "hyperdecoder_src", "--task", "hyperdecoder_glue",
-                   "-s", "src", "-t", "tgt", "--path", checkpoint, "--gen-subset", subset, "--cpu",
-                   "--max-len-a", "0", "--max-len-b", "8", *extra).stdout
+    out = run_tool(
+        "fairseq-generate",
+        data,
+        "--user-dir",
+        REPO / "hyperdecoder_src",
+        "--task",
+        "hyperdecoder_glue",
+        "-s",
+        "src",
+        "-t",
+        "tgt",
+        "--path",
+        checkpoint,
+        "--gen-subset",
+        subset,
+        "--cpu",
+        "--max-len-a",
+        "0",
+        "--max-len-b",
+        "8",
+        *extra,
+    ).stdout
     hyps = {}
     for line in out.splitlines():
         if line.startswith("H-"):
@@ -155,8 +268,17 @@ def test_eval_script_scores_match_independent_computation(hyper_run, data):
 
     save, _, _, _ = hyper_run
     report, preds_file = save / "eval.json", save / "preds.tsv"
-    out = run_tool("python", REPO / "scripts" / "hyperdecoder_eval.py", save / "checkpoint_last.pt", data, "--cpu",
-                   "--json", report, "--predictions", preds_file).stdout
+    out = run_tool(
+        "python",
+        REPO / "scripts" / "hyperdecoder_eval.py",
+        save / "checkpoint_last.pt",
+        data,
+        "--cpu",
+        "--json",
+        report,
+        "--predictions",
+        preds_file,
+    ).stdout
     assert "avg" in out and "rte" in out
     scores = json.loads(report.read_text())["tasks"]
     rows = [line.split("\t") for line in preds_file.read_text().splitlines()]
@@ -164,7 +286,8 @@ def test_eval_script_scores_match_independent_computation(hyper_run, data):
     assert all(len(v) == 12 for v in by_task.values())
     rte = by_task["rte"]
     assert scores["rte"]["accuracy"] == pytest.approx(
-        100 * sum(LABELS["rte"].index(p) == g if p in LABELS["rte"] else False for p, g in rte) / 12)
+        100 * sum(LABELS["rte"].index(p) == g if p in LABELS["rte"] else False for p, g in rte) / 12
+    )
     gold = [int(g) for _, g in by_task["cola"]]
     pred = [LABELS["cola"].index(p) if p in LABELS["cola"] else 1 - g for (p, _), g in zip(by_task["cola"], gold)]
     assert scores["cola"]["mcc"] == pytest.approx(100 * matthews_corrcoef(gold, pred), abs=1e-6)

@@ -1,4 +1,5 @@
 """hyperdecoder_bart in-process, on the tiny arch (CPU): init, counts, generated weights, beam search."""
+
 import math
 
 import pytest
@@ -16,9 +17,24 @@ from hyperdecoder_src.models.hyperdecoder_bart import POOLED_KEY, HyperdecoderBA
 
 torch.set_num_threads(1)
 
-TINY_BART = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64",
-             "--encoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2",
-             "--decoder-attention-heads", "2", "--max-source-positions", "128", "--max-target-positions", "128"]
+TINY_BART = [
+    "--encoder-layers",
+    "2",
+    "--decoder-layers",
+    "2",
+    "--encoder-embed-dim",
+    "64",
+    "--encoder-ffn-embed-dim",
+    "128",
+    "--encoder-attention-heads",
+    "2",
+    "--decoder-attention-heads",
+    "2",
+    "--max-source-positions",
+    "128",
+    "--max-target-positions",
+    "128",
+]
 
 
 def make_dictionary(n=40):
@@ -30,8 +46,21 @@ def make_dictionary(n=40):
 
 def build(arch="hyperdecoder_bart_tiny", *extra, seed=0, dictionary=None):
     torch.manual_seed(seed)
-    argv = ["unused-data", "--task", "translation", "-s", "src", "-t", "tgt", "--arch", arch,
-            "--cpu", "--dropout", "0", *map(str, extra)]
+    argv = [
+        "unused-data",
+        "--task",
+        "translation",
+        "-s",
+        "src",
+        "-t",
+        "tgt",
+        "--arch",
+        arch,
+        "--cpu",
+        "--dropout",
+        "0",
+        *map(str, extra),
+    ]
     args = options.parse_args_and_arch(options.get_training_parser(), argv)
     cfg = convert_namespace_to_omegaconf(args)
     d = dictionary or make_dictionary()
@@ -47,7 +76,7 @@ def sources(d, rows, pad_to=None):
     out = torch.full((len(rows), width), d.pad(), dtype=torch.long)
     for i, r in enumerate(rows):
         toks = [d.index(f"w{t}") for t in r] + [d.eos()]
-        out[i, width - len(toks):] = torch.tensor(toks)
+        out[i, width - len(toks) :] = torch.tensor(toks)
     lengths = out.ne(d.pad()).sum(1)
     return out, lengths
 

@@ -1,6 +1,7 @@
 """The method registry (robustft_common/methods.py): every method's flags are valid fairseq-train flags that
 build the components it names, its recipe agrees with its flags, and the helpers that derive from it
 (overrides, the shell form glue.sh reads) keep the flags intact."""
+
 import os
 import shlex
 import subprocess
@@ -20,9 +21,23 @@ def _parse(flags):
 
     import robustft  # noqa: F401  (registers the plugin's components)
 
-    args = options.parse_args_and_arch(options.get_training_parser(), [
-        "/nonexistent", "--user-dir", str(REPO / "robustft"), "--task", "sentence_prediction",
-        "--num-classes", "2", *TINY_ROBERTA, "--cpu", "--lr", "1e-5", *flags])
+    args = options.parse_args_and_arch(
+        options.get_training_parser(),
+        [
+            "/nonexistent",
+            "--user-dir",
+            str(REPO / "robustft"),
+            "--task",
+            "sentence_prediction",
+            "--num-classes",
+            "2",
+            *TINY_ROBERTA,
+            "--cpu",
+            "--lr",
+            "1e-5",
+            *flags,
+        ],
+    )
     return convert_namespace_to_omegaconf(args)
 
 
@@ -33,8 +48,9 @@ def test_flags_parse_and_select_the_components_the_method_needs(name):
     chosen = {"criterion": cfg.criterion._name, "optimizer": cfg.optimizer._name}
     for kind, component in method.needs:
         assert chosen[kind] == component, (name, kind)
-    assert chosen["optimizer"] in ({"adam"} if method.optimizer_family == "adam"
-                                   else {"adamax", "adamax_pats", "adamax_sage"})
+    assert chosen["optimizer"] in (
+        {"adam"} if method.optimizer_family == "adam" else {"adamax", "adamax_pats", "adamax_sage"}
+    )
 
 
 def test_needed_components_are_registered():
@@ -51,9 +67,16 @@ def test_needed_components_are_registered():
 
 def test_recipe_values_are_the_flags_values():
     """Two representations of one recipe (flags for fairseq, recipe dict for tables) agree."""
-    numeric = {"r3f_lambda": "--r3f-lambda", "eps": "--eps", "hype_eps": "--hype-eps", "pats_noise": "--pats-noise",
-               "pats_beta": "--pats-beta", "pats_margin": "--pats-margin", "sage_beta3": "--sage-beta3",
-               "noisytune_lambda": "--noisytune-lambda"}
+    numeric = {
+        "r3f_lambda": "--r3f-lambda",
+        "eps": "--eps",
+        "hype_eps": "--hype-eps",
+        "pats_noise": "--pats-noise",
+        "pats_beta": "--pats-beta",
+        "pats_margin": "--pats-margin",
+        "sage_beta3": "--sage-beta3",
+        "noisytune_lambda": "--noisytune-lambda",
+    }
     textual = {"noise_type": "--noise-type", "hype_uniform": "--hype-uniform"}
     for m in METHODS.values():
         for key, flag in numeric.items():
@@ -93,7 +116,9 @@ def test_hype_uniform_variants_are_named_for_what_they_draw():
     assert (sym.hype_type, sym.hype_uniform, sym.hype_eps) == ("uniform", "symmetric", 1e-5)
     assert (official.hype_type, official.hype_uniform, official.hype_eps) == ("uniform", "one_sided", 1e-5)
     assert normal.hype_type == "normal"
-    assert "official" in METHODS["hype_u_official"].label and METHODS["hype_u"].label != METHODS["hype_u_official"].label
+    assert (
+        "official" in METHODS["hype_u_official"].label and METHODS["hype_u"].label != METHODS["hype_u_official"].label
+    )
 
 
 def test_sage_runs_with_sage_settings():
@@ -142,18 +167,48 @@ def test_shell_forms_round_trip_through_bash(capsys):
     assert methods.main(["flags", "nope"]) == 2 and "unknown method 'nope'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method,checks", [
-    # HyPe's paper setting overrides the family's Adam after the method's flags: the last value wins
-    ("hype_u_official", {"--adam-betas": "(0.9,0.999)", "--weight-decay": "0.01", "--hype-uniform": "one_sided",
-                         "--dropout": "0.0", "--max-epoch": "3"}),
-    ("sage", {"--optimizer": "adamax_sage", "--weight-decay": "0.01", "--best-checkpoint-metric": "mcc",
-              "--max-epoch": "10"}),
-])
+@pytest.mark.parametrize(
+    "method,checks",
+    [
+        # HyPe's paper setting overrides the family's Adam after the method's flags: the last value wins
+        (
+            "hype_u_official",
+            {
+                "--adam-betas": "(0.9,0.999)",
+                "--weight-decay": "0.01",
+                "--hype-uniform": "one_sided",
+                "--dropout": "0.0",
+                "--max-epoch": "3",
+            },
+        ),
+        (
+            "sage",
+            {
+                "--optimizer": "adamax_sage",
+                "--weight-decay": "0.01",
+                "--best-checkpoint-metric": "mcc",
+                "--max-epoch": "10",
+            },
+        ),
+    ],
+)
 def test_glue_recipe_dry_run_uses_the_registry(method, checks, tmp_path):
-    env = dict(os.environ, DRY_RUN="1", DATA_ROOT=str(tmp_path), ROBERTA_PATH=str(tmp_path / "model.pt"),
-               PY=sys.executable, SAVE_ROOT=str(tmp_path / "ckpt"), OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "recipes" / "glue.sh"), "CoLA", method], env=env,
-                          capture_output=True, text=True, cwd=REPO)
+    env = dict(
+        os.environ,
+        DRY_RUN="1",
+        DATA_ROOT=str(tmp_path),
+        ROBERTA_PATH=str(tmp_path / "model.pt"),
+        PY=sys.executable,
+        SAVE_ROOT=str(tmp_path / "ckpt"),
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "recipes" / "glue.sh"), "CoLA", method],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     args = shlex.split(proc.stdout)
     for flag, value in checks.items():

@@ -1,4 +1,5 @@
 """End-to-end `fairseq-train` runs of adamax_pats, adamax_sage and NoisyTune (tiny RoBERTa, CPU)."""
+
 import json
 import runpy
 import socket
@@ -27,8 +28,9 @@ def data(tmp_path_factory):
 
 
 def train(data, save_dir, *extra, max_update=4, check=True):
-    return run_tool("fairseq-train", *sentence_prediction_args(data, save_dir, *extra,
-                                                                max_update=max_update), check=check)
+    return run_tool(
+        "fairseq-train", *sentence_prediction_args(data, save_dir, *extra, max_update=max_update), check=check
+    )
 
 
 def load(path):
@@ -47,16 +49,26 @@ def straight_and_resumed(data, root, extra, n=4):
     train(data, root / "resumed", *extra, max_update=n // 2)
     second = train(data, root / "resumed", *extra, max_update=n)
     assert "Loaded checkpoint" in second.stdout + second.stderr
-    return (load(root / "straight" / "checkpoint_last.pt"),
-            load(root / "resumed" / "checkpoint_last.pt"), second)
+    return (load(root / "straight" / "checkpoint_last.pt"), load(root / "resumed" / "checkpoint_last.pt"), second)
 
 
 def test_pats_noise_off_is_fairseq_adamax_bit_exactly(data, tmp_path):
     train(data, tmp_path / "adamax", "--optimizer", "adamax", "--weight-decay", "0.01", max_update=3)
-    train(data, tmp_path / "pats0", "--optimizer", "adamax_pats", "--pats-noise", "0",
-          "--weight-decay", "0.01", max_update=3)
-    assert_same_params(load(tmp_path / "adamax" / "checkpoint_last.pt")["model"],
-                       load(tmp_path / "pats0" / "checkpoint_last.pt")["model"])
+    train(
+        data,
+        tmp_path / "pats0",
+        "--optimizer",
+        "adamax_pats",
+        "--pats-noise",
+        "0",
+        "--weight-decay",
+        "0.01",
+        max_update=3,
+    )
+    assert_same_params(
+        load(tmp_path / "adamax" / "checkpoint_last.pt")["model"],
+        load(tmp_path / "pats0" / "checkpoint_last.pt")["model"],
+    )
 
 
 def assert_same_optimizer_state(a, b, updates):
@@ -105,14 +117,22 @@ def test_noisytune_once_then_pats_resume_exact_memory_efficient_fp16(data, tmp_p
         checked += 1
     assert checked > 30
     # PATS + memory-efficient fp16 + clipping + update-freq; the resumed run must not re-apply NoisyTune
-    extra = [*nt, *PATS, "--memory-efficient-fp16", "--fp16-init-scale", "4", "--clip-norm", "1.0",
-             "--update-freq", "2"]
+    extra = [
+        *nt,
+        *PATS,
+        "--memory-efficient-fp16",
+        "--fp16-init-scale",
+        "4",
+        "--clip-norm",
+        "1.0",
+        "--update-freq",
+        "2",
+    ]
     straight, resumed, second = straight_and_resumed(data, tmp_path, extra)
     assert "NoisyTune applied" not in second.stdout + second.stderr
     assert_same_params(straight["model"], resumed["model"])
     assert_same_optimizer_state(straight["last_optimizer_state"], resumed["last_optimizer_state"], 4)
-    assert all(s["exp_avg"].dtype == torch.float32
-               for s in straight["last_optimizer_state"]["state"].values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in straight["last_optimizer_state"]["state"].values())
     logs = [r for r in json_logs(second.stdout + second.stderr) if "pats_frac_noised" in r]
     assert logs and 0.3 < float(logs[0]["pats_frac_noised"]) < 0.7
 
@@ -129,7 +149,8 @@ def test_logged_noise_statistics_and_the_default_cap(data, tmp_path):
         rows[label] = script["read_stats"](tmp_path / label)
         assert [r["num_updates"] for r in rows[label]] == [1, 2]
         assert {"pats_kick_max", "pats_noise_max", "pats_frac_kick_ge_1", "pats_frac_ratio_ge_1e6"} <= set(
-            rows[label][0])
+            rows[label][0]
+        )
     assert rows["uncapped"][0]["pats_ratio_max"] > 200
     assert all(r["pats_ratio_max"] <= 200 for r in rows["default"])
     # same draws, same raw ratios: the cap changes only what is added
@@ -139,8 +160,16 @@ def test_logged_noise_statistics_and_the_default_cap(data, tmp_path):
 
 
 def test_noisytune_from_scratch_is_an_error(data, tmp_path):
-    proc = train(data, tmp_path / "scratch", "--optimizer", "adamax_pats", "--noisytune-lambda", "0.15",
-                 max_update=1, check=False)
+    proc = train(
+        data,
+        tmp_path / "scratch",
+        "--optimizer",
+        "adamax_pats",
+        "--noisytune-lambda",
+        "0.15",
+        max_update=1,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "--noisytune-lambda" in proc.stderr and "--finetune-from-model" in proc.stderr
 
@@ -171,16 +200,42 @@ train.cli_main()
 def test_ddp_replicas_stay_bit_identical(data, tmp_path):
     port = _free_port()
     args = sentence_prediction_args(
-        data, tmp_path / "ckpt", *PATS, "--fp16", "--fp16-no-flatten-grads", "--fp16-init-scale", "4",
-        "--distributed-world-size", "2",
-        "--distributed-init-method", f"tcp://127.0.0.1:{port}", "--distributed-no-spawn",
-        "--distributed-backend", "gloo", max_update=4)
+        data,
+        tmp_path / "ckpt",
+        *PATS,
+        "--fp16",
+        "--fp16-no-flatten-grads",
+        "--fp16-init-scale",
+        "4",
+        "--distributed-world-size",
+        "2",
+        "--distributed-init-method",
+        f"tcp://127.0.0.1:{port}",
+        "--distributed-no-spawn",
+        "--distributed-backend",
+        "gloo",
+        max_update=4,
+    )
     procs = []
     for rank in (0, 1):
-        cmd = [sys.executable, "-c", RANK_LAUNCHER, str(tmp_path / f"rank{rank}.pt"),
-               *map(str, args), "--distributed-rank", str(rank)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env={"OMP_NUM_THREADS": "1", "PATH": str(BIN)}))
+        cmd = [
+            sys.executable,
+            "-c",
+            RANK_LAUNCHER,
+            str(tmp_path / f"rank{rank}.pt"),
+            *map(str, args),
+            "--distributed-rank",
+            str(rank),
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                env={"OMP_NUM_THREADS": "1", "PATH": str(BIN)},
+            )
+        )
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-5000:]

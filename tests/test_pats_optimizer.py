@@ -1,5 +1,6 @@
 """Unit tests of the PATS / SAGE / NoisyTune math against independent float64 formulas and fairseq's
 own Adamax (no fairseq-train here; see test_pats_e2e.py)."""
+
 import copy
 import re
 from types import SimpleNamespace
@@ -17,14 +18,35 @@ ADAMAX = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, bias_cor
 OPTIMIZERS = {"pats": PatsAdamax, "sage": SageAdamax}
 
 
-def reference_pats_step(theta, grad, ema, exp_avg, exp_inf, step, z, u, *, lr, betas, eps,
-                        weight_decay, bias_correction, sigma, beta, kappa, pats_eps, prob,
-                        lr_scaled=False, ema_bias_correction=False, max_ratio=0.0):
+def reference_pats_step(
+    theta,
+    grad,
+    ema,
+    exp_avg,
+    exp_inf,
+    step,
+    z,
+    u,
+    *,
+    lr,
+    betas,
+    eps,
+    weight_decay,
+    bias_correction,
+    sigma,
+    beta,
+    kappa,
+    pats_eps,
+    prob,
+    lr_scaled=False,
+    ema_bias_correction=False,
+    max_ratio=0.0,
+):
     """The PATS update of one tensor written out plainly in float64 (spec pats.md §1.2-1.3)."""
     theta, grad = theta.double(), grad.double()
     sensitivity = (theta * grad).abs()
     ema = beta * ema + (1 - beta) * sensitivity
-    ema_hat = ema / (1 - beta ** step) if ema_bias_correction else ema
+    ema_hat = ema / (1 - beta**step) if ema_bias_correction else ema
     m = betas[0] * exp_avg + (1 - betas[0]) * grad
     v = torch.maximum(betas[1] * exp_inf, grad.abs())
     step_size = lr / (1 - betas[0] ** step) if bias_correction else lr
@@ -45,18 +67,31 @@ def draws(seed, update, n):
 
 PATS_CASES = [
     dict(sigma=1e-2, beta=0.75, kappa=5e-3, pats_eps=1e-12, prob=0.5),
-    dict(sigma=1e-2, beta=0.6, kappa=0.3, pats_eps=1e-6, prob=0.8, lr_scaled=True,
-         ema_bias_correction=True, max_ratio=3.0),
+    dict(
+        sigma=1e-2,
+        beta=0.6,
+        kappa=0.3,
+        pats_eps=1e-6,
+        prob=0.8,
+        lr_scaled=True,
+        ema_bias_correction=True,
+        max_ratio=3.0,
+    ),
 ]
 
 
 def pats_kwargs(case):
     """A PATS_CASES entry as PatsAdamax keywords."""
-    return dict(pats_noise=case["sigma"], pats_beta=case["beta"], pats_margin=case["kappa"],
-                pats_eps=case["pats_eps"], pats_prob=case["prob"],
-                pats_noise_lr_scaled=case.get("lr_scaled", False),
-                pats_ema_bias_correction=case.get("ema_bias_correction", False),
-                pats_max_ratio=case.get("max_ratio", 0.0))
+    return dict(
+        pats_noise=case["sigma"],
+        pats_beta=case["beta"],
+        pats_margin=case["kappa"],
+        pats_eps=case["pats_eps"],
+        pats_prob=case["prob"],
+        pats_noise_lr_scaled=case.get("lr_scaled", False),
+        pats_ema_bias_correction=case.get("ema_bias_correction", False),
+        pats_max_ratio=case.get("max_ratio", 0.0),
+    )
 
 
 @pytest.mark.parametrize("foreach", [True, False])
@@ -73,8 +108,7 @@ def test_pats_steps_on_3x3_match_reference(case, foreach):
         w.grad = g.clone()
         opt.step()
         z, u = draws(7, t, 9)
-        theta, ema, m, v = reference_pats_step(theta, g, ema, m, v, t, z.view(3, 3), u.view(3, 3),
-                                               **case, **ADAMAX)
+        theta, ema, m, v = reference_pats_step(theta, g, ema, m, v, t, z.view(3, 3), u.view(3, 3), **case, **ADAMAX)
         torch.testing.assert_close(w.detach().double(), theta, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(opt.state[w]["sensitivity"].double(), ema, rtol=1e-6, atol=1e-12)
     assert not torch.equal(w.grad, grads[-1].abs()), "fairseq's adamax quirk (grad.abs_()) not copied"
@@ -97,14 +131,12 @@ def _noise_of_one_step(sensitivity_pattern, **pats):
 
 def test_noise_std_inversely_proportional_to_sensitivity():
     pattern = torch.tensor([1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2])
-    noise, z = _noise_of_one_step(pattern, pats_noise=1e-1, pats_margin=0.0, pats_prob=1.0,
-                                  pats_eps=1e-12)
+    noise, z = _noise_of_one_step(pattern, pats_noise=1e-1, pats_margin=0.0, pats_prob=1.0, pats_eps=1e-12)
     sigma_j = noise / z
     assert torch.all(sigma_j[1:] < sigma_j[:-1]), sigma_j
     # sigma_j * sbar_j is the constant sigma * mean(sbar) (sbar = (1 - beta) * pattern after step 1)
     sbar = 0.25 * pattern.double()
-    torch.testing.assert_close(sigma_j * sbar, torch.full_like(sbar, 1e-1 * sbar.mean().item()),
-                               rtol=1e-4, atol=0)
+    torch.testing.assert_close(sigma_j * sbar, torch.full_like(sbar, 1e-1 * sbar.mean().item()), rtol=1e-4, atol=0)
 
 
 def test_margin_zeroes_noise_of_the_most_sensitive_entries():
@@ -184,7 +216,7 @@ def test_sage_steps_match_reference(foreach):
         ibar = beta3 * ibar + (1 - beta3) * i_t
         m = b1 * m + (1 - b1) * g
         v = torch.maximum(b2 * v, g.abs())
-        direction = m / (v + ADAMAX["eps"]) / (1 - b1 ** t) + wd * theta
+        direction = m / (v + ADAMAX["eps"]) / (1 - b1**t) + wd * theta
         factor = (i_t - ibar).abs() / (ibar + e)
         if t == 1:
             torch.testing.assert_close(factor, torch.full_like(factor, beta3 / (1 - beta3)))
@@ -220,8 +252,7 @@ def test_low_precision_params_do_the_math_in_fp32(dtype):
     grad = torch.randn(8, 8)
     low = theta0.to(dtype).requires_grad_()
     full = theta0.clone().requires_grad_()
-    opts = [PatsAdamax([p], sensitive=[True], seed=2, pats_noise=1e-2, **ADAMAX)
-            for p in (low, full)]
+    opts = [PatsAdamax([p], sensitive=[True], seed=2, pats_noise=1e-2, **ADAMAX) for p in (low, full)]
     low.grad, full.grad = grad.to(dtype), grad.to(dtype).float()
     for o in opts:
         o.step()
@@ -288,11 +319,20 @@ EXPECTED_DEFAULT = {
 
 
 def test_default_filter_is_encoder_layers_without_layer_norm():
-    mask = param_filters.select(ROBERTA_NAMES, param_filters.ENCODER_LAYERS, param_filters.LAYER_NORM,
-                                "--pats-param-include", "--pats-param-exclude")
+    mask = param_filters.select(
+        ROBERTA_NAMES,
+        param_filters.ENCODER_LAYERS,
+        param_filters.LAYER_NORM,
+        "--pats-param-include",
+        "--pats-param-exclude",
+    )
     assert {n for n, m in zip(ROBERTA_NAMES, mask) if m} == EXPECTED_DEFAULT
-    bart = ["encoder.layers.3.fc1.weight", "encoder.layers.3.self_attn_layer_norm.bias",
-            "decoder.layers.0.fc1.weight", "encoder.embed_tokens.weight"]
+    bart = [
+        "encoder.layers.3.fc1.weight",
+        "encoder.layers.3.self_attn_layer_norm.bias",
+        "decoder.layers.0.fc1.weight",
+        "encoder.embed_tokens.weight",
+    ]
     mask = param_filters.select(bart, param_filters.ENCODER_LAYERS, param_filters.LAYER_NORM, "--a", "--b")
     assert mask == [True, False, False, False]
 
@@ -323,8 +363,9 @@ def _wrapper_cfg(config=None, **overrides):
     from pats_src.optim import AdamaxPatsConfig
 
     values = {f.name: f.default for f in dataclasses.fields(config or AdamaxPatsConfig)}
-    values.update(lr=[1e-3], seed=1, restore_file="checkpoint_last.pt", finetune_from_model=None,
-                  save_dir="/nonexistent")
+    values.update(
+        lr=[1e-3], seed=1, restore_file="checkpoint_last.pt", finetune_from_model=None, save_dir="/nonexistent"
+    )
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -369,8 +410,7 @@ def test_cpu_chunked_noise_path_equals_flat_path_bit_for_bit(case, monkeypatch):
     runs = []
     for chunk in (64, 0):
         params = [t.clone().requires_grad_() for t in theta0]
-        opt = PatsAdamax(params, sensitive=[True] * len(params), seed=5, log_stats=True,
-                         **pats_kwargs(case), **ADAMAX)
+        opt = PatsAdamax(params, sensitive=[True] * len(params), seed=5, log_stats=True, **pats_kwargs(case), **ADAMAX)
         opt.cpu_chunk_numel = chunk
         stats = []
         for step_grads in grads:
@@ -397,8 +437,9 @@ def _tiny_roberta():
     dictionary = Dictionary()
     for i in range(20):
         dictionary.add_symbol(f"w{i}")
-    args = argparse.Namespace(encoder_layers=1, encoder_embed_dim=16, encoder_ffn_embed_dim=32,
-                              encoder_attention_heads=2, max_positions=32)
+    args = argparse.Namespace(
+        encoder_layers=1, encoder_embed_dim=16, encoder_ffn_embed_dim=32, encoder_attention_heads=2, max_positions=32
+    )
     base_architecture(args)
     task = SimpleNamespace(source_dictionary=dictionary, dictionary=dictionary)
     model = RobertaModel.build_model(args, task)
@@ -417,15 +458,25 @@ def test_no_decay_is_every_bias_and_layer_norm_of_real_fairseq_roberta():
             if name == "bias" or isinstance(module, torch.nn.LayerNorm):
                 expected.add(f"{module_name}.{name}" if module_name else name)
     assert exempt == expected
-    assert {"encoder.sentence_encoder.layernorm_embedding.weight", "encoder.lm_head.bias",
-            "encoder.sentence_encoder.layers.0.final_layer_norm.weight",
-            "classification_heads.sentence_classification_head.out_proj.bias"} <= exempt
+    assert {
+        "encoder.sentence_encoder.layernorm_embedding.weight",
+        "encoder.lm_head.bias",
+        "encoder.sentence_encoder.layers.0.final_layer_norm.weight",
+        "classification_heads.sentence_classification_head.out_proj.bias",
+    } <= exempt
     assert len(exempt) < len(list(model.parameters())) - 5  # the weight matrices keep their decay
     # other fairseq models: BART's encoder LayerNorms, older RoBERTa's emb_layer_norm
-    assert [bool(regex.search(n)) for n in ["encoder.layer_norm.weight", "encoder.layernorm_embedding.bias",
-                                            "decoder.sentence_encoder.emb_layer_norm.weight",
-                                            "encoder.layers.0.fc1.weight", "encoder.embed_tokens.weight",
-                                            "decoder.output_projection.weight"]] == [True] * 3 + [False] * 3
+    assert [
+        bool(regex.search(n))
+        for n in [
+            "encoder.layer_norm.weight",
+            "encoder.layernorm_embedding.bias",
+            "decoder.sentence_encoder.emb_layer_norm.weight",
+            "encoder.layers.0.fc1.weight",
+            "encoder.embed_tokens.weight",
+            "decoder.output_projection.weight",
+        ]
+    ] == [True] * 3 + [False] * 3
 
 
 def test_sage_with_sage_settings_matches_float64_reference():
@@ -448,9 +499,18 @@ def test_sage_with_sage_settings_matches_float64_reference():
     param_filters.tag_parameter_names(model)
     named = dict(model.named_parameters())
     lr, wd, eps, beta3, e = 1e-2, 0.01, 1e-6, 0.75, 1e-12
-    opt = FairseqAdamaxSage(_wrapper_cfg(AdamaxSageConfig, lr=[lr], weight_decay=wd, adamax_eps=eps,
-                                         no_bias_correction=True, sage_beta3=beta3,
-                                         weight_decay_exclude=param_filters.NO_DECAY), list(named.values()))
+    opt = FairseqAdamaxSage(
+        _wrapper_cfg(
+            AdamaxSageConfig,
+            lr=[lr],
+            weight_decay=wd,
+            adamax_eps=eps,
+            no_bias_correction=True,
+            sage_beta3=beta3,
+            weight_decay_exclude=param_filters.NO_DECAY,
+        ),
+        list(named.values()),
+    )
     sage = {"encoder.layers.0.fc1.weight", "encoder.layers.0.fc1.bias"}
     decayed = {"encoder.layers.0.fc1.weight", "head.weight"}
     theta = {n: p.detach().double().clone() for n, p in named.items()}
@@ -485,8 +545,9 @@ def test_no_weight_decay_tensor_gets_fairseq_adamax_without_decay(cls):
         a.grad, b.grad = ga.clone(), gb.clone()
         opt.step()
     assert torch.equal(a.detach(), _fairseq_adamax_trajectory(a0, [ga for ga, _ in grads], **ADAMAX))
-    assert torch.equal(b.detach(), _fairseq_adamax_trajectory(b0, [gb for _, gb in grads],
-                                                              **{**ADAMAX, "weight_decay": 0.0}))
+    assert torch.equal(
+        b.detach(), _fairseq_adamax_trajectory(b0, [gb for _, gb in grads], **{**ADAMAX, "weight_decay": 0.0})
+    )
 
 
 def test_weight_decay_exclude_errors_name_the_flag():
@@ -499,8 +560,9 @@ def test_weight_decay_exclude_errors_name_the_flag():
         FairseqAdamaxPats(_wrapper_cfg(pats_param_include=".*", weight_decay_exclude="norm"), params)
     with pytest.raises(ValueError, match="--weight-decay-exclude: not a valid regular expression"):
         FairseqAdamaxPats(_wrapper_cfg(pats_param_include=".*", weight_decay_exclude="("), params)
-    wrapper = FairseqAdamaxPats(_wrapper_cfg(pats_param_include=".*", weight_decay=0.01,
-                                             weight_decay_exclude="bias"), params)
+    wrapper = FairseqAdamaxPats(
+        _wrapper_cfg(pats_param_include=".*", weight_decay=0.01, weight_decay_exclude="bias"), params
+    )
     groups = [(g["weight_decay"], g["params"]) for g in wrapper.optimizer.param_groups]
     assert groups == [(0.01, [model.weight]), (0.0, [model.bias])]
     flat = [torch.zeros(10, requires_grad=True)]
@@ -530,7 +592,7 @@ def test_log_stats_measure_ratio_and_kicks(cap):
     kick = noise.abs() / plain.detach().double().abs()
     stats = opt.last_stats
     for k in range(7):
-        assert stats[f"pats_frac_ratio_ge_1e{k}"] == (ratio >= 10.0 ** k).double().mean().item()
+        assert stats[f"pats_frac_ratio_ge_1e{k}"] == (ratio >= 10.0**k).double().mean().item()
     assert stats["pats_frac_ratio_ge_1e5"] == 0.01 and stats["pats_frac_ratio_ge_1e0"] == 0.01  # raw rho
     assert stats["pats_frac_noised"] == 1.0 and stats["pats_frac_zeroed_by_margin"] == 0.0
     assert stats["pats_ratio_max"] == pytest.approx(capped.max().item(), rel=1e-6)
@@ -544,9 +606,16 @@ def test_log_stats_measure_ratio_and_kicks(cap):
         assert stats["pats_ratio_max"] == cap and stats["pats_kick_max"] < 1e-3
 
 
-@pytest.mark.parametrize("flags, cap", [({}, 200.0), ({"pats_margin": 0.01}, 100.0),
-                                        ({"pats_max_ratio": 0.0}, 0.0), ({"pats_margin": 0.0}, 0.0),
-                                        ({"pats_max_ratio": 50.0}, 50.0)])
+@pytest.mark.parametrize(
+    "flags, cap",
+    [
+        ({}, 200.0),
+        ({"pats_margin": 0.01}, 100.0),
+        ({"pats_max_ratio": 0.0}, 0.0),
+        ({"pats_margin": 0.0}, 0.0),
+        ({"pats_max_ratio": 50.0}, 50.0),
+    ],
+)
 def test_default_cap_on_rho_mirrors_the_margin(flags, cap):
     """--pats-max-ratio defaults to 1/--pats-margin; 0 (or no margin) is the paper's uncapped formula."""
     from pats_src.optim import FairseqAdamaxPats

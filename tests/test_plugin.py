@@ -1,4 +1,5 @@
 """Foundation: the plugin installs, registers its components, trains and resumes under torch>=2.6."""
+
 import subprocess
 import sys
 
@@ -30,8 +31,10 @@ def test_missing_fairseq_gives_install_hint():
 
 
 def test_old_fairseq_is_rejected():
-    proc = _python("import fairseq; fairseq.__version__ = '0.10.2'\n"
-                   "from robustft_common.compat import check_fairseq; check_fairseq()")
+    proc = _python(
+        "import fairseq; fairseq.__version__ = '0.10.2'\n"
+        "from robustft_common.compat import check_fairseq; check_fairseq()"
+    )
     assert proc.returncode != 0
     assert "found 0.10.2" in proc.stderr
 
@@ -42,7 +45,8 @@ def test_each_package_is_a_standalone_user_dir(user_dir):
     proc = _python(
         "import argparse; from fairseq import utils\n"
         f"utils.import_user_module(argparse.Namespace(user_dir={str(REPO / user_dir)!r}))\n"
-        f"import sys; assert {user_dir!r} in sys.modules")
+        f"import sys; assert {user_dir!r} in sys.modules"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -53,8 +57,7 @@ def test_checkpoint_globals_are_registered_not_weights_only_disabled(data, tmp_p
     proc = _python(f"import torch; torch.load({str(ckpt)!r})")
     assert proc.returncode != 0 and "argparse.Namespace" in proc.stderr
     # ... importing it allows exactly that, with weights_only still on.
-    proc = _python(f"import robustft, torch; s = torch.load({str(ckpt)!r}, weights_only=True); "
-                   "print(sorted(s))")
+    proc = _python(f"import robustft, torch; s = torch.load({str(ckpt)!r}, weights_only=True); print(sorted(s))")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "'model'" in proc.stdout and "'last_optimizer_state'" in proc.stdout
 
@@ -82,8 +85,7 @@ def test_start_from_pretrained_checkpoint(data, tmp_path, flag):
     extra = [flag, pretrained]
     if flag == "--restore-file":
         extra += ["--reset-optimizer", "--reset-dataloader", "--reset-meters"]
-    proc = run_tool("fairseq-train", *sentence_prediction_args(data, tmp_path / "ft", *extra,
-                                                                max_update=3))
+    proc = run_tool("fairseq-train", *sentence_prediction_args(data, tmp_path / "ft", *extra, max_update=3))
     log = proc.stdout + proc.stderr
     assert f"Loaded checkpoint {pretrained} " in log
     import robustft  # noqa: F401  (safe globals for this process's torch.load)
@@ -99,9 +101,18 @@ def test_in_process_binarization_matches_fairseq_preprocess(tmp_path):
     out = make_sentence_prediction_data(tmp_path)
     raw = tmp_path / "raw"
     for name in ("input0", "input1", "label"):
-        run_tool("fairseq-preprocess", "--only-source", "--trainpref", raw / f"train.{name}",
-                 "--validpref", raw / f"valid.{name}", "--destdir", tmp_path / "ref" / name,
-                 "--workers", "1")
+        run_tool(
+            "fairseq-preprocess",
+            "--only-source",
+            "--trainpref",
+            raw / f"train.{name}",
+            "--validpref",
+            raw / f"valid.{name}",
+            "--destdir",
+            tmp_path / "ref" / name,
+            "--workers",
+            "1",
+        )
         for f in ("dict.txt", "train.bin", "train.idx", "valid.bin", "valid.idx"):
             assert filecmp.cmp(out / name / f, tmp_path / "ref" / name / f, shallow=False), (name, f)
 
@@ -111,7 +122,10 @@ def test_run_exits_cleanly_when_validation_is_cut_short(tmp_path):
     plugin's exit hook CPython aborts the process (SIGABRT, exit -6) after training finished (observed
     4 of 4 runs on this setup; see robustft_common/shutdown.py)."""
     data = make_sentence_prediction_data(tmp_path, n_valid=2000)
-    proc = run_tool("fairseq-train", *sentence_prediction_args(
-        data, tmp_path / "ck", "--max-valid-steps", "1", "--no-save", max_update=2), check=False)
+    proc = run_tool(
+        "fairseq-train",
+        *sentence_prediction_args(data, tmp_path / "ck", "--max-valid-steps", "1", "--no-save", max_update=2),
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert "done training" in proc.stdout + proc.stderr

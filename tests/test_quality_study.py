@@ -1,5 +1,6 @@
 """The quality study's bookkeeping (robustft_experiments/quality.py) on hand-written fairseq logs:
 lr choice from the held-out grid only, final-epoch values, paired table, report files."""
+
 import json
 from pathlib import Path
 
@@ -11,18 +12,27 @@ from robustft_experiments import quality
 
 def _log(path: Path, metric: str, values, status="ok"):
     path.mkdir(parents=True, exist_ok=True)
-    lines = [f"INFO:valid:epoch {i + 1:03d} | valid on 'valid' subset | loss 0.5 | {metric} {v} | num_updates {63 * (i + 1)}"
-             for i, v in enumerate(values)]
+    lines = [
+        f"INFO:valid:epoch {i + 1:03d} | valid on 'valid' subset | loss 0.5 | {metric} {v} | num_updates {63 * (i + 1)}"
+        for i, v in enumerate(values)
+    ]
     (path / "train.log").write_text("\n".join(lines) + "\n")
-    (path / "status.json").write_text(json.dumps({"status": status, "returncode": 0 if status == "ok" else 1,
-                                                  "seconds": 1.0}))
+    (path / "status.json").write_text(
+        json.dumps({"status": status, "returncode": 0 if status == "ok" else 1, "seconds": 1.0})
+    )
 
 
 def test_final_value_is_the_last_validation_not_the_best():
-    text = "\n".join(f"| valid on 'valid' subset | loss 1 | mcc {v} | num_updates {n}"
-                     for v, n in ((40.0, 63), (52.5, 126), (47.0, 189)))
-    assert quality.final_and_best(text, "mcc") == {"final": 47.0, "best": 52.5, "validations": 3,
-                                                   "final_num_updates": 189}
+    text = "\n".join(
+        f"| valid on 'valid' subset | loss 1 | mcc {v} | num_updates {n}"
+        for v, n in ((40.0, 63), (52.5, 126), (47.0, 189))
+    )
+    assert quality.final_and_best(text, "mcc") == {
+        "final": 47.0,
+        "best": 52.5,
+        "validations": 3,
+        "final_num_updates": 189,
+    }
     assert quality.final_and_best("no validation here", "mcc") is None
 
 

@@ -1,5 +1,6 @@
 """R3F for sentence prediction (rxf_src/sentence_prediction_r3f.py): the KL term against an independent
 computation, noise reaching the encoder, no noise at eval, fp16 effectiveness, STS-B, end-to-end runs."""
+
 import math
 import shutil
 
@@ -77,8 +78,9 @@ def reg_data(cls_data, tmp_path_factory):
 
 
 def r3f_argv(data, tmp_path, *extra, num_classes=2):
-    return sentence_prediction_args(data, tmp_path / "unused", *NO_DROPOUT, *extra,
-                                    criterion="sentence_prediction_r3f", num_classes=num_classes)
+    return sentence_prediction_args(
+        data, tmp_path / "unused", *NO_DROPOUT, *extra, criterion="sentence_prediction_r3f", num_classes=num_classes
+    )
 
 
 def clean_and_noisy_logits(model, sample, eps, seed):
@@ -103,8 +105,9 @@ def test_symmetric_kl_matches_hand_computation_and_masks():
     assert out.dtype == torch.float32
     np.testing.assert_allclose(out[mask].numpy(), expected[mask.numpy()], rtol=1e-5)
     assert (out[~mask] == 0).all()
-    np.testing.assert_allclose(symmetric_kl(p.half(), q.half()).numpy(),
-                               hand_symmetric_kl(p.half(), q.half()), rtol=1e-4)
+    np.testing.assert_allclose(
+        symmetric_kl(p.half(), q.half()).numpy(), hand_symmetric_kl(p.half(), q.half()), rtol=1e-4
+    )
     assert (symmetric_kl(p, p) == 0).all()
 
 
@@ -134,8 +137,9 @@ def test_reference_token_embeddings_path_is_a_clean_pass(cls_data, tmp_path):
     src = sample["net_input"]["src_tokens"]
     noisy_embeddings = model.encoder.sentence_encoder.embed_tokens(src) + 1.0
     clean, _ = model(**sample["net_input"], features_only=True, classification_head_name=HEAD)
-    ignored, _ = model(**sample["net_input"], features_only=True, classification_head_name=HEAD,
-                       token_embeddings=noisy_embeddings)
+    ignored, _ = model(
+        **sample["net_input"], features_only=True, classification_head_name=HEAD, token_embeddings=noisy_embeddings
+    )
     assert torch.equal(clean, ignored)
 
 
@@ -162,8 +166,12 @@ def test_gradient_reaches_parameters_through_the_noisy_pass(cls_data, tmp_path):
     extra, _ = criterion.extra_terms(model, sample, logits.detach(), sample["target"].view(-1))
     extra.backward()
     encoder = model.encoder.sentence_encoder
-    for param in (encoder.embed_tokens.weight, encoder.layers[0].fc1.weight, encoder.layernorm_embedding.weight,
-                  model.classification_heads[HEAD].out_proj.weight):
+    for param in (
+        encoder.embed_tokens.weight,
+        encoder.layers[0].fc1.weight,
+        encoder.layernorm_embedding.weight,
+        model.classification_heads[HEAD].out_proj.weight,
+    ):
         assert param.grad is not None and param.grad.abs().sum() > 0 and torch.isfinite(param.grad).all()
 
 
@@ -182,8 +190,9 @@ def test_eval_has_no_noise_and_no_leftover_hooks(cls_data, tmp_path):
     handle.remove()
     assert len(calls) == 2  # one encoder pass for the criterion, one for the reference above
     assert "symm_kl" not in log and "r3f_noise_effective_num" not in log
-    assert loss.item() == pytest.approx(F.cross_entropy(logits, sample["target"].view(-1), reduction="sum").item(),
-                                        rel=1e-6)
+    assert loss.item() == pytest.approx(
+        F.cross_entropy(logits, sample["target"].view(-1), reduction="sum").item(), rel=1e-6
+    )
 
 
 def test_noise_effective_is_measured_where_the_encoder_consumes_it_fp16(cls_data, tmp_path):
@@ -228,24 +237,39 @@ def test_regression_gaussian_kl_and_skip(reg_data, tmp_path):
     assert len(calls) == 1 and "symm_kl" not in log  # no wasted noisy pass
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--eps", "-1", "--eps"), ("--r3f-lambda", "nan", "--r3f-lambda"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--eps", "-1", "--eps"),
+        ("--r3f-lambda", "nan", "--r3f-lambda"),
+    ],
+)
 def test_bad_flag_values_name_the_flag(cls_data, tmp_path, flag, value, message):
     with pytest.raises(ValueError, match=message):
         build(r3f_argv(cls_data, tmp_path, flag, value))
 
 
 def test_reference_flag_names_arrive(cls_data, tmp_path):
-    _, _, criterion, _ = build(r3f_argv(cls_data, tmp_path, "--eps", "3e-4", "--noise-type", "normal",
-                                        "--r3f-lambda", "0.25", "--adam-eps", "1e-6"))
+    _, _, criterion, _ = build(
+        r3f_argv(
+            cls_data, tmp_path, "--eps", "3e-4", "--noise-type", "normal", "--r3f-lambda", "0.25", "--adam-eps", "1e-6"
+        )
+    )
     assert (criterion.eps, criterion.noise_type, criterion.r3f_lambda) == (3e-4, "normal", 0.25)
 
 
 # -- end to end -----------------------------------------------------------------------------------------
 def train(data, save_dir, *extra, num_classes=2, max_update=4):
-    args = sentence_prediction_args(data, save_dir, "--eps", "1e-2", *extra, criterion="sentence_prediction_r3f",
-                                    num_classes=num_classes, max_update=max_update)
+    args = sentence_prediction_args(
+        data,
+        save_dir,
+        "--eps",
+        "1e-2",
+        *extra,
+        criterion="sentence_prediction_r3f",
+        num_classes=num_classes,
+        max_update=max_update,
+    )
     return run_tool("fairseq-train", *args).stdout
 
 
@@ -253,8 +277,7 @@ def test_end_to_end_classification_with_resume(cls_data, tmp_path):
     out = train(cls_data, tmp_path, "--report-mcc", "--r3f-lambda", "0.7")
     records = json_logs(out)
     inner = [r for r in records if "symm_kl" in r]
-    assert len(inner) == 4 and all(float(r["symm_kl"]) > 0 and float(r["r3f_noise_effective"]) > 0.99
-                                   for r in inner)
+    assert len(inner) == 4 and all(float(r["symm_kl"]) > 0 and float(r["r3f_noise_effective"]) > 0.99 for r in inner)
     valid = json_logs(out, "valid_")[-1]
     assert "valid_accuracy" in valid and "valid_mcc" in valid and "valid_symm_kl" not in valid
     assert (tmp_path / "checkpoint_last.pt").exists()
@@ -265,8 +288,18 @@ def test_end_to_end_classification_with_resume(cls_data, tmp_path):
 
 
 def test_end_to_end_regression_and_memory_efficient_fp16(reg_data, tmp_path):
-    out = train(reg_data, tmp_path, "--regression-target", "--report-pearson-and-spearman",
-                "--memory-efficient-fp16", "--fp16-init-scale", "4", "--eps", "1e-5", num_classes=1)
+    out = train(
+        reg_data,
+        tmp_path,
+        "--regression-target",
+        "--report-pearson-and-spearman",
+        "--memory-efficient-fp16",
+        "--fp16-init-scale",
+        "4",
+        "--eps",
+        "1e-5",
+        num_classes=1,
+    )
     inner = [r for r in json_logs(out) if "symm_kl" in r]
     assert inner and all(math.isfinite(float(r["loss"])) for r in inner)
     effective = [float(r["r3f_noise_effective"]) for r in inner]
@@ -283,9 +316,27 @@ def test_end_to_end_composes_with_hype(cls_data, tmp_path):
 
 
 # -- BART classification heads (eos pooling, encoder-decoder) ------------------------------------------
-TINY_BART = ["--arch", "bart_base", "--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64",
-             "--decoder-embed-dim", "64", "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
-             "--encoder-attention-heads", "2", "--decoder-attention-heads", "2", "--add-prev-output-tokens"]
+TINY_BART = [
+    "--arch",
+    "bart_base",
+    "--encoder-layers",
+    "2",
+    "--decoder-layers",
+    "2",
+    "--encoder-embed-dim",
+    "64",
+    "--decoder-embed-dim",
+    "64",
+    "--encoder-ffn-embed-dim",
+    "128",
+    "--decoder-ffn-embed-dim",
+    "128",
+    "--encoder-attention-heads",
+    "2",
+    "--decoder-attention-heads",
+    "2",
+    "--add-prev-output-tokens",
+]
 
 
 def bart_classification_argv(data, tmp_path, *extra):
@@ -314,6 +365,7 @@ def test_bart_classification_head_gets_encoder_noise(cls_data, tmp_path):
     embeddings = model.encoder.embed_tokens(net_input["src_tokens"])
     torch.manual_seed(9)
     noise = torch.empty(embeddings.shape).uniform_(-0.05, 0.05)
-    noisy, _ = model(**net_input, features_only=True, classification_head_name=HEAD,
-                     token_embeddings=embeddings + noise)
+    noisy, _ = model(
+        **net_input, features_only=True, classification_head_name=HEAD, token_embeddings=embeddings + noise
+    )
     assert log["symm_kl"].item() == pytest.approx(hand_symmetric_kl(clean, noisy).sum(), rel=1e-4)

@@ -1,6 +1,7 @@
 """R3F for encoder-decoder models (rxf_src/label_smoothed_cross_entropy_r3f.py) on a tiny BART and a tiny
 transformer: token-level KL with target pads masked, both normalisations, encoder-only noise, e2e + resume;
 a two-pass encoder (hyperdecoder, generated encoder adapters) gets the same noise in both passes."""
+
 import random
 
 import numpy as np
@@ -13,9 +14,25 @@ from rxf_src.embedding_noise import EncoderEmbeddingNoise, noised_forward
 from tests.fairseq_helpers import REPO, json_logs, run_tool
 from tests.test_r3f import build, hand_symmetric_kl
 
-TINY = ["--encoder-layers", "2", "--decoder-layers", "2", "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
-        "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128", "--encoder-attention-heads", "2",
-        "--decoder-attention-heads", "2", "--share-all-embeddings"]
+TINY = [
+    "--encoder-layers",
+    "2",
+    "--decoder-layers",
+    "2",
+    "--encoder-embed-dim",
+    "64",
+    "--decoder-embed-dim",
+    "64",
+    "--encoder-ffn-embed-dim",
+    "128",
+    "--decoder-ffn-embed-dim",
+    "128",
+    "--encoder-attention-heads",
+    "2",
+    "--decoder-attention-heads",
+    "2",
+    "--share-all-embeddings",
+]
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0"]
 
 
@@ -33,26 +50,86 @@ def mt_data(tmp_path_factory):
         (root / f"{split}.src").write_text("\n".join(src) + "\n")
         (root / f"{split}.tgt").write_text("\n".join(tgt) + "\n")
     out = root / "bin"
-    run_tool("fairseq-preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", root / "train",
-             "--validpref", root / "valid", "--joined-dictionary", "--destdir", out, "--workers", "1")
+    run_tool(
+        "fairseq-preprocess",
+        "--source-lang",
+        "src",
+        "--target-lang",
+        "tgt",
+        "--trainpref",
+        root / "train",
+        "--validpref",
+        root / "valid",
+        "--joined-dictionary",
+        "--destdir",
+        out,
+        "--workers",
+        "1",
+    )
     return out
 
 
 def mt_args(data, save_dir, arch, *extra, max_update=4):
-    return [data, "--cpu", "--user-dir", REPO / "robustft", "--task", "translation", "--arch", arch, *TINY,
-            "--criterion", "label_smoothed_cross_entropy_r3f", "--label-smoothing", "0.1",
-            "--batch-size", "16", "--required-batch-size-multiple", "1", "--max-update", max_update,
-            "--optimizer", "adam", "--lr", "1e-3", "--save-dir", save_dir, "--log-format", "json",
-            "--log-interval", "1", "--seed", "1", "--num-workers", "0", "--no-epoch-checkpoints",
-            "--ddp-backend", "legacy_ddp", *extra]
+    return [
+        data,
+        "--cpu",
+        "--user-dir",
+        REPO / "robustft",
+        "--task",
+        "translation",
+        "--arch",
+        arch,
+        *TINY,
+        "--criterion",
+        "label_smoothed_cross_entropy_r3f",
+        "--label-smoothing",
+        "0.1",
+        "--batch-size",
+        "16",
+        "--required-batch-size-multiple",
+        "1",
+        "--max-update",
+        max_update,
+        "--optimizer",
+        "adam",
+        "--lr",
+        "1e-3",
+        "--save-dir",
+        save_dir,
+        "--log-format",
+        "json",
+        "--log-interval",
+        "1",
+        "--seed",
+        "1",
+        "--num-workers",
+        "0",
+        "--no-epoch-checkpoints",
+        "--ddp-backend",
+        "legacy_ddp",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("kl_norm", ["token", "sentence"])
 def test_token_level_kl_masks_pads_and_is_normalised_like_ce(mt_data, tmp_path, kl_norm):
     eps, lam = 0.05, 0.3
-    _, model, criterion, sample = build(mt_args(mt_data, tmp_path, "bart_base", *NO_DROPOUT, "--eps", eps,
-                                                "--r3f-lambda", lam, "--noise-type", "uniform",
-                                                "--r3f-kl-norm", kl_norm))
+    _, model, criterion, sample = build(
+        mt_args(
+            mt_data,
+            tmp_path,
+            "bart_base",
+            *NO_DROPOUT,
+            "--eps",
+            eps,
+            "--r3f-lambda",
+            lam,
+            "--noise-type",
+            "uniform",
+            "--r3f-kl-norm",
+            kl_norm,
+        )
+    )
     model.train()
     torch.manual_seed(11)
     loss, sample_size, log = criterion(model, sample)
@@ -84,8 +161,12 @@ def test_transformer_with_shared_embeddings_noises_encoder_only(mt_data, tmp_pat
     assert model.encoder.embed_tokens is model.decoder.embed_tokens and model.encoder.layernorm_embedding is None
     model.train()
     seen = {"encoder": [], "decoder": []}
-    handles = [getattr(model, side).layers[0].register_forward_pre_hook(
-        lambda mod, args, side=side: seen[side].append(args[0].detach())) for side in seen]
+    handles = [
+        getattr(model, side)
+        .layers[0]
+        .register_forward_pre_hook(lambda mod, args, side=side: seen[side].append(args[0].detach()))
+        for side in seen
+    ]
     _, _, log = criterion(model, sample)
     for h in handles:
         h.remove()
@@ -117,8 +198,7 @@ def test_end_to_end_bart_with_resume(mt_data, tmp_path):
     assert valid and "valid_symm_kl" not in valid[-1]
 
     args = mt_args(mt_data, tmp_path, "bart_base", "--eps", "1e-2", max_update=6)
-    resumed = [int(r["num_updates"]) for r in json_logs(run_tool("fairseq-train", *args).stdout)
-               if "symm_kl" in r]
+    resumed = [int(r["num_updates"]) for r in json_logs(run_tool("fairseq-train", *args).stdout) if "symm_kl" in r]
     assert resumed == [5, 6]
 
 
@@ -134,12 +214,14 @@ def test_noisy_forward_fails_loudly_when_the_noise_misses_the_source_batch(mt_da
     with pytest.raises(RuntimeError, match="one source batch per forward"):
         noised_forward(bart, src, 0.1, "uniform", lambda: bart.encoder(src[:2]))
 
+
 # -- a two-pass encoder: hyperdecoder with --encoder-adapter generated --------------------------------
 def generated_encoder_run(data, tmp_path, *extra):
     """Tiny hyperdecoder whose encoder runs twice per forward (pass 1 -> adapter generator -> pass 2, which
     the decoder reads); dropout 0, so the noise is the only difference between the criterion's passes."""
-    return build(mt_args(data, tmp_path, "hyperdecoder_bart_tiny", "--encoder-adapter", "generated",
-                         *NO_DROPOUT, *extra))
+    return build(
+        mt_args(data, tmp_path, "hyperdecoder_bart_tiny", "--encoder-adapter", "generated", *NO_DROPOUT, *extra)
+    )
 
 
 def test_one_noise_sample_reaches_both_encoder_passes(mt_data, tmp_path):
@@ -174,8 +256,9 @@ def test_one_noise_sample_reaches_both_encoder_passes(mt_data, tmp_path):
 def test_generated_encoder_adapters_token_kl_is_positive_and_independent(mt_data, tmp_path):
     """dropout 0, eps > 0: the KL comes from the noise alone, through the pass the decoder reads."""
     eps = 0.05
-    _, model, criterion, sample = generated_encoder_run(mt_data, tmp_path, "--eps", eps, "--r3f-lambda", 1.0,
-                                                         "--noise-type", "uniform")
+    _, model, criterion, sample = generated_encoder_run(
+        mt_data, tmp_path, "--eps", eps, "--r3f-lambda", 1.0, "--noise-type", "uniform"
+    )
     model.train()
     torch.manual_seed(5)
     _, _, log = criterion(model, sample)
@@ -195,8 +278,17 @@ def test_generated_encoder_adapters_token_kl_is_positive_and_independent(mt_data
 
 
 def test_end_to_end_generated_encoder_adapters(mt_data, tmp_path):
-    args = mt_args(mt_data, tmp_path, "hyperdecoder_bart_tiny", "--encoder-adapter", "generated", *NO_DROPOUT,
-                   "--eps", "0.1", max_update=2)
+    args = mt_args(
+        mt_data,
+        tmp_path,
+        "hyperdecoder_bart_tiny",
+        "--encoder-adapter",
+        "generated",
+        *NO_DROPOUT,
+        "--eps",
+        "0.1",
+        max_update=2,
+    )
     inner = [r for r in json_logs(run_tool("fairseq-train", *args).stdout) if "symm_kl" in r]
     assert len(inner) == 2
     assert all(float(r["symm_kl"]) > 0 and float(r["r3f_noise_effective"]) == 1.0 for r in inner)

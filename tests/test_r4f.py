@@ -1,6 +1,7 @@
 """R4F (--spectral-norm-classification-head; robustft_common/spectral_norm_heads.py, installed by
 fairseq_patches.py): train, save, resume, reload for inference, and the paper's variant that also normalises
 the head's dense layer, under fairseq-train and under hydra."""
+
 import shutil
 
 import pytest
@@ -29,8 +30,16 @@ def data(tmp_path_factory):
 
 
 def train(data, save_dir, *extra, max_update=4):
-    args = sentence_prediction_args(data, save_dir, "--spectral-norm-classification-head", "--eps", "1e-2", *extra,
-                                    criterion="sentence_prediction_r3f", max_update=max_update)
+    args = sentence_prediction_args(
+        data,
+        save_dir,
+        "--spectral-norm-classification-head",
+        "--eps",
+        "1e-2",
+        *extra,
+        criterion="sentence_prediction_r3f",
+        max_update=max_update,
+    )
     return json_logs(run_tool("fairseq-train", *args).stdout)
 
 
@@ -56,9 +65,13 @@ def test_train_resume_and_reload_for_inference(data, tmp_path, dense):
     resumed = train(data, tmp_path, *extra, max_update=6)  # fairseq's reference: KeyError ...out_proj.weight
     assert [int(r["num_updates"]) for r in resumed if "symm_kl" in r] == [5, 6]
 
-    hub = RobertaModel.from_pretrained(str(tmp_path), checkpoint_file="checkpoint_last.pt",
-                                       data_name_or_path=str(data), user_dir=str(REPO / "robustft"),
-                                       bpe=None)  # toy words: no GPT-2 BPE (it would download)
+    hub = RobertaModel.from_pretrained(
+        str(tmp_path),
+        checkpoint_file="checkpoint_last.pt",
+        data_name_or_path=str(data),
+        user_dir=str(REPO / "robustft"),
+        bpe=None,
+    )  # toy words: no GPT-2 BPE (it would download)
     hub.eval()
     head = hub.model.classification_heads[HEAD]
     assert is_spectral_normed(head.out_proj) and is_spectral_normed(head.dense) == dense
@@ -75,8 +88,13 @@ def test_train_resume_and_reload_for_inference(data, tmp_path, dense):
 
 def test_stock_upgrade_fails_and_ours_converts_normalised_heads_to_plain(data, tmp_path):
     """The defect the plugin fixes, and loading an R4F head into a plain head as the matrix it represents."""
-    argv = sentence_prediction_args(data, tmp_path, "--spectral-norm-classification-head",
-                                    "--r4f-spectral-norm-dense", criterion="sentence_prediction_r3f")
+    argv = sentence_prediction_args(
+        data,
+        tmp_path,
+        "--spectral-norm-classification-head",
+        "--r4f-spectral-norm-dense",
+        criterion="sentence_prediction_r3f",
+    )
     _, r4f_model, _, sample = build(argv)
     r4f_model.train()
     for _ in range(3):  # a few power iterations so u, v are not at their random init
@@ -132,11 +150,21 @@ def hydra_r4f(data, save_dir, max_update, *extra):
     """The paper's R4F through the hydra launcher: the dense flag lives in the `criterion:` section only."""
     save_dir.mkdir(exist_ok=True)
     proc = run_hydra_train(
-        f"task.data={data}", f"checkpoint.save_dir={save_dir}", "checkpoint.restore_file=checkpoint_last.pt",
-        "checkpoint.reset_optimizer=false", "checkpoint.reset_dataloader=false", "checkpoint.reset_meters=false",
-        "criterion._name=sentence_prediction_r3f", "+criterion.eps=1e-2", "+criterion.r4f_spectral_norm_dense=true",
-        "+model.spectral_norm_classification_head=true", *TINY_ROBERTA_HYDRA, f"optimization.max_update={max_update}",
-        *extra, cwd=save_dir)
+        f"task.data={data}",
+        f"checkpoint.save_dir={save_dir}",
+        "checkpoint.restore_file=checkpoint_last.pt",
+        "checkpoint.reset_optimizer=false",
+        "checkpoint.reset_dataloader=false",
+        "checkpoint.reset_meters=false",
+        "criterion._name=sentence_prediction_r3f",
+        "+criterion.eps=1e-2",
+        "+criterion.r4f_spectral_norm_dense=true",
+        "+model.spectral_norm_classification_head=true",
+        *TINY_ROBERTA_HYDRA,
+        f"optimization.max_update={max_update}",
+        *extra,
+        cwd=save_dir,
+    )
     return proc.stdout + proc.stderr
 
 
@@ -159,8 +187,13 @@ def test_dense_flag_reaches_the_head_under_hydra_and_resumes_exactly(data, tmp_p
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
-    hub = RobertaModel.from_pretrained(str(tmp_path / "resumed"), checkpoint_file="checkpoint_last.pt",
-                                       data_name_or_path=str(data), user_dir=str(REPO / "robustft"), bpe=None)
+    hub = RobertaModel.from_pretrained(
+        str(tmp_path / "resumed"),
+        checkpoint_file="checkpoint_last.pt",
+        data_name_or_path=str(data),
+        user_dir=str(REPO / "robustft"),
+        bpe=None,
+    )
     head = hub.model.classification_heads[HEAD]
     assert is_spectral_normed(head.dense) and is_spectral_normed(head.out_proj)
 
@@ -177,8 +210,9 @@ def test_dense_flag_is_read_from_either_config_form(data, tmp_path):
     assert dense_norm_requested(run.model)
     assert not dense_norm_requested(OmegaConf.create({"_name": "roberta"}))
 
-    argv = sentence_prediction_args(data, tmp_path, "--spectral-norm-classification-head",
-                                    criterion="sentence_prediction_r3f")
+    argv = sentence_prediction_args(
+        data, tmp_path, "--spectral-norm-classification-head", criterion="sentence_prediction_r3f"
+    )
     _, plain_model, _, _ = build(argv)
     with pytest.raises(ValueError, match="--r4f-spectral-norm-dense: classification head .* not spectral-normalised"):
         check_dense_normalised(plain_model, HEAD)

@@ -1,4 +1,5 @@
 """The README's registered-names table stays current with what the plugin registers."""
+
 import re
 
 from tests.fairseq_helpers import REPO
@@ -15,12 +16,14 @@ def _registered():
     import robustft  # noqa: F401
 
     found = set()
-    for kind, registry in (("criterion", CRITERION_REGISTRY), ("optimizer", OPTIMIZER_REGISTRY),
-                           ("model", MODEL_REGISTRY), ("task", TASK_REGISTRY)):
-        found |= {(kind, n) for n, cls in registry.items()
-                  if cls.__module__.split(".")[0] in OUR_PACKAGES}
-    found |= {("arch", n) for n, cls in ARCH_MODEL_REGISTRY.items()
-              if cls.__module__.split(".")[0] in OUR_PACKAGES}
+    for kind, registry in (
+        ("criterion", CRITERION_REGISTRY),
+        ("optimizer", OPTIMIZER_REGISTRY),
+        ("model", MODEL_REGISTRY),
+        ("task", TASK_REGISTRY),
+    ):
+        found |= {(kind, n) for n, cls in registry.items() if cls.__module__.split(".")[0] in OUR_PACKAGES}
+    found |= {("arch", n) for n, cls in ARCH_MODEL_REGISTRY.items() if cls.__module__.split(".")[0] in OUR_PACKAGES}
     return found
 
 
@@ -36,8 +39,7 @@ def test_every_registered_name_is_in_the_readme_table():
     assert registered, "the plugin registered nothing"
     missing = sorted(f"{k} {n}" for k, n in registered if n not in rows.get(k, set()))
     assert not missing, f"README 'Registered names' lacks: {missing}"
-    stale = sorted(f"{k} {n}" for k, names in rows.items() for n in names
-                   if (k, n) not in registered)
+    stale = sorted(f"{k} {n}" for k, names in rows.items() for n in names if (k, n) not in registered)
     assert not stale, f"README lists names that are not registered: {stale}"
 
 
@@ -52,6 +54,7 @@ def test_method_table_is_generated_from_the_registry():
     table = readme[start:end]
     assert table == methods_table_markdown(), (
         "README method table differs from robustft_common/methods.py; regenerate it with "
-        "`python -m robustft_common.methods table`")
+        "`python -m robustft_common.methods table`"
+    )
     rows = [line.split("|")[1].strip().strip("`") for line in table.splitlines() if line.startswith("| `")]
     assert rows == list(METHODS)  # one row per method, in the registry's order

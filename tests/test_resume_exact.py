@@ -10,6 +10,7 @@ update and keep their EMAs in the optimizer state; the data iterator position is
 The straight run saves at update N/2 (`--save-interval-updates`); that checkpoint becomes the resumed
 run's checkpoint_last.pt. All straight runs share one launcher process, all resumed runs another.
 """
+
 import shutil
 
 import pytest
@@ -34,13 +35,38 @@ TIMING_KEYS = {"wps", "ups", "wpb_per_sec", "train_wall", "wall", "gb_free"}
 
 # combinations and the update-frequency path, on top of the per-method matrix
 EXTRA = {
-    "r3f_hype_pats_updfreq2": ["--criterion", "sentence_prediction_r3f", "--eps", "1e-2", "--hype-type", "normal",
-                               "--hype-eps", "1e-2", "--optimizer", "adamax_pats", "--pats-noise", "1e-3",
-                               "--update-freq", "2", "--batch-size", "8"],  # still 3 updates per epoch
+    "r3f_hype_pats_updfreq2": [
+        "--criterion",
+        "sentence_prediction_r3f",
+        "--eps",
+        "1e-2",
+        "--hype-type",
+        "normal",
+        "--hype-eps",
+        "1e-2",
+        "--optimizer",
+        "adamax_pats",
+        "--pats-noise",
+        "1e-3",
+        "--update-freq",
+        "2",
+        "--batch-size",
+        "8",
+    ],  # still 3 updates per epoch
     # fp16 loss-scaler state; CPU fp16 cannot survive an overflow (fairseq/trainer.py:1023): low scale
-    "r3f_hype_memory_efficient_fp16": ["--criterion", "sentence_prediction_r3f", "--eps", "1e-2", "--hype-type",
-                                       "normal", "--hype-eps", "1e-2", "--memory-efficient-fp16",
-                                       "--fp16-init-scale", "4"],
+    "r3f_hype_memory_efficient_fp16": [
+        "--criterion",
+        "sentence_prediction_r3f",
+        "--eps",
+        "1e-2",
+        "--hype-type",
+        "normal",
+        "--hype-eps",
+        "1e-2",
+        "--memory-efficient-fp16",
+        "--fp16-init-scale",
+        "4",
+    ],
 }
 CASES = [*METHODS, "noisytune", *EXTRA]
 
@@ -48,8 +74,16 @@ CASES = [*METHODS, "noisytune", *EXTRA]
 def _argv(case, data, save_dir, pretrained):
     sp, t2t = data
     if case == "noisytune":  # NoisyTune only applies to a --finetune-from-model start
-        extra = ["--optimizer", "adamax_pats", "--pats-noise", "1e-3", "--noisytune-lambda", "0.15",
-                 "--finetune-from-model", str(pretrained)]
+        extra = [
+            "--optimizer",
+            "adamax_pats",
+            "--pats-noise",
+            "1e-3",
+            "--noisytune-lambda",
+            "0.15",
+            "--finetune-from-model",
+            str(pretrained),
+        ]
         return method_argv("vanilla", sp, t2t, save_dir, N, *extra, "--save-interval-updates", str(HALF))
     if case in EXTRA:
         return method_argv("vanilla", sp, t2t, save_dir, N, *EXTRA[case], "--save-interval-updates", str(HALF))

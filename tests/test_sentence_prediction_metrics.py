@@ -1,4 +1,5 @@
 """The shared sentence-prediction base: loss and metrics against independent sklearn/scipy values."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,9 +15,23 @@ from tests.fairseq_helpers import TINY_ROBERTA, make_sentence_prediction_data
 
 def _setup(data, *extra):
     parser = options.get_training_parser()
-    args = options.parse_args_and_arch(parser, [
-        str(data), "--task", "sentence_prediction", "--criterion", "sentence_prediction",
-        "--init-token", "0", "--separator-token", "2", *TINY_ROBERTA, "--cpu", *extra])
+    args = options.parse_args_and_arch(
+        parser,
+        [
+            str(data),
+            "--task",
+            "sentence_prediction",
+            "--criterion",
+            "sentence_prediction",
+            "--init-token",
+            "0",
+            "--separator-token",
+            "2",
+            *TINY_ROBERTA,
+            "--cpu",
+            *extra,
+        ],
+    )
     cfg = convert_namespace_to_omegaconf(args)
     task = tasks.setup_task(cfg.task)
     task.load_dataset("valid")
@@ -31,15 +46,17 @@ def _setup(data, *extra):
 
 
 def _run_valid(task, model, criterion, batch_size=8):
-    itr = task.get_batch_iterator(dataset=task.dataset("valid"), max_sentences=batch_size,
-                                  ignore_invalid_inputs=False).next_epoch_itr(shuffle=False)
+    itr = task.get_batch_iterator(
+        dataset=task.dataset("valid"), max_sentences=batch_size, ignore_invalid_inputs=False
+    ).next_epoch_itr(shuffle=False)
     preds, targets, losses = [], [], []
     with metrics.aggregate(new_root=True) as agg, torch.no_grad():
         for sample in itr:
             loss, _, log = criterion(model, sample)
             criterion.__class__.reduce_metrics([log])
-            logits, _ = model(**sample["net_input"], features_only=True,
-                              classification_head_name="sentence_classification_head")
+            logits, _ = model(
+                **sample["net_input"], features_only=True, classification_head_name="sentence_classification_head"
+            )
             preds.append(logits)
             targets.append(sample["target"].view(-1))
             losses.append(loss.item())
@@ -49,13 +66,11 @@ def _run_valid(task, model, criterion, batch_size=8):
 
 @pytest.fixture(scope="module")
 def binary_data(tmp_path_factory):
-    return make_sentence_prediction_data(tmp_path_factory.mktemp("bin"), n_valid=40,
-                                         label_names=("0", "1"))
+    return make_sentence_prediction_data(tmp_path_factory.mktemp("bin"), n_valid=40, label_names=("0", "1"))
 
 
 def test_classification_metrics_over_several_batches(binary_data):
-    task, model, criterion = _setup(binary_data, "--num-classes", "2", "--report-mcc",
-                                    "--report-acc-and-f1")
+    task, model, criterion = _setup(binary_data, "--num-classes", "2", "--report-mcc", "--report-acc-and-f1")
     logits, targets, loss_sum, values = _run_valid(task, model, criterion)
     # Independent: map class ids back to the label strings, as GLUE scorers see them.
     names = task.label_dictionary
@@ -71,8 +86,7 @@ def test_classification_metrics_over_several_batches(binary_data):
 
 def test_regression_metrics_over_several_batches(tmp_path):
     data = make_sentence_prediction_data(tmp_path, n_valid=40, regression=True)
-    task, model, criterion = _setup(data, "--num-classes", "1", "--regression-target",
-                                    "--report-pearson-and-spearman")
+    task, model, criterion = _setup(data, "--num-classes", "1", "--regression-target", "--report-pearson-and-spearman")
     preds, targets, loss_sum, values = _run_valid(task, model, criterion)
     preds, targets = preds.view(-1).double().numpy(), targets.double().numpy()
     assert loss_sum == pytest.approx(((preds - targets) ** 2).sum(), rel=1e-5)

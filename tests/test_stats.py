@@ -1,4 +1,5 @@
 """Seed statistics of the quality study against hand-computed values."""
+
 import math
 
 import pytest

@@ -1,5 +1,6 @@
 """The report (robustft_experiments.report) on fixture fairseq logs; the sweep (robustft_experiments.sweep)
 end to end (real fairseq-train) and restart; scripts/sweep.py and scripts/report.py are thin entry points."""
+
 from __future__ import annotations
 
 import csv
@@ -101,10 +102,34 @@ def toy_sweep(tmp_path_factory):
     data = make_sentence_prediction_data(root / "toy", n_train=32, n_valid=16)
     (root / "data").mkdir()
     (root / "data" / "RTE-bin").symlink_to(data)  # the sweep finds <TASK>-bin under --data-root
-    argv = ["--data-root", str(root / "data"), "--output-dir", str(root / "out"), "--tasks", "RTE",
-            "--methods", "vanilla,r3f", "--seeds", "1", "--cpu", "--lr", "1e-3", "--batch-size", "8",
-            "--max-update", "3", "--validate-interval-updates", "3", "--log-interval", "1", "--quiet",
-            "--threads", "1", "--extra-args", " ".join(map(str, TINY_ROBERTA))]
+    argv = [
+        "--data-root",
+        str(root / "data"),
+        "--output-dir",
+        str(root / "out"),
+        "--tasks",
+        "RTE",
+        "--methods",
+        "vanilla,r3f",
+        "--seeds",
+        "1",
+        "--cpu",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--max-update",
+        "3",
+        "--validate-interval-updates",
+        "3",
+        "--log-interval",
+        "1",
+        "--quiet",
+        "--threads",
+        "1",
+        "--extra-args",
+        " ".join(map(str, TINY_ROBERTA)),
+    ]
     rc = sweep.main(argv)
     return root, argv, rc
 
@@ -121,7 +146,7 @@ def test_sweep_runs_fairseq_and_reports(toy_sweep):
     r3f_cmd = json.loads((root / "out" / "runs" / "RTE" / "r3f" / "seed1" / "command.json").read_text())["cmd"]
     assert "sentence_prediction_r3f" in r3f_cmd
     start = r3f_cmd.index("--criterion")  # the registry's flags, in order, in the command
-    assert r3f_cmd[start:start + len(METHODS["r3f"].flags)] == method_flags("r3f")
+    assert r3f_cmd[start : start + len(METHODS["r3f"].flags)] == method_flags("r3f")
 
 
 def test_sweep_restart_skips_finished_runs(toy_sweep):
@@ -146,13 +171,26 @@ def test_emit_jobs_one_command_per_run(toy_sweep, tmp_path):
 
 def test_unknown_method_is_rejected(tmp_path):
     with pytest.raises(SystemExit, match="unknown method 'freelb'"):
-        sweep.main(["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--methods", "freelb",
-                    "--dry-run"])
+        sweep.main(
+            ["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--methods", "freelb", "--dry-run"]
+        )
 
 
 def test_adamax_family_takes_its_own_lr(tmp_path):
-    args = sweep.build_parser().parse_args(["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o"),
-                                            "--methods", "vanilla,pats,sage", "--lr", "2e-5", "--lr-adamax", "1e-4"])
+    args = sweep.build_parser().parse_args(
+        [
+            "--data-root",
+            str(tmp_path),
+            "--output-dir",
+            str(tmp_path / "o"),
+            "--methods",
+            "vanilla,pats,sage",
+            "--lr",
+            "2e-5",
+            "--lr-adamax",
+            "1e-4",
+        ]
+    )
     lrs = {run["method"]: run["cmd"][run["cmd"].index("--lr") + 1] for run in sweep.plan(args)}
     assert lrs == {"vanilla": "2e-05", "pats": "0.0001", "sage": "0.0001"}
 
@@ -161,6 +199,7 @@ def test_scripts_are_thin_entry_points_without_path_hacks():
     for path in (REPO / "scripts").rglob("*.py"):
         assert "sys.path.insert" not in path.read_text(), path
     for name in ("sweep", "report"):
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / f"{name}.py"), "--help"],
-                              capture_output=True, text=True, cwd="/")
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / f"{name}.py"), "--help"], capture_output=True, text=True, cwd="/"
+        )
         assert proc.returncode == 0 and re.search(r"usage: \S+", proc.stdout), proc.stderr[-2000:]

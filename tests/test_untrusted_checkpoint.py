@@ -2,6 +2,7 @@
 `weights_only=True` unpickler plus robustft_common/compat.py's allow-list, so a checkpoint that pickles
 an arbitrary callable or class is refused and its payload never runs; a genuine checkpoint still loads.
 """
+
 import os
 import pickle
 import subprocess
@@ -80,11 +81,22 @@ def test_load_checkpoint_to_cpu_refuses_pickled_objects(checkpoints, kind, globa
 
 
 def test_fairseq_train_restore_file_refuses_and_payload_never_runs(checkpoints):
-    argv = sentence_prediction_args(checkpoints["data"], checkpoints["tmp"] / "restore",
-                                    "--restore-file", checkpoints["command"], "--reset-optimizer",
-                                    "--reset-dataloader", "--reset-meters")
-    proc = subprocess.run([str(BIN / "fairseq-train"), *map(str, argv)], capture_output=True, text=True,
-                          cwd=REPO, env={"OMP_NUM_THREADS": "1", "PATH": str(BIN)})
+    argv = sentence_prediction_args(
+        checkpoints["data"],
+        checkpoints["tmp"] / "restore",
+        "--restore-file",
+        checkpoints["command"],
+        "--reset-optimizer",
+        "--reset-dataloader",
+        "--reset-meters",
+    )
+    proc = subprocess.run(
+        [str(BIN / "fairseq-train"), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"OMP_NUM_THREADS": "1", "PATH": str(BIN)},
+    )
     assert proc.returncode != 0
     assert "UnpicklingError" in proc.stderr and "posix.system" in proc.stderr
     assert "num_updates" not in proc.stdout + proc.stderr
@@ -94,10 +106,17 @@ def test_fairseq_train_restore_file_refuses_and_payload_never_runs(checkpoints):
 def test_control_the_payload_is_real_without_weights_only(checkpoints):
     """Negative control: with torch's documented opt-out the same file executes its payload, so the
     refusals above are what stops it (never set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD for foreign files)."""
-    code = ("import robustft; from fairseq import checkpoint_utils; "
-            f"checkpoint_utils.load_checkpoint_to_cpu({str(checkpoints['command'])!r})")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                   env=dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1"))
+    code = (
+        "import robustft; from fairseq import checkpoint_utils; "
+        f"checkpoint_utils.load_checkpoint_to_cpu({str(checkpoints['command'])!r})"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS="1"),
+    )
     assert checkpoints["marker"].exists()
     checkpoints["marker"].unlink()
 

@@ -5,6 +5,7 @@ robustft_experiments/paper_scale.py; the commands: docs/recipes.md, benchmarks/q
     python benchmarks/quality/paper_scale.py --paper r3f --backbone roberta-large \
         --data-root glue-bin --pretrained roberta.large/model.pt --output-dir repro/r3f
 """
+
 import sys
 
 from robustft_experiments.paper_scale import main

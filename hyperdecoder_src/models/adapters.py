@@ -2,6 +2,7 @@
 
 Shapes follow fairseq: activations are T x B x C; generated weights are per instance (leading B).
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,9 @@ class AdapterHypernetwork(nn.Module):
     the down/up weights and biases of a bottleneck adapter of width `adapter_dim`.
     """
 
-    def __init__(self, num_layers: int, input_dim: int, embed_dim: int, adapter_dim: int,
-                 bottleneck: int, layer_embed_dim: int):
+    def __init__(
+        self, num_layers: int, input_dim: int, embed_dim: int, adapter_dim: int, bottleneck: int, layer_embed_dim: int
+    ):
         super().__init__()
         self.num_layers, self.embed_dim, self.adapter_dim = num_layers, embed_dim, adapter_dim
         self.layer_embed = nn.Embedding(num_layers, layer_embed_dim)
@@ -91,8 +93,9 @@ class AdapterHypernetwork(nn.Module):
     def num_params(num_layers, input_dim, embed_dim, adapter_dim, bottleneck, layer_embed_dim) -> int:
         """Closed form of the parameter count (checked against the module in the tests)."""
         heads_out = 2 * embed_dim * adapter_dim + adapter_dim + embed_dim
-        return (num_layers * layer_embed_dim + (input_dim + layer_embed_dim + 1) * bottleneck
-                + (bottleneck + 1) * heads_out)
+        return (
+            num_layers * layer_embed_dim + (input_dim + layer_embed_dim + 1) * bottleneck + (bottleneck + 1) * heads_out
+        )
 
     def reset_parameters(self):
         self.layer_embed.reset_parameters()
@@ -157,8 +160,9 @@ class ParallelAdapterMixin:
     adds A(h) (A(fc1 input) with --adapter-norm-input). Nothing of fairseq's forward is copied.
     """
 
-    def init_parallel_adapter(self, adapter_dim: int, manual: bool, slot: GeneratedAdapterSlot | None,
-                              layer_idx: int, norm_input: bool):
+    def init_parallel_adapter(
+        self, adapter_dim: int, manual: bool, slot: GeneratedAdapterSlot | None, layer_idx: int, norm_input: bool
+    ):
         self.adapter = BottleneckAdapter(self.embed_dim, adapter_dim) if manual else None
         self.generated_adapter_slot = slot
         self.layer_idx = layer_idx
@@ -182,5 +186,6 @@ class ParallelAdapterMixin:
         if self.adapter is None:
             raise RuntimeError(
                 f"{type(self).__name__} {self.layer_idx}: generated adapter weights were not set; "
-                "the stack must generate them before running its layers")
+                "the stack must generate them before running its layers"
+            )
         return out + self.adapter(u)

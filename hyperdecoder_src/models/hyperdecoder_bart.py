@@ -38,26 +38,38 @@ class HyperdecoderModelConfig(FairseqDataclass):
     """Flags added to BART's (names follow the reference config; none collides with a fairseq flag)."""
 
     encoder_adapter: ADAPTER_CHOICES = field(
-        default="manual", metadata={"help": "encoder adapters: none | manual (one per layer) | "
-                                             "generated (2 encoder passes: manual, then instance-generated)"})
+        default="manual",
+        metadata={
+            "help": "encoder adapters: none | manual (one per layer) | "
+            "generated (2 encoder passes: manual, then instance-generated)"
+        },
+    )
     decoder_adapter: ADAPTER_CHOICES = field(
-        default="generated", metadata={"help": "decoder adapters: none | manual | generated from the "
-                                               "pooled encoder output (Hyperdecoder)"})
+        default="generated",
+        metadata={"help": "decoder adapters: none | manual | generated from the pooled encoder output (Hyperdecoder)"},
+    )
     encoder_adapter_dim: int = field(default=64, metadata={"help": "encoder adapter bottleneck width"})
     decoder_adapter_dim: int = field(default=64, metadata={"help": "decoder adapter bottleneck width"})
     hypernetwork_bottleneck: int = field(default=128, metadata={"help": "hidden size of the adapter generator"})
     layer_embed_dim: int = field(default=10, metadata={"help": "size of the generator's layer-id embedding"})
     no_process_encoder_output: bool = field(
-        default=False, metadata={"help": "feed the pooled encoder output to the generator directly "
-                                         "(no Linear-ReLU-Linear MLP)"})
+        default=False,
+        metadata={"help": "feed the pooled encoder output to the generator directly (no Linear-ReLU-Linear MLP)"},
+    )
     adapter_norm_input: bool = field(
-        default=False, metadata={"help": "adapters read the FFN input (after its layer norm in pre-LN "
-                                         "models) instead of the un-normalised residual"})
+        default=False,
+        metadata={
+            "help": "adapters read the FFN input (after its layer norm in pre-LN "
+            "models) instead of the un-normalised residual"
+        },
+    )
     no_freeze_backbone: bool = field(default=False, metadata={"help": "train every parameter"})
-    unfreeze_encoder: bool = field(default=False, metadata={"help": "also train the whole encoder "
-                                                                   "(incl. the shared embeddings)"})
-    unfreeze_decoder: bool = field(default=False, metadata={"help": "also train the whole decoder "
-                                                                   "(incl. the shared embeddings)"})
+    unfreeze_encoder: bool = field(
+        default=False, metadata={"help": "also train the whole encoder (incl. the shared embeddings)"}
+    )
+    unfreeze_decoder: bool = field(
+        default=False, metadata={"help": "also train the whole decoder (incl. the shared embeddings)"}
+    )
 
 
 def hyperdecoder_defaults(args):
@@ -69,23 +81,37 @@ def hyperdecoder_defaults(args):
 def validate_hyperdecoder_args(args):
     require_choice("--encoder-adapter", args.encoder_adapter, ADAPTER_CHOICES)
     require_choice("--decoder-adapter", args.decoder_adapter, ADAPTER_CHOICES)
-    for flag, value in (("--encoder-adapter-dim", args.encoder_adapter_dim),
-                        ("--decoder-adapter-dim", args.decoder_adapter_dim),
-                        ("--hypernetwork-bottleneck", args.hypernetwork_bottleneck),
-                        ("--layer-embed-dim", args.layer_embed_dim)):
+    for flag, value in (
+        ("--encoder-adapter-dim", args.encoder_adapter_dim),
+        ("--decoder-adapter-dim", args.decoder_adapter_dim),
+        ("--hypernetwork-bottleneck", args.hypernetwork_bottleneck),
+        ("--layer-embed-dim", args.layer_embed_dim),
+    ):
         require(isinstance(value, int) and value > 0, flag, f"must be a positive integer, got {value!r}")
-    require(str(args.encoder_adapter) != "none" or str(args.decoder_adapter) != "none"
-            or getattr(args, "no_freeze_backbone", False) or getattr(args, "unfreeze_encoder", False)
-            or getattr(args, "unfreeze_decoder", False), "--encoder-adapter/--decoder-adapter",
-            "both none with a frozen backbone leaves nothing to train; add an adapter, "
-            "--no-freeze-backbone, or --unfreeze-encoder/--unfreeze-decoder")
+    require(
+        str(args.encoder_adapter) != "none"
+        or str(args.decoder_adapter) != "none"
+        or getattr(args, "no_freeze_backbone", False)
+        or getattr(args, "unfreeze_encoder", False)
+        or getattr(args, "unfreeze_decoder", False),
+        "--encoder-adapter/--decoder-adapter",
+        "both none with a frozen backbone leaves nothing to train; add an adapter, "
+        "--no-freeze-backbone, or --unfreeze-encoder/--unfreeze-decoder",
+    )
     generated = "generated" in (str(args.encoder_adapter), str(args.decoder_adapter))
-    require(not (generated and getattr(args, "checkpoint_activations", False)), "--checkpoint-activations",
-            "is not supported with generated adapters (the recomputed layer would not see the generated "
-            "weights); drop --checkpoint-activations or use --encoder/--decoder-adapter manual")
-    require(not (generated and getattr(args, "encoder_layerdrop", 0) or generated
-                 and getattr(args, "decoder_layerdrop", 0)), "--encoder-layerdrop/--decoder-layerdrop",
-            "must be 0 with generated adapters")
+    require(
+        not (generated and getattr(args, "checkpoint_activations", False)),
+        "--checkpoint-activations",
+        "is not supported with generated adapters (the recomputed layer would not see the generated "
+        "weights); drop --checkpoint-activations or use --encoder/--decoder-adapter manual",
+    )
+    require(
+        not (
+            generated and getattr(args, "encoder_layerdrop", 0) or generated and getattr(args, "decoder_layerdrop", 0)
+        ),
+        "--encoder-layerdrop/--decoder-layerdrop",
+        "must be 0 with generated adapters",
+    )
 
 
 def _wrap_layer(layer, cfg):
@@ -98,16 +124,26 @@ class HyperdecoderEncoderLayer(ParallelAdapterMixin, TransformerEncoderLayerBase
         super().__init__(cfg, return_fc=return_fc)
         mode = str(cfg.encoder_adapter)
         # `generated` keeps the manual adapter: it runs in the first of the two encoder passes
-        self.init_parallel_adapter(cfg.encoder_adapter_dim, manual=mode != "none", slot=slot,
-                                   layer_idx=layer_idx, norm_input=cfg.adapter_norm_input)
+        self.init_parallel_adapter(
+            cfg.encoder_adapter_dim,
+            manual=mode != "none",
+            slot=slot,
+            layer_idx=layer_idx,
+            norm_input=cfg.adapter_norm_input,
+        )
 
 
 class HyperdecoderDecoderLayer(ParallelAdapterMixin, TransformerDecoderLayerBase):
     def __init__(self, cfg, layer_idx: int, slot: Optional[GeneratedAdapterSlot], no_encoder_attn=False):
         super().__init__(cfg, no_encoder_attn=no_encoder_attn)
         mode = str(cfg.decoder_adapter)
-        self.init_parallel_adapter(cfg.decoder_adapter_dim, manual=mode == "manual", slot=slot,
-                                   layer_idx=layer_idx, norm_input=cfg.adapter_norm_input)
+        self.init_parallel_adapter(
+            cfg.decoder_adapter_dim,
+            manual=mode == "manual",
+            slot=slot,
+            layer_idx=layer_idx,
+            norm_input=cfg.adapter_norm_input,
+        )
 
 
 class HyperdecoderEncoder(TransformerEncoderBase):
@@ -123,16 +159,21 @@ class HyperdecoderEncoder(TransformerEncoderBase):
         if self.generated:
             self.mlp = None if cfg.no_process_encoder_output else InstanceEncoderMLP(dim)
             self.param_gen = AdapterHypernetwork(
-                cfg.encoder.layers, dim, dim, cfg.encoder_adapter_dim, cfg.hypernetwork_bottleneck,
-                cfg.layer_embed_dim)
+                cfg.encoder.layers, dim, dim, cfg.encoder_adapter_dim, cfg.hypernetwork_bottleneck, cfg.layer_embed_dim
+            )
 
     def build_encoder_layer(self, cfg):
         layer = HyperdecoderEncoderLayer(cfg, self._layers_built, self.adapter_slot, return_fc=self.return_fc)
         self._layers_built += 1
         return _wrap_layer(layer, cfg)
 
-    def forward_scriptable(self, src_tokens, src_lengths: Optional[Tensor] = None,
-                           return_all_hiddens: bool = False, token_embeddings: Optional[Tensor] = None):
+    def forward_scriptable(
+        self,
+        src_tokens,
+        src_lengths: Optional[Tensor] = None,
+        return_all_hiddens: bool = False,
+        token_embeddings: Optional[Tensor] = None,
+    ):
         if self.generated:
             # reference semantics: pass 1 with the manual adapters (not detached) conditions pass 2
             first = super().forward_scriptable(src_tokens, src_lengths, False, token_embeddings)
@@ -174,14 +215,20 @@ class HyperdecoderDecoder(TransformerDecoderBase):
         self.generated = str(cfg.decoder_adapter) == "generated"
         self.adapter_slot = GeneratedAdapterSlot() if self.generated else None
         self._layers_built = 0
-        super().__init__(cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn,
-                         output_projection=output_projection)
+        super().__init__(
+            cfg, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn, output_projection=output_projection
+        )
         if self.generated:
             enc_dim, dim = cfg.encoder.embed_dim, cfg.decoder.embed_dim
             self.mlp = None if cfg.no_process_encoder_output else InstanceEncoderMLP(enc_dim)
             self.param_gen = AdapterHypernetwork(
-                cfg.decoder.layers, enc_dim, dim, cfg.decoder_adapter_dim, cfg.hypernetwork_bottleneck,
-                cfg.layer_embed_dim)
+                cfg.decoder.layers,
+                enc_dim,
+                dim,
+                cfg.decoder_adapter_dim,
+                cfg.hypernetwork_bottleneck,
+                cfg.layer_embed_dim,
+            )
 
     def build_decoder_layer(self, cfg, no_encoder_attn=False):
         layer = HyperdecoderDecoderLayer(cfg, self._layers_built, self.adapter_slot, no_encoder_attn)
@@ -191,8 +238,10 @@ class HyperdecoderDecoder(TransformerDecoderBase):
     def generate_adapter_weights(self, encoder_out):
         """Per-instance decoder adapter weights from encoder_out's pooled vector (one row per source)."""
         if encoder_out is None or POOLED_KEY not in encoder_out:
-            raise RuntimeError(f"--decoder-adapter generated needs encoder_out['{POOLED_KEY}'], produced by "
-                               "HyperdecoderEncoder; this encoder_out came from another encoder")
+            raise RuntimeError(
+                f"--decoder-adapter generated needs encoder_out['{POOLED_KEY}'], produced by "
+                "HyperdecoderEncoder; this encoder_out came from another encoder"
+            )
         pooled = encoder_out[POOLED_KEY][0]
         if self.mlp is not None:
             pooled = self.mlp(pooled)
@@ -216,21 +265,42 @@ class HyperdecoderDecoder(TransformerDecoderBase):
             if rows is None:
                 rows = torch.arange(instances, device=weights[0].device)
             w_down, b_down, w_up, b_up = weights
-            self.set_incremental_state(incremental_state, self.CACHE_KEY, {
-                "w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up, "rows": rows})
+            self.set_incremental_state(
+                incremental_state,
+                self.CACHE_KEY,
+                {"w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up, "rows": rows},
+            )
         return weights, rows
 
-    def extract_features_scriptable(self, prev_output_tokens, encoder_out, incremental_state=None,
-                                    full_context_alignment: bool = False, alignment_layer=None,
-                                    alignment_heads=None):
+    def extract_features_scriptable(
+        self,
+        prev_output_tokens,
+        encoder_out,
+        incremental_state=None,
+        full_context_alignment: bool = False,
+        alignment_layer=None,
+        alignment_heads=None,
+    ):
         if not self.generated:
-            return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state,
-                                                       full_context_alignment, alignment_layer, alignment_heads)
+            return super().extract_features_scriptable(
+                prev_output_tokens,
+                encoder_out,
+                incremental_state,
+                full_context_alignment,
+                alignment_layer,
+                alignment_heads,
+            )
         weights, rows = self._adapter_weights(prev_output_tokens.size(0), encoder_out, incremental_state)
         self.adapter_slot.set(weights, rows)
         try:
-            return super().extract_features_scriptable(prev_output_tokens, encoder_out, incremental_state,
-                                                       full_context_alignment, alignment_layer, alignment_heads)
+            return super().extract_features_scriptable(
+                prev_output_tokens,
+                encoder_out,
+                incremental_state,
+                full_context_alignment,
+                alignment_layer,
+                alignment_heads,
+            )
         finally:
             self.adapter_slot.clear()
 
@@ -286,8 +356,14 @@ class HyperdecoderBARTModel(BARTModel):
             )
 
     def parameter_counts(self) -> Dict[str, int]:
-        counts = {"total": 0, "trainable": 0, "encoder_adapters": 0, "encoder_generator": 0,
-                  "decoder_adapters": 0, "decoder_generator": 0}
+        counts = {
+            "total": 0,
+            "trainable": 0,
+            "encoder_adapters": 0,
+            "encoder_generator": 0,
+            "decoder_adapters": 0,
+            "decoder_generator": 0,
+        }
         for name, param in self.named_parameters():
             n = param.numel()
             counts["total"] += n
@@ -304,8 +380,14 @@ class HyperdecoderBARTModel(BARTModel):
         logger.info(
             "hyperdecoder: trainable %d / total %d parameters (%.2f%%); encoder adapters %d, encoder "
             "generator+mlp %d, decoder adapters %d, decoder generator+mlp %d",
-            c["trainable"], c["total"], 100.0 * c["trainable"] / max(c["total"], 1), c["encoder_adapters"],
-            c["encoder_generator"], c["decoder_adapters"], c["decoder_generator"])
+            c["trainable"],
+            c["total"],
+            100.0 * c["trainable"] / max(c["total"], 1),
+            c["encoder_adapters"],
+            c["encoder_generator"],
+            c["decoder_adapters"],
+            c["decoder_generator"],
+        )
 
     def upgrade_state_dict_named(self, state_dict, name):
         super().upgrade_state_dict_named(state_dict, name)
@@ -318,8 +400,9 @@ class HyperdecoderBARTModel(BARTModel):
                 state_dict[prefix + key] = value
                 added += 1
         if added:
-            logger.info("hyperdecoder: %d adapter/generator tensors absent from the checkpoint, freshly "
-                        "initialised", added)
+            logger.info(
+                "hyperdecoder: %d adapter/generator tensors absent from the checkpoint, freshly initialised", added
+            )
 
 
 def _hyperdecoder_arch(args, base_arch):

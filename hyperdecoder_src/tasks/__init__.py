@@ -1,2 +1,3 @@
 """Tasks of the hyperdecoder user dir (fairseq also auto-imports this folder)."""
+
 from . import hyperdecoder_glue  # noqa: F401

@@ -1,5 +1,6 @@
 """`hyperdecoder_glue`: fairseq `translation` on glue_preprocess's text-to-text GLUE data, whose
 validation generates each example's answer and logs every task's GLUE metric plus their average."""
+
 import glob
 import json
 import logging
@@ -26,17 +27,30 @@ logger = logging.getLogger(__name__)
 @dataclass
 class HyperdecoderGlueConfig(TranslationConfig):
     hyperdecoder_eval_glue: bool = field(
-        default=False, metadata={"help": "generate during validation and log each task's GLUE metric "
-                                         "(<task>_<metric>) and their average (glue_avg)"})
+        default=False,
+        metadata={
+            "help": "generate during validation and log each task's GLUE metric "
+            "(<task>_<metric>) and their average (glue_avg)"
+        },
+    )
     hyperdecoder_eval_args: str = field(
         default='{"beam": 1, "max_len_a": 0, "max_len_b": 16}',
-        metadata={"help": "generation args (JSON) for validation; the reference decodes greedily"})
+        metadata={"help": "generation args (JSON) for validation; the reference decodes greedily"},
+    )
     hyperdecoder_eval_bpe: str = field(
-        default="auto", metadata={"help": "how to turn generated tokens into text: auto (from the data's "
-                                          "tasks.json), none, gpt2, sentencepiece, wordpiece"})
+        default="auto",
+        metadata={
+            "help": "how to turn generated tokens into text: auto (from the data's "
+            "tasks.json), none, gpt2, sentencepiece, wordpiece"
+        },
+    )
     hyperdecoder_eval_bpe_args: str = field(
-        default="{}", metadata={"help": "JSON args of that BPE, e.g. "
-                                        '\'{"gpt2_encoder_json": "encoder.json", "gpt2_vocab_bpe": "vocab.bpe"}\''})
+        default="{}",
+        metadata={
+            "help": "JSON args of that BPE, e.g. "
+            '\'{"gpt2_encoder_json": "encoder.json", "gpt2_vocab_bpe": "vocab.bpe"}\''
+        },
+    )
     hyperdecoder_print_samples: bool = field(default=False, metadata={"help": "log one prediction per batch"})
 
 
@@ -86,13 +100,25 @@ class HyperdecoderGlueTask(TranslationTask):
 
     def _load_pair(self, split, combine=False):
         return load_langpair_dataset(
-            self.data_dir, split, self.cfg.source_lang, self.src_dict, self.cfg.target_lang, self.tgt_dict,
-            combine=combine, dataset_impl=self.cfg.dataset_impl, upsample_primary=self.cfg.upsample_primary,
-            left_pad_source=self.cfg.left_pad_source, left_pad_target=self.cfg.left_pad_target,
+            self.data_dir,
+            split,
+            self.cfg.source_lang,
+            self.src_dict,
+            self.cfg.target_lang,
+            self.tgt_dict,
+            combine=combine,
+            dataset_impl=self.cfg.dataset_impl,
+            upsample_primary=self.cfg.upsample_primary,
+            left_pad_source=self.cfg.left_pad_source,
+            left_pad_target=self.cfg.left_pad_target,
             max_source_positions=self.cfg.max_source_positions,
-            max_target_positions=self.cfg.max_target_positions, load_alignments=False,
-            truncate_source=self.cfg.truncate_source, num_buckets=self.cfg.num_batch_buckets,
-            shuffle=not split.startswith("test"), pad_to_multiple=self.cfg.required_seq_len_multiple)
+            max_target_positions=self.cfg.max_target_positions,
+            load_alignments=False,
+            truncate_source=self.cfg.truncate_source,
+            num_buckets=self.cfg.num_batch_buckets,
+            shuffle=not split.startswith("test"),
+            pad_to_multiple=self.cfg.required_seq_len_multiple,
+        )
 
     def _labels(self, splits):
         task_ids, golds = [], []
@@ -102,8 +128,11 @@ class HyperdecoderGlueTask(TranslationTask):
                 return None
             names = _read_lines(task_file)
             unknown = sorted(set(names) - set(TASKS))
-            require(not unknown, "--hyperdecoder-eval-glue", f"{task_file} names unknown tasks {unknown}; "
-                    f"expected text2text names {', '.join(TASKS)}")
+            require(
+                not unknown,
+                "--hyperdecoder-eval-glue",
+                f"{task_file} names unknown tasks {unknown}; expected text2text names {', '.join(TASKS)}",
+            )
             task_ids += [TASKS.index(n) for n in names]
             golds += [float(g) for g in _read_lines(gold_file)]
         return np.asarray(task_ids, dtype=np.int64), np.asarray(golds, dtype=np.float64)
@@ -117,23 +146,36 @@ class HyperdecoderGlueTask(TranslationTask):
         else:
             parts = self._per_task_splits(split)
             if not parts:
-                raise FileNotFoundError(f"Dataset not found: {split} ({self.data_dir}): neither "
-                                        f"{split}.* nor per-task {split}_<task>.* files")
+                raise FileNotFoundError(
+                    f"Dataset not found: {split} ({self.data_dir}): neither "
+                    f"{split}.* nor per-task {split}_<task>.* files"
+                )
             pairs = [self._load_pair(p) for p in parts]
             # one LanguagePairDataset over the concatenated sides keeps ids global (a ConcatDataset of
             # pair datasets would restart ids at 0 for every task)
             src, tgt = ConcatDataset([p.src for p in pairs]), ConcatDataset([p.tgt for p in pairs])
             dataset = LanguagePairDataset(
-                src, src.sizes, self.src_dict, tgt, tgt.sizes, self.tgt_dict,
-                left_pad_source=self.cfg.left_pad_source, left_pad_target=self.cfg.left_pad_target,
-                num_buckets=self.cfg.num_batch_buckets, shuffle=not split.startswith("test"),
-                pad_to_multiple=self.cfg.required_seq_len_multiple)
+                src,
+                src.sizes,
+                self.src_dict,
+                tgt,
+                tgt.sizes,
+                self.tgt_dict,
+                left_pad_source=self.cfg.left_pad_source,
+                left_pad_target=self.cfg.left_pad_target,
+                num_buckets=self.cfg.num_batch_buckets,
+                shuffle=not split.startswith("test"),
+                pad_to_multiple=self.cfg.required_seq_len_multiple,
+            )
             logger.info("%s = concatenation of %s (%d examples)", split, ", ".join(parts), len(dataset))
         labels = self._labels(parts)
         if labels is None:
-            require(not self.cfg.hyperdecoder_eval_glue, "--hyperdecoder-eval-glue",
-                    f"needs {split}.task and {split}.gold beside the binarized split (glue_preprocess "
-                    "--format text2text writes them)")
+            require(
+                not self.cfg.hyperdecoder_eval_glue,
+                "--hyperdecoder-eval-glue",
+                f"needs {split}.task and {split}.gold beside the binarized split (glue_preprocess "
+                "--format text2text writes them)",
+            )
             self.datasets[split] = dataset
         else:
             self.datasets[split] = GlueLabelsDataset(dataset, *labels)
@@ -156,14 +198,20 @@ class HyperdecoderGlueTask(TranslationTask):
             for key in ("gpt2_encoder_json", "gpt2_vocab_bpe", "sentencepiece_model"):
                 if info.get(key) and key not in bpe_args:
                     bpe_args[key] = info[key]
-        require(kind in ("none", "gpt2", "sentencepiece", "wordpiece"), "--hyperdecoder-eval-bpe",
-                f"must be auto, none, gpt2, sentencepiece or wordpiece; got {kind!r}")
+        require(
+            kind in ("none", "gpt2", "sentencepiece", "wordpiece"),
+            "--hyperdecoder-eval-bpe",
+            f"must be auto, none, gpt2, sentencepiece or wordpiece; got {kind!r}",
+        )
         if kind in ("none", "wordpiece"):
             return kind
         if kind == "gpt2":
             for key in ("gpt2_encoder_json", "gpt2_vocab_bpe"):
-                require(bpe_args.get(key), "--hyperdecoder-eval-bpe-args", f"gpt2 decoding needs {key} "
-                        "(a local file: nothing is downloaded)")
+                require(
+                    bpe_args.get(key),
+                    "--hyperdecoder-eval-bpe-args",
+                    f"gpt2 decoding needs {key} (a local file: nothing is downloaded)",
+                )
         return encoders.build_bpe(Namespace(bpe=kind, **bpe_args))
 
     def decode_tokens(self, tokens) -> str:
@@ -178,8 +226,10 @@ class HyperdecoderGlueTask(TranslationTask):
         """Generate answers for one batch and add them to `scorer` (and (id, task, prediction, gold)
         tuples to `records` when given)."""
         if "glue_task" not in sample:
-            raise ValueError("--hyperdecoder-eval-glue: this batch has no task ids; the split needs "
-                             "<split>.task and <split>.gold files")
+            raise ValueError(
+                "--hyperdecoder-eval-glue: this batch has no task ids; the split needs "
+                "<split>.task and <split>.gold files"
+            )
         gen_out = self.inference_step(self.glue_generator, [model], sample, prefix_tokens=None)
         for i, hyps in enumerate(gen_out):
             task = TASKS[int(sample["glue_task"][i])]
@@ -198,8 +248,11 @@ class HyperdecoderGlueTask(TranslationTask):
             scorer = self.score_batch(sample, model, GlueScorer(self.label_words))
             logging_output.update(scorer.logging_counts())
             # Spearman needs the pairs: exact in one process; lists cannot be summed across workers
-            if not (torch.distributed.is_available() and torch.distributed.is_initialized()
-                    and torch.distributed.get_world_size() > 1):
+            if not (
+                torch.distributed.is_available()
+                and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1
+            ):
                 for task, (preds, golds) in scorer.pairs.items():
                     logging_output[pairs_key(task)] = (preds, golds)
         return loss, sample_size, logging_output
@@ -217,8 +270,9 @@ class HyperdecoderGlueTask(TranslationTask):
             for log in logging_outputs:
                 if pairs_key(task) in log and len(log[pairs_key(task)][0]):
                     # a built-in meter: fairseq checkpoints the meters and restores them by class name
-                    metrics.log_concat_tensor(pairs_key(task), torch.tensor(
-                        list(zip(*log[pairs_key(task)])), dtype=torch.float64))
+                    metrics.log_concat_tensor(
+                        pairs_key(task), torch.tensor(list(zip(*log[pairs_key(task)])), dtype=torch.float64)
+                    )
             if totals[f"_hd_{task}_n"] > 0:
                 seen.append(task)
         if not seen:
@@ -226,14 +280,18 @@ class HyperdecoderGlueTask(TranslationTask):
 
         def scores(meters):
             counts = {k: meters[k].sum for t in TASKS for k in count_keys(t) if k in meters}
-            pairs = {t: (meters[pairs_key(t)].tensor[:, 0].tolist(), meters[pairs_key(t)].tensor[:, 1].tolist())
-                     for t in TASKS if pairs_key(t) in meters and meters[pairs_key(t)].tensor is not None}
+            pairs = {
+                t: (meters[pairs_key(t)].tensor[:, 0].tolist(), meters[pairs_key(t)].tensor[:, 1].tolist())
+                for t in TASKS
+                if pairs_key(t) in meters and meters[pairs_key(t)].tensor is not None
+            }
             return glue_scoring.scores_from_counts(counts, pairs)
 
         for task in seen:
             for metric in glue_scoring.task_metric_names(task):
-                metrics.log_derived(f"{task}_{metric}",
-                                    lambda meters, t=task, m=metric: scores(meters).get(t, {}).get(m, float("nan")))
+                metrics.log_derived(
+                    f"{task}_{metric}", lambda meters, t=task, m=metric: scores(meters).get(t, {}).get(m, float("nan"))
+                )
         metrics.log_derived("glue_avg", lambda meters: glue_scoring.glue_average(scores(meters)))
 
 
