@@ -208,6 +208,7 @@ CLI_CASES = [
 ]
 
 
+@pytest.mark.e2e
 def test_real_cli_exits_nonzero_naming_the_flag(data):
     procs = []
     for i, (extra, _) in enumerate(CLI_CASES):

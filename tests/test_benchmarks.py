@@ -12,6 +12,9 @@ import pytest
 
 from tests.fairseq_helpers import REPO
 
+# fairseq-train runs / training in-process: deselected by -m 'not e2e'
+pytestmark = pytest.mark.e2e
+
 RUN = REPO / "benchmarks" / "run.py"
 EXPECTED = [
     "vanilla",

@@ -366,6 +366,7 @@ def _tiny_rte(root, tokenizer_vocab, srcdict):
     return root / "bin" / "RTE-bin"
 
 
+@pytest.mark.e2e
 def test_fine_tune_starts_from_pooler_and_resume_keeps_trained_head(tiny_bert):
     import subprocess
     import sys
@@ -479,6 +480,7 @@ def test_segment_table_follows_deepcopy(tiny_bert):
     assert (changed - before).abs().max() > 1e-3
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("no_pooler_init", [False, True])
 def test_hydra_hf_bert_pairs_and_pooler_flag(tiny_bert, tmp_path, no_pooler_init):
     """Through scripts/hydra_train.py (hydra hands the model only the `model:` section): the model is hf_bert

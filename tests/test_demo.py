@@ -52,6 +52,7 @@ def demo_run(tmp_path_factory):
     return work, proc
 
 
+@pytest.mark.e2e
 def test_demo_pipeline_trains_every_method_from_the_converted_model(demo_run):
     work, proc = demo_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -84,6 +85,7 @@ def test_demo_pipeline_trains_every_method_from_the_converted_model(demo_run):
     assert (work / "sweep" / "results.png").stat().st_size > 1000
 
 
+@pytest.mark.e2e
 def test_rerun_keeps_finished_runs(demo_run):
     work, _ = demo_run
     log = work / "sweep" / "runs" / "RTE" / "vanilla" / "seed1" / "train.log"

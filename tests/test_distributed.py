@@ -25,6 +25,9 @@ from robustft_common.methods import method_flags
 from robustft_testing.synthetic_data import toy_classification
 from tests.fairseq_helpers import REPO, json_logs, sentence_prediction_args
 
+# fairseq-train runs / training in-process: deselected by -m 'not e2e'
+pytestmark = pytest.mark.e2e
+
 MARK = "@@@"  # launcher lines: "@@@ JOB name", "@@@ ERROR name: message", "@@@ DONE"
 
 # ---------------------------------------------------------------------------------------------------

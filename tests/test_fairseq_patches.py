@@ -207,6 +207,7 @@ def _tensors(state, prefix="") -> dict:
     return out
 
 
+@pytest.mark.e2e
 def test_stock_run_is_bit_identical_with_and_without_the_plugin(tmp_path):
     data = make_sentence_prediction_data(tmp_path / "data")
     plugin = sentence_prediction_args(data, tmp_path / "plugin", max_update=6)  # stock criterion + adam

@@ -540,6 +540,7 @@ def test_text2text_layout(t2t, gpt2_files):
     assert (t2t / "valid_stsb.gold").read_text().split()[:2] == [srows[0][9], srows[1][9]]
 
 
+@pytest.mark.e2e
 @needs_glue
 def test_text2text_trains_with_fairseq_translation(t2t, tmp_path):
     proc = run_tool(
@@ -607,6 +608,7 @@ def test_text2text_trains_with_fairseq_translation(t2t, tmp_path):
 # 6. end to end: binarize a small RTE subset and train with fairseq
 
 
+@pytest.mark.e2e
 @needs_glue
 def test_rte_end_to_end_fairseq_train(rte_gpt2, tmp_path):
     proc = run_tool(
@@ -742,6 +744,7 @@ def test_workers_give_identical_output(tmp_path):
         assert (one / f).read_bytes() == (two / f).read_bytes(), f
 
 
+@pytest.mark.e2e
 @needs_glue
 def test_stsb_regression_end_to_end_fairseq_train(tmp_path):
     vocab = make_tiny_wordpiece_vocab(tmp_path / "vocab.txt")

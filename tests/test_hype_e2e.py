@@ -11,6 +11,9 @@ from tests.fairseq_helpers import (
     sentence_prediction_args,
 )
 
+# fairseq-train runs / training in-process: deselected by -m 'not e2e'
+pytestmark = pytest.mark.e2e
+
 HYPE_ONLY = ("--user-dir", REPO / "hype_src")  # independent of the other packages' state
 
 

@@ -11,6 +11,9 @@ from sklearn.metrics import matthews_corrcoef
 
 from tests.fairseq_helpers import REPO, json_logs, run_tool
 
+# fairseq-train runs / training in-process: deselected by -m 'not e2e'
+pytestmark = pytest.mark.e2e
+
 TINY = [
     "--encoder-layers",
     "2",

@@ -18,6 +18,9 @@ from tests.fairseq_helpers import (
     sentence_prediction_args,
 )
 
+# fairseq-train runs / training in-process: deselected by -m 'not e2e'
+pytestmark = pytest.mark.e2e
+
 PATS = ["--optimizer", "adamax_pats", "--pats-noise", "1e-3", "--pats-log-stats"]
 SAGE = ["--optimizer", "adamax_sage", "--weight-decay", "0.01"]
 

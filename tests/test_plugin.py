@@ -14,6 +14,9 @@ from tests.fairseq_helpers import (
     sentence_prediction_args,
 )
 
+# fairseq-train runs / training in-process: deselected by -m 'not e2e'
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

@@ -273,6 +273,7 @@ def train(data, save_dir, *extra, num_classes=2, max_update=4):
     return run_tool("fairseq-train", *args).stdout
 
 
+@pytest.mark.e2e
 def test_end_to_end_classification_with_resume(cls_data, tmp_path):
     out = train(cls_data, tmp_path, "--report-mcc", "--r3f-lambda", "0.7")
     records = json_logs(out)
@@ -287,6 +288,7 @@ def test_end_to_end_classification_with_resume(cls_data, tmp_path):
     assert updates == [5, 6]
 
 
+@pytest.mark.e2e
 def test_end_to_end_regression_and_memory_efficient_fp16(reg_data, tmp_path):
     out = train(
         reg_data,
@@ -308,6 +310,7 @@ def test_end_to_end_regression_and_memory_efficient_fp16(reg_data, tmp_path):
     assert "valid_pearson" in valid and "valid_spearman" in valid
 
 
+@pytest.mark.e2e
 def test_end_to_end_composes_with_hype(cls_data, tmp_path):
     out = train(cls_data, tmp_path, "--hype-type", "normal", "--hype-eps", "1e-3", "--no-save")
     inner = [r for r in json_logs(out) if "symm_kl" in r]

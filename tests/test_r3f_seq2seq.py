@@ -14,6 +14,9 @@ from rxf_src.embedding_noise import EncoderEmbeddingNoise, noised_forward
 from tests.fairseq_helpers import REPO, json_logs, run_tool
 from tests.test_r3f import build, hand_symmetric_kl
 
+# fairseq-train runs / training in-process: deselected by -m 'not e2e'
+pytestmark = pytest.mark.e2e
+
 TINY = [
     "--encoder-layers",
     "2",

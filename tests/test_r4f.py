@@ -53,6 +53,7 @@ def eval_normalised(state, name):
     return w / torch.dot(u, w @ v)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("dense", [False, True], ids=["out_proj", "paper_all_matrices"])
 def test_train_resume_and_reload_for_inference(data, tmp_path, dense):
     extra = ["--r4f-spectral-norm-dense"] if dense else []
@@ -86,6 +87,7 @@ def test_train_resume_and_reload_for_inference(data, tmp_path, dense):
     assert torch.exp(log_probs).sum().item() == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.e2e
 def test_stock_upgrade_fails_and_ours_converts_normalised_heads_to_plain(data, tmp_path):
     """The defect the plugin fixes, and loading an R4F head into a plain head as the matrix it represents."""
     argv = sentence_prediction_args(
@@ -168,6 +170,7 @@ def hydra_r4f(data, save_dir, max_update, *extra):
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.e2e
 def test_dense_flag_reaches_the_head_under_hydra_and_resumes_exactly(data, tmp_path):
     """hydra hands the model only the `model:` section; the head still gets the dense spectral norm, the
     optimizer is built over the normalised parameters (a resumed run equals a straight one, bit for bit),

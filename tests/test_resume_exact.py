@@ -29,6 +29,9 @@ from tests.test_distributed import (
     train_records,
 )
 
+# fairseq-train runs / training in-process: deselected by -m 'not e2e'
+pytestmark = pytest.mark.e2e
+
 N = 4  # 48 examples / batch 16 = 3 updates per epoch: the resumed half crosses the epoch boundary
 HALF = N // 2
 TIMING_KEYS = {"wps", "ups", "wpb_per_sec", "train_wall", "wall", "gb_free"}

@@ -80,6 +80,7 @@ def test_load_checkpoint_to_cpu_refuses_pickled_objects(checkpoints, kind, globa
     assert not checkpoints["marker"].exists()
 
 
+@pytest.mark.e2e
 def test_fairseq_train_restore_file_refuses_and_payload_never_runs(checkpoints):
     argv = sentence_prediction_args(
         checkpoints["data"],
@@ -103,6 +104,7 @@ def test_fairseq_train_restore_file_refuses_and_payload_never_runs(checkpoints):
     assert not checkpoints["marker"].exists()
 
 
+@pytest.mark.e2e
 def test_control_the_payload_is_real_without_weights_only(checkpoints):
     """Negative control: with torch's documented opt-out the same file executes its payload, so the
     refusals above are what stops it (never set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD for foreign files)."""
