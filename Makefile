@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test test-unit lint demo clean
 
 install: $(STAMP)
 
@@ -25,6 +25,16 @@ $(STAMP): requirements.txt requirements-test.txt requirements-nodeps.txt setup.p
 
 test: install
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
+
+# the unit tests alone (no fairseq-train runs), about a minute
+test-unit: install
+	bash scripts/run_tests.sh -m "not e2e" $(PYTEST_ARGS)
+
+# ruff lint + format check over the tree, mypy on the library packages (configuration: pyproject.toml)
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # CPU demo (MiniLM on RTE, five methods, ~20 min on 2 cores); DEMO_ARGS e.g. "--schedule tiny".
 demo: install

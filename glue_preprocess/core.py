@@ -521,7 +521,7 @@ def preprocess(
         task_splits.append((spec, splits))
 
     Path(output_dir).mkdir(parents=True, exist_ok=True)
-    result = {"tasks": {}}
+    result: dict = {"tasks": {}}
     if format == "sentence_prediction":
         for spec, splits in task_splits:
             summary = _sentence_prediction_task(

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -104,7 +104,7 @@ class HypeSettings(NamedTuple):
 
 def hype_settings(cfg) -> HypeSettings:
     """Validate the `--hype-*` flags of a config (any object with those attributes; missing = default)."""
-    get = lambda name, default: getattr(cfg, name, default)  # noqa: E731
+    get: Callable[[str, Any], Any] = lambda name, default: getattr(cfg, name, default)  # noqa: E731
     hype_type = str(get("hype_type", "none"))
     eps = get("hype_eps", 1e-5)
     uniform = str(get("hype_uniform", "symmetric"))

@@ -146,7 +146,7 @@ def start_kind(restore_file: Optional[str], finetune_from_model: Optional[str], 
 
 
 class _SensitivityAdamaxOptimizer(FairseqOptimizer):
-    torch_optimizer = None  # the SensitivityAdamax subclass this wraps
+    torch_optimizer: type  # the SensitivityAdamax subclass this wraps (set by each subclass)
     prefix = ""
 
     def __init__(self, cfg, params):

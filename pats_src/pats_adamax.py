@@ -28,7 +28,9 @@ KICK_LEVELS = (0.01, 0.1, 1.0)
 def noise_buckets(numels: Sequence[int], limit: int = NOISE_BUCKET_NUMEL) -> list[list[int]]:
     """Indices of consecutive tensors grouped so that each group holds at most `limit` elements
     (a bigger tensor gets a bucket of its own)."""
-    buckets, current, size = [], [], 0
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    size = 0
     for i, n in enumerate(numels):
         if current and size + n > limit:
             buckets.append(current)

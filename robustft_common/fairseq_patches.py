@@ -151,7 +151,7 @@ def r4f_dense_spectral_norm() -> None:
         _wrap(cls, "register_classification_head", make)
 
 
-_EXIT_HOOK = []
+_EXIT_HOOK: list = []
 
 
 def stop_prefetch_threads_at_exit() -> None:

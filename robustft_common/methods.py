@@ -374,7 +374,7 @@ def methods_table_markdown() -> str:
         lines.append(f"- {family}: {shown}" + (" (the second part: our optimizers only)" if len(blocks) > 1 else ""))
     lines += ["", "| method | label | compared with | family | flags | recipe source |", "|---|---|---|---|---|---|"]
     for m in METHODS.values():
-        flags = m.flags
+        flags: Sequence[str] = m.flags
         for block in FAMILY_FLAGS[m.optimizer_family]:
             flags = _without(flags, block)
         lines.append(

@@ -246,8 +246,8 @@ def model_env(backbone: Backbone, pretrained: Path, arch_args: str | None = None
             flag_value(shlex.split(arch_args), "--encoder-layers"),
             flag_value(shlex.split(arch_args), "--encoder-embed-dim"),
         )
-    shape = tuple(int(x) if x is not None else None for x in shape)
-    return {"env": env, "layers": shape[0], "dim": shape[1], "paper_size": shape == (backbone.layers, backbone.dim)}
+    layers, dim = (int(x) if x is not None else None for x in shape)
+    return {"env": env, "layers": layers, "dim": dim, "paper_size": (layers, dim) == (backbone.layers, backbone.dim)}
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -329,7 +329,7 @@ def plan(args) -> list[dict]:
             for method in methods:
                 spec = get_method(method)
                 env = {**base, "TASK_FLAGS_TEXT": task_text, "METHOD_TEXT": method_text(method)}
-                extra = []
+                extra: list[str] = []
                 twin = spec.recipe.get("schedule") != paper.schedule
                 if twin:  # a baseline from another paper's schedule runs in this paper's
                     env["RECIPE_SCHEDULE"] = paper.schedule
@@ -574,7 +574,7 @@ def _diff(a: float | None, b: float | None) -> float | None:
 
 def cells(rows: Sequence[dict], published: Published) -> dict[tuple[str, str], dict]:
     """Per (task, method): the seeds' values, summary, the paper's aggregates of ours, failures."""
-    out = {}
+    out: dict = {}
     for r in rows:
         cell = out.setdefault((r["task"], r["method"]), {"values": {}, "failed": 0, "incomplete": 0})
         if r["value"] is not None:

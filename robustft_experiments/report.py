@@ -137,7 +137,7 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 def aggregate(rows: list[dict]) -> dict:
     """{(method, task): {"mean", "std", "n", "failed", "values"}} over seeds (sample std, 0 for n = 1)."""
-    cells = {}
+    cells: dict = {}
     for r in rows:
         cell = cells.setdefault((r["method"], r["task"]), {"values": [], "failed": 0, "incomplete": 0, "not_landed": 0})
         if r["status"] == "ok":
@@ -209,7 +209,9 @@ def plot(rows: list[dict], path: Path, cells: dict | None = None, title: str = "
             c = cells.get((m, t))
             x = j + (i - (len(methods) - 1) / 2) * width
             if c and c["n"]:
-                xs.append(x), ys.append(c["mean"]), es.append(c["std"])
+                xs.append(x)
+                ys.append(c["mean"])
+                es.append(c["std"])
             elif c:
                 failed_x.append((x, "not landed" if c["not_landed"] else "failed"))
         bars = ax.bar(xs, ys, width, yerr=es, capsize=3, label=method_label(m))

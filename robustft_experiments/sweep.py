@@ -163,6 +163,7 @@ def execute(run: dict, echo: bool = True, threads: str | None = None) -> str:
         proc = subprocess.Popen(
             [str(c) for c in run["cmd"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
         )
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             log.write(line)
             log.flush()  # `tail -f train.log` while it runs
