@@ -288,6 +288,7 @@ def test_bad_row_stops_with_file_line(tmp_path, gpt2_files, task, fname, body, l
     assert not (tmp_path / "out" / f"{task}-bin").exists()
 
 
+@pytest.mark.e2e
 def test_skip_bad_rows_counts_and_cli_exit(tmp_path, gpt2_files, capsys):
     glue = _write_bad_task(tmp_path / "glue", "RTE", "0\tthe cat\tentailment\n0\ta\tb\tmaybe\n")
     args = [
@@ -672,6 +673,7 @@ def test_srcdict_is_used_for_both_inputs_and_text2text(tmp_path, gpt2_files):
     assert tgt[0].tolist() == [index[str(i)] for i in bpe.encode(word)] + [2]
 
 
+@pytest.mark.e2e
 def test_console_script_help():
     proc = run_tool("glue-preprocess", "--help")
     assert "--tokenizer" in proc.stdout and "text2text" in proc.stdout

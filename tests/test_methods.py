@@ -156,6 +156,7 @@ def test_unknown_method_names_the_known_ones():
         get_method("hype")
 
 
+@pytest.mark.e2e
 def test_shell_forms_round_trip_through_bash(capsys):
     """What glue.sh evaluates gives back exactly the registry's flags (regex quoting included)."""
     assert methods.main(["flags", "sage"]) == 0
@@ -167,6 +168,7 @@ def test_shell_forms_round_trip_through_bash(capsys):
     assert methods.main(["flags", "nope"]) == 2 and "unknown method 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "method,checks",
     [

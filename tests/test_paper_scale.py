@@ -449,6 +449,7 @@ def logged(run_dir: Path, metric: str):
     return [float(m.group(1)) for m in re.finditer(rf"valid on 'valid' subset \|.*?\| {metric} ([-\d.]+) \|", text)]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     "paper,backbone,task,method,metric,paper_value",
     [

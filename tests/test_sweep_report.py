@@ -134,6 +134,7 @@ def toy_sweep(tmp_path_factory):
     return root, argv, rc
 
 
+@pytest.mark.e2e
 def test_sweep_runs_fairseq_and_reports(toy_sweep):
     root, _, rc = toy_sweep
     assert rc == 0
@@ -149,6 +150,7 @@ def test_sweep_runs_fairseq_and_reports(toy_sweep):
     assert r3f_cmd[start : start + len(METHODS["r3f"].flags)] == method_flags("r3f")
 
 
+@pytest.mark.e2e
 def test_sweep_restart_skips_finished_runs(toy_sweep):
     root, argv, _ = toy_sweep
     run_dir = root / "out" / "runs" / "RTE"
@@ -195,6 +197,7 @@ def test_adamax_family_takes_its_own_lr(tmp_path):
     assert lrs == {"vanilla": "2e-05", "pats": "0.0001", "sage": "0.0001"}
 
 
+@pytest.mark.e2e
 def test_scripts_are_thin_entry_points_without_path_hacks():
     for path in (REPO / "scripts").rglob("*.py"):
         assert "sys.path.insert" not in path.read_text(), path
