@@ -42,7 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -341,7 +341,9 @@ def plan(args) -> list[dict]:
                 env["EXTRA"] = " ".join(extra)
                 flags = glue_sh_flags(env, task, method, seed)
                 if int(base["NGPUS"]) > 1:  # fairseq's --batch-size is per GPU: keep the paper's total batch
-                    batch = int(flag_value(flags, "--batch-size"))
+                    batch_text = flag_value(flags, "--batch-size")
+                    assert batch_text is not None, "glue.sh always sets --batch-size"
+                    batch = int(batch_text)
                     if batch % int(base["NGPUS"]):
                         raise SystemExit(
                             f"--ngpus {base['NGPUS']}: {task}/{method} trains with batch {batch}, which "
@@ -536,7 +538,11 @@ def run_value(run_dir: Path, metric: str, checkpoint: str) -> dict:
     return row
 
 
-AGGREGATES = {"best": max, "median": statistics.median, "mean": statistics.fmean}
+AGGREGATES: dict[str, Callable[[list[float]], float]] = {
+    "best": max,
+    "median": statistics.median,
+    "mean": statistics.fmean,
+}
 
 
 def collect(out: Path, published: Published, tasks, methods, seeds=None) -> list[dict]:
@@ -702,6 +708,7 @@ def averages_table(published: Published, by: dict, tasks, methods, aggregate: st
         quantity = "average"
         if avg["kind"] == "gain_over_baseline":
             base = get_method(method).baseline
+            assert base is not None, f"{method} has a gain over its baseline, so it has one"
             ours = _diff(ours, task_mean(base))
             quantity = f"average gain over {get_method(base).label}"
         lines.append(

