@@ -223,6 +223,7 @@ def atomic_dir(final: Path, overwrite: bool):
 
 
 def _class_id(spec: TaskSpec, ex: Example) -> int:
+    assert spec.labels is not None, f"{spec.name} is a regression task: no class ids"
     return spec.labels.index(ex.label)
 
 
@@ -246,6 +247,7 @@ def t2t_source(spec: TaskSpec, ex: Example) -> str:
 def t2t_target(spec: TaskSpec, ex: Example) -> str:
     if spec.regression:
         return stsb_target(ex.score)
+    assert spec.label_words is not None, f"{spec.name}: classification task without text2text label words"
     return spec.label_words[_class_id(spec, ex)]
 
 

@@ -48,6 +48,8 @@ class Example:
 
     @property
     def score(self) -> float:
+        if self.label is None:  # float(None) would raise this TypeError, less clearly
+            raise TypeError(f"line {self.line}: unlabelled example has no score")
         return float(self.label)
 
 
@@ -76,8 +78,11 @@ def _check_row(spec: TaskSpec, layout: FileLayout, cols: list, where: str):
             return f"{where}: score {label!r} is not a number"
         if not (math.isfinite(score) and 0.0 <= score <= 5.0):
             return f"{where}: score {label!r} is outside [0, 5]"
-    elif label not in spec.labels:
-        return f"{where}: unknown label {label!r} (expected one of {', '.join(spec.labels)})"
+    else:
+        labels = spec.labels
+        assert labels is not None  # only regression tasks (handled above) have no labels
+        if label not in labels:
+            return f"{where}: unknown label {label!r} (expected one of {', '.join(labels)})"
     return texts, label
 
 

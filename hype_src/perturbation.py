@@ -198,7 +198,7 @@ class _HypeState:
     def __init__(self, settings: HypeSettings):
         self.settings = settings
         self.handles: List = []
-        self.changed = 0  # becomes a 0-dim tensor on the activations' device (no host sync)
+        self.changed: int | torch.Tensor = 0  # becomes a 0-dim tensor on the activations' device (no host sync)
         self.total = 0
         self.checked_dtypes = {torch.float32, torch.float64}
 
@@ -260,6 +260,7 @@ def _intermediate_norm(layer: nn.Module, stack: str, index: int) -> nn.Module:
         "--hype-intermediate",
         f"{stack} layer {index} ({type(layer).__name__}) has no self_attn_layer_norm",
     )
+    assert norm is not None  # `require` above raised otherwise
     return norm
 
 
@@ -326,7 +327,7 @@ def hype_logging_output(model: nn.Module) -> Dict[str, object]:
     state: Optional[_HypeState] = unwrap_model(model).__dict__.get("_hype_state")
     if state is None:
         return {}
-    out = {"hype_noise_effective_num": state.changed, "hype_noise_effective_den": state.total}
+    out: Dict[str, object] = {"hype_noise_effective_num": state.changed, "hype_noise_effective_den": state.total}
     state.changed, state.total = 0, 0
     return out
 
@@ -355,7 +356,7 @@ def hype_forward(model: nn.Module, cfg) -> Iterator[HypeCount]:
         count.logging_output = hype_logging_output(model)
 
 
-_WARNED = set()
+_WARNED: set[Tuple[torch.dtype, float]] = set()  # (dtype, eps) pairs already warned about
 
 
 def noise_resolution(dtype: torch.dtype) -> float:

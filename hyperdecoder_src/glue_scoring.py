@@ -39,7 +39,10 @@ def is_regression(task: str) -> bool:
 
 def positive_class(task: str) -> int:
     """Class id F1/MCC count as positive: cola `acceptable`, mrpc `equivalent`, qqp `duplicate`."""
-    return _task(task).positive_class
+    positive = _task(task).positive_class
+    if positive is None:
+        raise ValueError(f"task {task!r} reports no F1/MCC, so it has no positive class")
+    return positive
 
 
 def needs_confusion(task: str) -> bool:

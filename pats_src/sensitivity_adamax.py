@@ -96,7 +96,7 @@ def _multi_tensor_adamax(
 # ------------------------------------------------------------------------------ sensitivity kernels
 def _single_tensor_sensitivity(
     params: list[Tensor], grads: list[Tensor], emas: list[Tensor], *, beta: float
-) -> list[Tensor]:
+) -> Sequence[Tensor]:
     """s = |theta * g| (theta before the step, as SAGE);  sbar <- beta sbar + (1 - beta) s.
     Returns s (SAGE needs it)."""
     sens = [(w * g).abs_() for w, g in zip(params, grads)]
@@ -107,7 +107,7 @@ def _single_tensor_sensitivity(
 
 def _multi_tensor_sensitivity(
     params: list[Tensor], grads: list[Tensor], emas: list[Tensor], *, beta: float
-) -> list[Tensor]:
+) -> Sequence[Tensor]:
     sens = torch._foreach_mul(params, grads)
     torch._foreach_abs_(sens)
     torch._foreach_mul_(emas, beta)
@@ -196,7 +196,7 @@ class SensitivityAdamax(torch.optim.Optimizer):
             for exempt in (False, True):
                 members = [p for p, s, d in zip(params, sensitive, no_decay) if s == is_sensitive and d == exempt]
                 if members:
-                    group = {"params": members, "sensitive": is_sensitive}
+                    group: dict[str, object] = {"params": members, "sensitive": is_sensitive}
                     if exempt:
                         group["weight_decay"] = 0.0
                     groups.append(group)

@@ -66,7 +66,7 @@ def checkpoint_safe_globals() -> list:
         np.dtypes.Float64DType,
         np.dtypes.Float32DType,
         np.dtypes.Int64DType,
-        np._core.multiarray.scalar,
+        np._core.multiarray.scalar,  # type: ignore[attr-defined]  # private module, absent from numpy's stubs
         # with >1 rank, rank 0 broadcasts the loaded state (fairseq/distributed/utils.py:805-811):
         # the rebuilt DictConfig's metadata references these builtins, and tensors travel separately
         # behind placeholders

@@ -91,8 +91,8 @@ def names_for_params(params: Sequence[torch.Tensor]) -> list[str] | None:
     Order of preference: `_robustft_name` tags on every tensor; else the list published by the
     Trainer hook when it has the same length and shapes (fp32 copies keep order and shape).
     """
-    tags = [getattr(p, NAME_ATTR, None) for p in params]
-    if params and all(t is not None for t in tags):
+    tags = [t for p in params if (t := getattr(p, NAME_ATTR, None)) is not None]
+    if params and len(tags) == len(params):
         return tags
     if _pending_names:
         published = _pending_names[-1]

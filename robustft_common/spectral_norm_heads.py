@@ -126,8 +126,10 @@ def normalise_dense(model_args, head: torch.nn.Module) -> None:
         "normalises the head's dense layer on top of R4F; also pass --spectral-norm-classification-head "
         "(hydra: model.spectral_norm_classification_head=true)",
     )
-    if not is_spectral_normed(head.dense):
-        head.dense = torch.nn.utils.spectral_norm(head.dense)
+    dense = head.dense
+    assert isinstance(dense, torch.nn.Module), "fairseq's classification heads hold `dense` as an nn.Linear"
+    if not is_spectral_normed(dense):
+        head.dense = torch.nn.utils.spectral_norm(dense)
 
 
 def check_dense_normalised(model, head_name: str) -> None:

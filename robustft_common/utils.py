@@ -9,8 +9,8 @@ from torch import nn
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside fairseq's data-parallel wrappers (ModuleProxyWrapper -> DDP -> model)."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
+    while isinstance(inner := getattr(model, "module", None), nn.Module):
+        model = inner
     return model
 
 

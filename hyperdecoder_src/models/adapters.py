@@ -146,10 +146,11 @@ class GeneratedAdapterSlot:
     def for_layer(self, layer_idx: int) -> AdapterWeights | None:
         if self.weights is None:
             return None
-        per_layer = tuple(w[:, layer_idx] for w in self.weights)
+        w_down, b_down, w_up, b_up = (w[:, layer_idx] for w in self.weights)
         if self.rows is not None:
-            per_layer = tuple(w.index_select(0, self.rows) for w in per_layer)
-        return per_layer
+            rows = self.rows
+            w_down, b_down, w_up, b_up = (w.index_select(0, rows) for w in (w_down, b_down, w_up, b_up))
+        return w_down, b_down, w_up, b_up
 
 
 class ParallelAdapterMixin:
@@ -159,6 +160,10 @@ class ParallelAdapterMixin:
     forward pre-hook on fc1 marks that the next `residual_connection` is the FFN one, which then
     adds A(h) (A(fc1 input) with --adapter-norm-input). Nothing of fairseq's forward is copied.
     """
+
+    # Provided by the fairseq transformer layer this is mixed into (TransformerEncoder/DecoderLayerBase).
+    embed_dim: int
+    fc1: nn.Module
 
     def init_parallel_adapter(
         self, adapter_dim: int, manual: bool, slot: GeneratedAdapterSlot | None, layer_idx: int, norm_input: bool
