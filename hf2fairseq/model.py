@@ -194,7 +194,7 @@ def set_layer_norm_eps(module: nn.Module, eps: float) -> int:
     count = 0
     for sub in module.modules():
         if isinstance(sub, nn.LayerNorm) or type(sub).__name__ == "FusedLayerNorm":
-            sub.eps = eps
+            sub.eps = eps  # type: ignore[assignment]  # a float attribute; mypy sees nn.Module.__setattr__'s union
             count += 1
     return count
 

@@ -16,17 +16,17 @@ from scipy.stats import spearmanr
 
 
 def accuracy(preds: Sequence, targets: Sequence) -> float:
-    preds, targets = np.asarray(preds), np.asarray(targets)
-    return float((preds == targets).mean()) if len(targets) else float("nan")
+    p, t = np.asarray(preds), np.asarray(targets)
+    return float(np.mean(p == t)) if len(t) else float("nan")
 
 
 def confusion_counts(preds: Sequence, targets: Sequence, positive=1) -> dict[str, int]:
-    preds, targets = np.asarray(preds) == positive, np.asarray(targets) == positive
+    p, t = np.asarray(preds) == positive, np.asarray(targets) == positive
     return {
-        "tp": int((preds & targets).sum()),
-        "fp": int((preds & ~targets).sum()),
-        "fn": int((~preds & targets).sum()),
-        "tn": int((~preds & ~targets).sum()),
+        "tp": int((p & t).sum()),
+        "fp": int((p & ~t).sum()),
+        "fn": int((~p & t).sum()),
+        "tn": int((~p & ~t).sum()),
     }
 
 

@@ -63,9 +63,7 @@ def write_sentence_prediction(out: Path, columns: dict[str, dict[str, list[str]]
     return out
 
 
-def write_text2text(
-    out: Path, splits: dict[str, tuple[list[str], list[str]]], dictionary_from: str | None = "train"
-) -> Path:
+def write_text2text(out: Path, splits: dict[str, tuple[list[str], list[str]]], dictionary_from: str = "train") -> Path:
     """Translation layout with one joint src/tgt dictionary (glue_preprocess --format text2text)."""
     out.mkdir(parents=True, exist_ok=True)
     src_train, tgt_train = splits[dictionary_from]

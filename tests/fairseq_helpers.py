@@ -184,6 +184,11 @@ def sentence_prediction_args(
     ]
 
 
+def train_sentence_prediction(data: Path, save_dir: Path, *extra, check=True, env=None, **args_kw):
+    """One tiny CPU `fairseq-train` run (`sentence_prediction_args` + `extra`); the CompletedProcess."""
+    return run_tool("fairseq-train", *sentence_prediction_args(data, save_dir, *extra, **args_kw), env=env, check=check)
+
+
 def json_logs(output: str, prefix: str | None = None):
     """Parse fairseq's json log lines; `prefix` keeps only records containing keys like 'valid_'."""
     records = []

@@ -9,6 +9,7 @@ from tests.fairseq_helpers import (
     make_sentence_prediction_data,
     run_tool,
     sentence_prediction_args,
+    train_sentence_prediction,
 )
 
 # fairseq-train runs / training in-process: deselected by -m 'not e2e'
@@ -18,16 +19,12 @@ HYPE_ONLY = ("--user-dir", REPO / "hype_src")  # independent of the other packag
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_sentence_prediction_data(tmp_path_factory.mktemp("hype_sp"))
+def data(sp_data):
+    return sp_data  # tests/conftest.py: the shared toy classification data
 
 
 def train(data, save_dir, *extra, criterion="hype_sentence_prediction", max_update=8, **kw):
-    proc = run_tool(
-        "fairseq-train",
-        *sentence_prediction_args(data, save_dir, *extra, criterion=criterion, max_update=max_update),
-        **kw,
-    )
+    proc = train_sentence_prediction(data, save_dir, *extra, criterion=criterion, max_update=max_update, **kw)
     return proc.stdout + proc.stderr
 
 

@@ -13,9 +13,8 @@ from tests.fairseq_helpers import (
     BIN,
     REPO,
     json_logs,
-    make_sentence_prediction_data,
-    run_tool,
     sentence_prediction_args,
+    train_sentence_prediction,
 )
 
 # fairseq-train runs / training in-process: deselected by -m 'not e2e'
@@ -26,14 +25,12 @@ SAGE = ["--optimizer", "adamax_sage", "--weight-decay", "0.01"]
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_sentence_prediction_data(tmp_path_factory.mktemp("pats_data"))
+def data(sp_data):
+    return sp_data  # tests/conftest.py: the shared toy classification data
 
 
 def train(data, save_dir, *extra, max_update=4, check=True):
-    return run_tool(
-        "fairseq-train", *sentence_prediction_args(data, save_dir, *extra, max_update=max_update), check=check
-    )
+    return train_sentence_prediction(data, save_dir, *extra, max_update=max_update, check=check)
 
 
 def load(path):

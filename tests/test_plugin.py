@@ -19,8 +19,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_sentence_prediction_data(tmp_path_factory.mktemp("sp"))
+def data(sp_data):
+    return sp_data  # tests/conftest.py: the shared toy classification data
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

@@ -15,9 +15,8 @@ import rxf_src  # noqa: F401  (registers the criterions)
 from robustft_common.kl import symmetric_kl
 from tests.fairseq_helpers import (
     json_logs,
-    make_sentence_prediction_data,
-    run_tool,
     sentence_prediction_args,
+    train_sentence_prediction,
 )
 
 HEAD = "sentence_classification_head"
@@ -49,17 +48,9 @@ def hand_symmetric_kl(logits_p, logits_q):
     return (p * (log_p - log_q)).sum(-1) + (q * (log_q - log_p)).sum(-1)
 
 
-def shared_cls_data(tmp_path_factory):
-    """One binarized toy classification set per pytest session, shared by the R3F and R4F test files."""
-    root = tmp_path_factory.getbasetemp() / "rxf_cls_data"
-    if not (root / "bin" / "label" / "valid.bin").exists():
-        make_sentence_prediction_data(root)
-    return root / "bin"
-
-
 @pytest.fixture(scope="module")
-def cls_data(tmp_path_factory):
-    return shared_cls_data(tmp_path_factory)
+def cls_data(sp_data):
+    return sp_data  # tests/conftest.py: the shared toy classification data
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +251,7 @@ def test_reference_flag_names_arrive(cls_data, tmp_path):
 
 # -- end to end -----------------------------------------------------------------------------------------
 def train(data, save_dir, *extra, num_classes=2, max_update=4):
-    args = sentence_prediction_args(
+    proc = train_sentence_prediction(
         data,
         save_dir,
         "--eps",
@@ -270,7 +261,7 @@ def train(data, save_dir, *extra, num_classes=2, max_update=4):
         num_classes=num_classes,
         max_update=max_update,
     )
-    return run_tool("fairseq-train", *args).stdout
+    return proc.stdout
 
 
 @pytest.mark.e2e

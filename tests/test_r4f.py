@@ -16,21 +16,21 @@ from tests.fairseq_helpers import (
     TINY_ROBERTA_HYDRA,
     json_logs,
     run_hydra_train,
-    run_tool,
     sentence_prediction_args,
+    train_sentence_prediction,
 )
-from tests.test_r3f import HEAD, build, shared_cls_data
+from tests.test_r3f import HEAD, build
 
 PREFIX = f"classification_heads.{HEAD}."
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return shared_cls_data(tmp_path_factory)
+def data(sp_data):
+    return sp_data  # tests/conftest.py: the shared toy classification data
 
 
 def train(data, save_dir, *extra, max_update=4):
-    args = sentence_prediction_args(
+    proc = train_sentence_prediction(
         data,
         save_dir,
         "--spectral-norm-classification-head",
@@ -40,7 +40,7 @@ def train(data, save_dir, *extra, max_update=4):
         criterion="sentence_prediction_r3f",
         max_update=max_update,
     )
-    return json_logs(run_tool("fairseq-train", *args).stdout)
+    return json_logs(proc.stdout)
 
 
 def load_state(path):
