@@ -32,6 +32,27 @@ TINY_ROBERTA = [
 ]
 
 
+# 2 + 2 layers, dim 64: the tiny encoder-decoder shape of the BART / transformer tests (add --arch).
+TINY_ENCODER_DECODER = [
+    "--encoder-layers",
+    "2",
+    "--decoder-layers",
+    "2",
+    "--encoder-embed-dim",
+    "64",
+    "--decoder-embed-dim",
+    "64",
+    "--encoder-ffn-embed-dim",
+    "128",
+    "--decoder-ffn-embed-dim",
+    "128",
+    "--encoder-attention-heads",
+    "2",
+    "--decoder-attention-heads",
+    "2",
+]
+
+
 def _write_split(path: Path, rows):
     path.write_text("".join(r + "\n" for r in rows))
 

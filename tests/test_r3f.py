@@ -14,6 +14,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 import rxf_src  # noqa: F401  (registers the criterions)
 from robustft_common.kl import symmetric_kl
 from tests.fairseq_helpers import (
+    TINY_ENCODER_DECODER,
     json_logs,
     sentence_prediction_args,
     train_sentence_prediction,
@@ -310,27 +311,7 @@ def test_end_to_end_composes_with_hype(cls_data, tmp_path):
 
 
 # -- BART classification heads (eos pooling, encoder-decoder) ------------------------------------------
-TINY_BART = [
-    "--arch",
-    "bart_base",
-    "--encoder-layers",
-    "2",
-    "--decoder-layers",
-    "2",
-    "--encoder-embed-dim",
-    "64",
-    "--decoder-embed-dim",
-    "64",
-    "--encoder-ffn-embed-dim",
-    "128",
-    "--decoder-ffn-embed-dim",
-    "128",
-    "--encoder-attention-heads",
-    "2",
-    "--decoder-attention-heads",
-    "2",
-    "--add-prev-output-tokens",
-]
+TINY_BART = ["--arch", "bart_base", *TINY_ENCODER_DECODER, "--add-prev-output-tokens"]
 
 
 def bart_classification_argv(data, tmp_path, *extra):

@@ -11,31 +11,13 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 
 import rxf_src  # noqa: F401
 from rxf_src.embedding_noise import EncoderEmbeddingNoise, noised_forward
-from tests.fairseq_helpers import REPO, json_logs, run_tool
+from tests.fairseq_helpers import REPO, TINY_ENCODER_DECODER, json_logs, run_tool
 from tests.test_r3f import build, hand_symmetric_kl
 
 # fairseq-train runs / training in-process: deselected by -m 'not e2e'
 pytestmark = pytest.mark.e2e
 
-TINY = [
-    "--encoder-layers",
-    "2",
-    "--decoder-layers",
-    "2",
-    "--encoder-embed-dim",
-    "64",
-    "--decoder-embed-dim",
-    "64",
-    "--encoder-ffn-embed-dim",
-    "128",
-    "--decoder-ffn-embed-dim",
-    "128",
-    "--encoder-attention-heads",
-    "2",
-    "--decoder-attention-heads",
-    "2",
-    "--share-all-embeddings",
-]
+TINY = [*TINY_ENCODER_DECODER, "--share-all-embeddings"]
 NO_DROPOUT = ["--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0"]
 
 
