@@ -10,6 +10,7 @@ PACKAGES = [
     "pats_src",
     "hyperdecoder_src",
     "glue_preprocess",
+    "seq2seq_preprocess",  # summarisation / XNLI releases -> binarized fairseq data (issue 16)
     "hf2fairseq",
     "robustft_experiments",  # sweeps, reports and seed statistics behind scripts/ (not a user dir)
     "robustft_testing",  # test-data builders for tests, scripts/fp16_check.py, benchmarks (not a user dir)
@@ -27,6 +28,7 @@ setup(
     entry_points={
         "console_scripts": [
             "glue-preprocess=glue_preprocess.__main__:main",
+            "seq2seq-preprocess=seq2seq_preprocess.__main__:main",
         ]
     },
 )

@@ -139,10 +139,20 @@ def encode_all(spec: TokenizerSpec, texts, workers=1, chunk_size=2000):
     texts = list(texts)
     if workers <= 1 or len(texts) <= chunk_size:
         return spec.build().encode_batch(texts)
-    chunks = [texts[i : i + chunk_size] for i in range(0, len(texts), chunk_size)]
+    out = []
+    for part in encode_chunks(spec, texts, workers, chunk_size):
+        out.extend(part)
+    return out
+
+
+def encode_chunks(spec: TokenizerSpec, texts, workers=1, chunk_size=2000):
+    """Tokenize `texts` chunk by chunk (order kept), yielding one list of encoded lines per chunk, so a large
+    corpus is never held tokenized in memory at once; `workers` processes when > 1."""
+    chunks = (texts[i : i + chunk_size] for i in range(0, len(texts), chunk_size))
+    if workers <= 1:
+        tokenizer = spec.build()
+        yield from (tokenizer.encode_batch(chunk) for chunk in chunks)
+        return
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(spec,)) as pool:
-        out = []
-        for part in pool.imap(_encode_chunk, chunks):
-            out.extend(part)
-    return out
+        yield from pool.imap(_encode_chunk, chunks)

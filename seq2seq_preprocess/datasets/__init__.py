@@ -1,0 +1,1 @@
+"""One module per dataset release; each registers itself (registry.register) when imported."""
