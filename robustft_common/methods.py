@@ -43,6 +43,7 @@ class Method:
     recipe: dict  # the paper's recipe values for this method ...
     source: str  # ... and where each comes from (paper table / official code file)
     description: str
+    task: str = "sentence_prediction"  # the fairseq task the flags are for (SEQ2SEQ_METHODS: translation)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,6 +298,81 @@ _METHOD_LIST = (
 )
 
 METHODS: dict[str, Method] = {m.name: m for m in _METHOD_LIST}
+
+# ------------------------------------------------------------------------------------------------
+# encoder-decoder (BART) summarisation methods (issue 16): a table of their own, because every consumer of
+# METHODS above trains sentence prediction; get_method / method_flags read both tables.
+
+# BART's summarisation recipe optimizer (fairseq examples/bart/README.summarization.md L48-80)
+BART_ADAM = ("--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-08", "--weight-decay", "0.01")
+LABEL_SMOOTHED = ("--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1")
+# rxf_src LS criterion's reference values (r3f.md §2.3: eps 1e-5 L44, lambda 1.0 L46, normal L48) and the
+# reference's KL scale (per sentence, r3f.md §2.2); the paper gives no other values for Table 4
+R3F_SEQ2SEQ = (
+    "--criterion",
+    "label_smoothed_cross_entropy_r3f",
+    "--label-smoothing",
+    "0.1",
+    "--r3f-lambda",
+    "1.0",
+    "--eps",
+    "1e-05",
+    "--noise-type",
+    "normal",
+    "--r3f-kl-norm",
+    "sentence",
+)
+BART_SUMMARIZATION = {
+    "optimizer": "adam",
+    "adam_betas": "(0.9, 0.999)",
+    "adam_eps": 1e-8,
+    "weight_decay": 0.01,
+    "clip_norm": 0.1,
+    "lr": 3e-5,
+    "warmup_updates": 500,
+    "max_tokens": 2048,
+    "label_smoothing": 0.1,
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "fp16": True,
+    "schedule": "bart_summarization",
+}
+SRC_BART_SUMMARIZATION = (
+    "BART summarisation recipe: fairseq examples/bart/README.summarization.md L48-80 (CNN/DM 20k updates, "
+    "update-freq 4; XSum 15k, update-freq 2; lr 3e-5, 500 warmup, max-tokens 2048; datasets.md §9c)"
+)
+
+SEQ2SEQ_METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "vanilla_seq2seq",
+            "BART",
+            LABEL_SMOOTHED + BART_ADAM,
+            None,
+            "bart_adam",
+            (("criterion", "label_smoothed_cross_entropy"),),
+            dict(BART_SUMMARIZATION),
+            SRC_BART_SUMMARIZATION,
+            "Plain BART fine-tuning: fairseq's label_smoothed_cross_entropy (0.1) with BART's summarisation Adam.",
+            task="translation",
+        ),
+        Method(
+            "r3f_seq2seq",
+            "BART+R3F",
+            R3F_SEQ2SEQ + BART_ADAM,
+            "vanilla_seq2seq",
+            "bart_adam",
+            (("criterion", "label_smoothed_cross_entropy_r3f"),),
+            {"r3f_lambda": 1.0, "eps": 1e-5, "noise_type": "normal", "r3f_kl_norm": "sentence", **BART_SUMMARIZATION},
+            "rxf_src label_smoothed_cross_entropy_r3f.py defaults: eps 1e-5, lambda 1.0, normal (r3f.md §2.3), "
+            f"KL per sentence as the reference (r3f.md §2.2); R3F paper Table 4; schedule: {SRC_BART_SUMMARIZATION}",
+            "R3F on the label-smoothed loss (Aghajanyan et al. Table 4): a second pass with N(0, eps^2) noise on "
+            "the encoder's token embeddings, + lambda * symmetric KL of the decoder's vocabulary distributions.",
+            task="translation",
+        ),
+    )
+}
 # names the sweep, demo, fp16 check and benchmarks used before the registry
 _FORMER_NAMES = {
     "hype": "hype_n, hype_u or hype_u_official",
@@ -308,10 +384,10 @@ _FORMER_NAMES = {
 
 def get_method(name: str) -> Method:
     """The registered method `name`; ValueError naming the known methods."""
-    method = METHODS.get(name)
+    method = METHODS.get(name) or SEQ2SEQ_METHODS.get(name)
     if method is None:
         hint = f" ({name!r} is now {_FORMER_NAMES[name]})" if name in _FORMER_NAMES else ""
-        raise ValueError(f"unknown method {name!r}{hint}; known: {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {name!r}{hint}; known: {', '.join([*METHODS, *SEQ2SEQ_METHODS])}")
     return method
 
 
@@ -385,7 +461,7 @@ def methods_table_markdown() -> str:
 
 
 def _bash(name: str) -> str:
-    """Shell assignments for glue.sh: METHOD_FLAGS (array), METHOD_FAMILY, METHOD_SCHEDULE."""
+    """Shell assignments for glue.sh / seq2seq.sh: METHOD_FLAGS (array), METHOD_FAMILY, METHOD_SCHEDULE."""
     m = get_method(name)
     return (
         f"METHOD_FLAGS=({shlex.join(m.flags)})\nMETHOD_FAMILY={shlex.quote(m.optimizer_family)}\n"
@@ -406,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, *rest = argv
     try:
         if command == "list":
-            print("\n".join(METHODS))
+            print("\n".join([*METHODS, *SEQ2SEQ_METHODS]))
         elif command == "table":
             print(methods_table_markdown(), end="")
         elif command == "flags":
