@@ -7,9 +7,7 @@ Metric formulas come from `robustft_common.glue_metrics` (never re-derived here)
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -72,14 +70,6 @@ def parse_number(text: str) -> float | None:
         return None
     value = float(match.group())
     return value if math.isfinite(value) else None
-
-
-def load_tasks_json(data_dir: str) -> dict:
-    path = os.path.join(data_dir, "tasks.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def default_label_words(task: str) -> list[str]:

@@ -1,3 +1,3 @@
 """Models of the hyperdecoder user dir (fairseq also auto-imports this folder)."""
 
-from . import hyperdecoder_bart  # noqa: F401
+from . import baselines, hyperdecoder_bart  # noqa: F401

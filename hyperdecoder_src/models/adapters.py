@@ -16,7 +16,7 @@ from torch import Tensor
 AdapterWeights = tuple[Tensor, Tensor, Tensor, Tensor]
 
 # Module-name fragments of every parameter this plugin adds to BART (warm start adds exactly these).
-ADAPTER_KEY_FRAGMENTS = (".adapter.", "param_gen.", "mlp.")
+ADAPTER_KEY_FRAGMENTS = (".adapter.", "param_gen.", "mlp.", "adapter_task_embedding.")
 
 
 def is_adapter_key(key: str) -> bool:
@@ -67,6 +67,11 @@ class InstanceEncoderMLP(nn.Sequential):
         for module in self:
             if isinstance(module, nn.Linear):
                 module.reset_parameters()
+
+
+class AdapterTaskEmbedding(nn.Embedding):
+    """One learned vector per task, the generator's input in `task` mode (Hyperformer; reference AT L127-135).
+    Its own class so the model can restore PyTorch's N(0, 1) init after BART's `init_bert_params`."""
 
 
 class AdapterHypernetwork(nn.Module):
@@ -124,6 +129,12 @@ class AdapterHypernetwork(nn.Module):
             self.weight_up(z).view(bsz, self.num_layers, a, c),
             self.bias_up(z),
         )
+
+
+def task_conditioned_weights(embedding: nn.Embedding, generator: AdapterHypernetwork, task_ids: Tensor):
+    """Adapter weights once per distinct task of the batch, and the row -> weight-row map (for the slot)."""
+    tasks, rows = torch.unique(task_ids, return_inverse=True)
+    return generator(embedding(tasks)), rows
 
 
 class GeneratedAdapterSlot:

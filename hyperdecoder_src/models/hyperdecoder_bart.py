@@ -1,5 +1,9 @@
 """`hyperdecoder_bart`: BART with FFN-parallel adapters whose decoder weights a hypernetwork generates
-per source instance (Ivison & Peters 2022), warm-startable from plain fairseq BART checkpoints."""
+per source instance (Ivison & Peters 2022), warm-startable from plain fairseq BART checkpoints.
+
+`task` adapters (the Hyperformer baseline) generate the weights from a learned task embedding instead; the
+task of every example reaches the model as `net_input["adapter_task_ids"]` (the multi-task text-to-text
+tasks of this plugin add it)."""
 
 import logging
 from dataclasses import dataclass, field
@@ -19,18 +23,21 @@ from robustft_common.validation import require, require_choice
 
 from .adapters import (
     AdapterHypernetwork,
+    AdapterTaskEmbedding,
     BottleneckAdapter,
     GeneratedAdapterSlot,
     InstanceEncoderMLP,
     ParallelAdapterMixin,
     is_adapter_key,
     masked_mean,
+    task_conditioned_weights,
 )
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_CHOICES = ChoiceEnum(["none", "manual", "generated"])
+ADAPTER_CHOICES = ChoiceEnum(["none", "manual", "generated", "task"])
 POOLED_KEY = "hyper_pooled"  # extra encoder_out key: masked-mean final encoder output, B x C
+TASK_IDS_KEY = "adapter_task_ids"  # net_input and extra encoder_out key (task adapters): B task indices
 
 
 @dataclass
@@ -41,12 +48,16 @@ class HyperdecoderModelConfig(FairseqDataclass):
         default="manual",
         metadata={
             "help": "encoder adapters: none | manual (one per layer) | "
-            "generated (2 encoder passes: manual, then instance-generated)"
+            "generated (2 encoder passes: manual, then instance-generated) | "
+            "task (generated from a learned task embedding: Hyperformer)"
         },
     )
     decoder_adapter: ADAPTER_CHOICES = field(
         default="generated",
-        metadata={"help": "decoder adapters: none | manual | generated from the pooled encoder output (Hyperdecoder)"},
+        metadata={
+            "help": "decoder adapters: none | manual | generated from the pooled encoder output (Hyperdecoder) | "
+            "task (generated from a learned task embedding: Hyperformer)"
+        },
     )
     encoder_adapter_dim: int = field(default=64, metadata={"help": "encoder adapter bottleneck width"})
     decoder_adapter_dim: int = field(default=64, metadata={"help": "decoder adapter bottleneck width"})
@@ -63,6 +74,13 @@ class HyperdecoderModelConfig(FairseqDataclass):
             "models) instead of the un-normalised residual"
         },
     )
+    adapter_tasks: str = field(
+        default="",
+        metadata={
+            "help": "task adapters: the task names, comma-separated, in embedding order; empty = the data's "
+            "tasks (the multi-task text-to-text tasks' tasks.json), recorded in the checkpoint"
+        },
+    )
     no_freeze_backbone: bool = field(default=False, metadata={"help": "train every parameter"})
     unfreeze_encoder: bool = field(
         default=False, metadata={"help": "also train the whole encoder (incl. the shared embeddings)"}
@@ -76,6 +94,14 @@ def hyperdecoder_defaults(args):
     for name, value in HyperdecoderModelConfig().__dict__.items():
         if not hasattr(args, name) or getattr(args, name) is None:
             setattr(args, name, value)
+
+
+def adapter_task_names(args) -> List[str]:
+    return [t for t in str(getattr(args, "adapter_tasks", "") or "").split(",") if t]
+
+
+def uses_task_adapters(args) -> bool:
+    return "task" in (str(args.encoder_adapter), str(args.decoder_adapter))
 
 
 def validate_hyperdecoder_args(args):
@@ -98,7 +124,7 @@ def validate_hyperdecoder_args(args):
         "both none with a frozen backbone leaves nothing to train; add an adapter, "
         "--no-freeze-backbone, or --unfreeze-encoder/--unfreeze-decoder",
     )
-    generated = "generated" in (str(args.encoder_adapter), str(args.decoder_adapter))
+    generated = bool({"generated", "task"} & {str(args.encoder_adapter), str(args.decoder_adapter)})
     require(
         not (generated and getattr(args, "checkpoint_activations", False)),
         "--checkpoint-activations",
@@ -114,6 +140,21 @@ def validate_hyperdecoder_args(args):
     )
 
 
+def require_task_ids(task_ids: Optional[Tensor], batch_size: int) -> Tensor:
+    if task_ids is None:
+        raise RuntimeError(
+            "--encoder-adapter/--decoder-adapter task: this batch has no task ids (net_input['adapter_task_ids']); "
+            "train and evaluate with --task hyperdecoder_glue, hyperdecoder_mrqa or hyperdecoder_text2text, which "
+            "add them from <split>.task"
+        )
+    if task_ids.dim() != 1 or task_ids.numel() != batch_size:
+        raise RuntimeError(
+            f"adapter_task_ids must hold one task index per source row ({batch_size}), got shape "
+            f"{tuple(task_ids.shape)}"
+        )
+    return task_ids
+
+
 def _wrap_layer(layer, cfg):
     # fairseq's own wrapping minus activation checkpointing (rejected above for generated adapters)
     return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap)
@@ -126,7 +167,7 @@ class HyperdecoderEncoderLayer(ParallelAdapterMixin, TransformerEncoderLayerBase
         # `generated` keeps the manual adapter: it runs in the first of the two encoder passes
         self.init_parallel_adapter(
             cfg.encoder_adapter_dim,
-            manual=mode != "none",
+            manual=mode in ("manual", "generated"),
             slot=slot,
             layer_idx=layer_idx,
             norm_input=cfg.adapter_norm_input,
@@ -147,17 +188,25 @@ class HyperdecoderDecoderLayer(ParallelAdapterMixin, TransformerDecoderLayerBase
 
 
 class HyperdecoderEncoder(TransformerEncoderBase):
-    """BART encoder + adapters; adds the pooled final output to `encoder_out` for the decoder."""
+    """BART encoder + adapters; adds the pooled final output (generated decoder adapters) or the task ids
+    (task decoder adapters) to `encoder_out` for the decoder."""
 
     def __init__(self, cfg, dictionary, embed_tokens):
-        self.generated = str(cfg.encoder_adapter) == "generated"
+        self.mode = str(cfg.encoder_adapter)
+        self.generated = self.mode in ("generated", "task")
         self.adapter_slot = GeneratedAdapterSlot() if self.generated else None
         self._layers_built = 0
         super().__init__(cfg, dictionary, embed_tokens)
         self.pool_for_decoder = str(cfg.decoder_adapter) == "generated"
+        self.task_ids_for_decoder = str(cfg.decoder_adapter) == "task"
+        # set by HyperdecoderBARTModel.forward around BART's forward, which passes the encoder no extra inputs
+        self.pending_task_ids: Optional[Tensor] = None
         dim = embed_tokens.embedding_dim
-        if self.generated:
+        if self.mode == "generated":
             self.mlp = None if cfg.no_process_encoder_output else InstanceEncoderMLP(dim)
+        if self.mode == "task":
+            self.adapter_task_embedding = AdapterTaskEmbedding(len(adapter_task_names(cfg)), dim)
+        if self.generated:
             self.param_gen = AdapterHypernetwork(
                 cfg.encoder.layers, dim, dim, cfg.encoder_adapter_dim, cfg.hypernetwork_bottleneck, cfg.layer_embed_dim
             )
@@ -167,36 +216,57 @@ class HyperdecoderEncoder(TransformerEncoderBase):
         self._layers_built += 1
         return _wrap_layer(layer, cfg)
 
+    def forward(
+        self,
+        src_tokens,
+        src_lengths: Optional[Tensor] = None,
+        return_all_hiddens: bool = False,
+        token_embeddings: Optional[Tensor] = None,
+        adapter_task_ids: Optional[Tensor] = None,
+    ):
+        # the sequence generator calls this with every net_input key (fairseq_encoder.py L57-62)
+        if adapter_task_ids is None:
+            adapter_task_ids = self.pending_task_ids
+        return self.forward_scriptable(src_tokens, src_lengths, return_all_hiddens, token_embeddings, adapter_task_ids)
+
     def forward_scriptable(
         self,
         src_tokens,
         src_lengths: Optional[Tensor] = None,
         return_all_hiddens: bool = False,
         token_embeddings: Optional[Tensor] = None,
+        adapter_task_ids: Optional[Tensor] = None,
     ):
-        if self.generated:
+        if self.task_ids_for_decoder or self.mode == "task":
+            adapter_task_ids = require_task_ids(adapter_task_ids, src_tokens.size(0))
+        if self.mode == "generated":
             # reference semantics: pass 1 with the manual adapters (not detached) conditions pass 2
             first = super().forward_scriptable(src_tokens, src_lengths, False, token_embeddings)
             pooled = masked_mean(first["encoder_out"][0], first["encoder_padding_mask"][0])
             if self.mlp is not None:
                 pooled = self.mlp(pooled)
             self.adapter_slot.set(self.param_gen(pooled))
-            try:
-                out = super().forward_scriptable(src_tokens, src_lengths, return_all_hiddens, token_embeddings)
-            finally:
-                self.adapter_slot.clear()
-        else:
+        elif self.mode == "task":
+            task_ids = require_task_ids(adapter_task_ids, src_tokens.size(0))
+            self.adapter_slot.set(*task_conditioned_weights(self.adapter_task_embedding, self.param_gen, task_ids))
+        try:
             out = super().forward_scriptable(src_tokens, src_lengths, return_all_hiddens, token_embeddings)
+        finally:
+            if self.adapter_slot is not None:
+                self.adapter_slot.clear()
         if self.pool_for_decoder:
             out[POOLED_KEY] = [masked_mean(out["encoder_out"][0], out["encoder_padding_mask"][0])]
+        if self.task_ids_for_decoder:
+            out[TASK_IDS_KEY] = [adapter_task_ids]
         return out
 
     @torch.jit.export
     def reorder_encoder_out(self, encoder_out: Dict[str, List[Tensor]], new_order):
         # the parent rebuilds a fixed-key dict and would drop the pooled vector
         reordered = super().reorder_encoder_out(encoder_out, new_order)
-        if POOLED_KEY in encoder_out:
-            reordered[POOLED_KEY] = [t.index_select(0, new_order) for t in encoder_out[POOLED_KEY]]
+        for key in (POOLED_KEY, TASK_IDS_KEY):
+            if key in encoder_out:
+                reordered[key] = [t.index_select(0, new_order) for t in encoder_out[key]]
         return reordered
 
 
@@ -212,7 +282,8 @@ class HyperdecoderDecoder(TransformerDecoderBase):
     CACHE_KEY = "hyperdecoder_adapters"
 
     def __init__(self, cfg, dictionary, embed_tokens, no_encoder_attn=False, output_projection=None):
-        self.generated = str(cfg.decoder_adapter) == "generated"
+        self.mode = str(cfg.decoder_adapter)
+        self.generated = self.mode in ("generated", "task")
         self.adapter_slot = GeneratedAdapterSlot() if self.generated else None
         self._layers_built = 0
         super().__init__(
@@ -220,10 +291,13 @@ class HyperdecoderDecoder(TransformerDecoderBase):
         )
         if self.generated:
             enc_dim, dim = cfg.encoder.embed_dim, cfg.decoder.embed_dim
-            self.mlp = None if cfg.no_process_encoder_output else InstanceEncoderMLP(enc_dim)
+            if self.mode == "generated":
+                self.mlp = None if cfg.no_process_encoder_output else InstanceEncoderMLP(enc_dim)
+            else:  # reference AT L127-135: the task embedding has the stack's width and feeds the generator directly
+                self.adapter_task_embedding = AdapterTaskEmbedding(len(adapter_task_names(cfg)), dim)
             self.param_gen = AdapterHypernetwork(
                 cfg.decoder.layers,
-                enc_dim,
+                enc_dim if self.mode == "generated" else dim,
                 dim,
                 cfg.decoder_adapter_dim,
                 cfg.hypernetwork_bottleneck,
@@ -247,20 +321,33 @@ class HyperdecoderDecoder(TransformerDecoderBase):
             pooled = self.mlp(pooled)
         return self.param_gen(pooled)
 
+    def _conditioned_weights(self, encoder_out):
+        """(weights, row -> weight-row map or None for one row each, number of source instances)."""
+        if self.mode == "task":
+            if encoder_out is None or TASK_IDS_KEY not in encoder_out:
+                raise RuntimeError(
+                    f"--decoder-adapter task needs encoder_out['{TASK_IDS_KEY}'], produced by HyperdecoderEncoder "
+                    "from net_input['adapter_task_ids']"
+                )
+            task_ids = encoder_out[TASK_IDS_KEY][0]
+            weights, rows = task_conditioned_weights(self.adapter_task_embedding, self.param_gen, task_ids)
+            return weights, rows, task_ids.size(0)
+        weights = self.generate_adapter_weights(encoder_out)
+        return weights, None, weights[0].size(0)
+
     def _adapter_weights(self, num_rows: int, encoder_out, incremental_state):
         cached = self.get_incremental_state(incremental_state, self.CACHE_KEY)
         if cached is not None:
             weights = (cached["w_down"], cached["b_down"], cached["w_up"], cached["b_up"])
             return weights, cached["rows"]
-        weights = self.generate_adapter_weights(encoder_out)
-        instances = weights[0].size(0)
-        rows = None
+        weights, rows, instances = self._conditioned_weights(encoder_out)
         if num_rows != instances:
             # rows are instances expanded beam-wise in order (first step of beam search under BART's
             # set_beam_size, which skips reorder_encoder_out); later steps follow the cached map
             if num_rows % instances != 0:
                 raise RuntimeError(f"cannot map {num_rows} decoder rows onto {instances} source instances")
-            rows = torch.arange(instances, device=weights[0].device).repeat_interleave(num_rows // instances)
+            expand = torch.arange(instances, device=weights[0].device).repeat_interleave(num_rows // instances)
+            rows = expand if rows is None else rows.index_select(0, expand)
         if incremental_state is not None:
             if rows is None:
                 rows = torch.arange(instances, device=weights[0].device)
@@ -318,8 +405,18 @@ class HyperdecoderBARTModel(BARTModel):
     def __init__(self, args, encoder, decoder):
         super().__init__(args, encoder, decoder)  # applies init_bert_params to every module ...
         for module in self.modules():  # ... so restore the adapters' own initialisation
-            if isinstance(module, (BottleneckAdapter, AdapterHypernetwork, InstanceEncoderMLP)):
+            if isinstance(module, (BottleneckAdapter, AdapterHypernetwork, InstanceEncoderMLP, AdapterTaskEmbedding)):
                 module.reset_parameters()
+        # task adapters: the task names in embedding order; the data's tasks map onto them (None otherwise)
+        self.adapter_task_names: Optional[List[str]] = adapter_task_names(args) if uses_task_adapters(args) else None
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, adapter_task_ids: Optional[Tensor] = None, **kwargs):
+        # BART's forward hands the encoder no extra inputs: park the task ids on it for this call
+        self.encoder.pending_task_ids = adapter_task_ids
+        try:
+            return super().forward(src_tokens, src_lengths, prev_output_tokens, **kwargs)
+        finally:
+            self.encoder.pending_task_ids = None
 
     @staticmethod
     def add_args(parser):
@@ -330,6 +427,15 @@ class HyperdecoderBARTModel(BARTModel):
     def build_model(cls, args, task):
         hyperdecoder_defaults(args)
         validate_hyperdecoder_args(args)
+        if uses_task_adapters(args) and not adapter_task_names(args):
+            names = list(getattr(task, "adapter_task_names", lambda: [])())
+            require(
+                bool(names),
+                "--adapter-tasks",
+                "task adapters need the task names: give --adapter-tasks a,b,c or use a task whose data "
+                "lists them (--task hyperdecoder_glue / hyperdecoder_mrqa / hyperdecoder_text2text with tasks.json)",
+            )
+            args.adapter_tasks = ",".join(names)  # saved with the checkpoint's config: the embedding order
         model = super().build_model(args, task)
         model.apply_freezing(args)
         model.log_parameter_counts()
@@ -372,7 +478,7 @@ class HyperdecoderBARTModel(BARTModel):
             if stack in ("encoder", "decoder") and ".adapter." in name:
                 counts[f"{stack}_adapters"] += n
             elif stack in ("encoder", "decoder") and is_adapter_key("." + name):
-                counts[f"{stack}_generator"] += n  # param_gen + mlp
+                counts[f"{stack}_generator"] += n  # param_gen + mlp (+ the task embedding of task adapters)
         return counts
 
     def log_parameter_counts(self):
