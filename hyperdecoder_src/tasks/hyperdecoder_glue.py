@@ -67,6 +67,24 @@ class HyperdecoderGlueTask(MultitaskText2TextTask):
         meta["glue_gold"] = np.asarray([float(g) for g in golds], dtype=np.float64)
         return meta
 
+    # ---------------------------------------------------------------- offline evaluation (scripts/hyperdecoder_eval.py)
+    EVAL_FLAG = "hyperdecoder_eval_glue"
+
+    def new_scorer(self) -> GlueScorer:
+        return GlueScorer(self.label_words)
+
+    def report(self, scorer: GlueScorer) -> dict:
+        per_task = glue_scoring.scores_from_counts(scorer.counts, scorer.pairs)
+        return {"tasks": per_task, "avg": glue_scoring.glue_average(per_task)}
+
+    def format_report(self, report: dict) -> str:
+        return glue_scoring.format_table(report["tasks"])
+
+    def write_predictions(self, records, path):
+        """`id<TAB>task<TAB>prediction<TAB>gold` per example, in id order."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(f"{i}\t{t}\t{p}\t{g}\n" for i, t, p, g in sorted(records))
+
     def score_batch(self, sample, model, scorer: GlueScorer, records=None):
         """Generate answers for one batch and add them to `scorer` (and (id, task, prediction, gold)
         tuples to `records` when given)."""

@@ -161,6 +161,30 @@ class HyperdecoderMrqaTask(MultitaskText2TextTask):
                     names[f"{prefix}_{metric}"] = (key, metric)
         return names
 
+    # ---------------------------------------------------------------- offline evaluation (scripts/hyperdecoder_eval.py)
+    EVAL_FLAG = "hyperdecoder_eval_mrqa"
+
+    def report(self, scorer: MrqaScorer) -> dict:
+        return {"datasets": self.scores(scorer.rows), "windows": len(scorer.rows)}
+
+    def format_report(self, report: dict) -> str:
+        lines = [f"{'dataset':<22} {'n':>7} {'EM':>7} {'F1':>7}"]
+        for name, s in report["datasets"].items():
+            label = {"in": "in-domain avg", "out": "out-of-domain avg", "all": "avg"}.get(name, name)
+            n = f"{int(s['n']):>7}" if "n" in s else f"{'':>7}"
+            lines.append(f"{label:<22} {n} {s['em']:>7.2f} {s['f1']:>7.2f}")
+        return "\n".join(lines)
+
+    def write_predictions(self, records, path):
+        """{qid: [[answer, mean NLL], ...]} with the windows in order: the reference's predicted_answers.json
+        (allenai/hyperdecoders mrqa_eval/eval.py reads it)."""
+        windows: Dict[str, Dict[int, list]] = {}
+        for qid, window, answer, nll in records:
+            windows.setdefault(qid, {})[window] = [answer, nll]
+        out = {qid: [w[k] for k in sorted(w)] for qid, w in windows.items()}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(out, f, ensure_ascii=False, indent=1)
+
     def _final_scores(self, rows: torch.Tensor):
         # every derived metric reads the same rows: score them once per evaluation
         if self._cached is None or self._cached[0] is not rows:

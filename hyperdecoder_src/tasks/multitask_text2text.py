@@ -399,10 +399,14 @@ class MultitaskText2TextTask(TranslationTask):
         if names:
             self.task_id_map.index = {n: i for i, n in enumerate(names)}
         if self.eval_enabled():
-            gen_args = json_flag("--hyperdecoder-eval-args", self.cfg.hyperdecoder_eval_args)
-            self.eval_generator = self.build_generator([model], Namespace(**gen_args))
-            self.bpe = self._build_bpe()
+            self.setup_eval(model)
         return model
+
+    def setup_eval(self, model):
+        """The validation generator (--hyperdecoder-eval-args) and the answers' detokenizer."""
+        gen_args = json_flag("--hyperdecoder-eval-args", self.cfg.hyperdecoder_eval_args)
+        self.eval_generator = self.build_generator([model], Namespace(**gen_args))
+        self.bpe = self._build_bpe()
 
     def _build_bpe(self):
         kind = self.cfg.hyperdecoder_eval_bpe
@@ -437,10 +441,24 @@ class MultitaskText2TextTask(TranslationTask):
             return text
         return self.bpe.decode(text)
 
-    def generate(self, sample, model):
+    def generate(self, sample, model, generator=None):
         """Best hypothesis per example: (decoded text, hypothesis dict with tokens/positional_scores)."""
-        hypos = self.inference_step(self.eval_generator, [model], sample, prefix_tokens=None)
+        hypos = self.inference_step(generator or self.eval_generator, [model], sample, prefix_tokens=None)
         return [(self.decode_tokens(h[0]["tokens"]), h[0]) for h in hypos]
+
+
+def select_rows(sample: dict, rows: torch.Tensor, batch_size: int) -> dict:
+    """The batch restricted to `rows`: every tensor whose first dimension is the batch is indexed (nested dicts
+    too, e.g. net_input); other entries are kept as they are."""
+    out: dict = {}
+    for key, value in sample.items():
+        if isinstance(value, dict):
+            out[key] = select_rows(value, rows, batch_size)
+        elif torch.is_tensor(value) and value.dim() > 0 and value.size(0) == batch_size:
+            out[key] = value.index_select(0, rows.to(value.device))
+        else:
+            out[key] = value
+    return out
 
 
 def load_tasks_json(data_dir: str) -> dict:
