@@ -11,6 +11,7 @@ PACKAGES = [
     "hyperdecoder_src",
     "glue_preprocess",
     "seq2seq_preprocess",  # summarisation / XNLI releases -> binarized fairseq data (issue 16)
+    "baselines_src",  # R-Drop, NEFTune, Mixout, ChildTuning, SMART, FreeLB (issue 18)
     "hf2fairseq",
     "robustft_experiments",  # sweeps, reports and seed statistics behind scripts/ (not a user dir)
     "robustft_testing",  # test-data builders for tests, scripts/fp16_check.py, benchmarks (not a user dir)
