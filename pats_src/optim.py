@@ -25,16 +25,28 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class AdamaxNoisyTuneConfig(FairseqDataclass):
-    adamax_betas: Any = field(default=(0.9, 0.999), metadata={"help": "betas of Adamax (as fairseq's adamax)"})
+class AdamaxConfig(FairseqDataclass):
+    """fairseq's `adamax` flags (fairseq/optim/adamax.py:18-29 `add_args`, a legacy optimizer without a config
+    class) as a config: same names, defaults and meaning. Also the base of `adamax_childtuning`."""
+
+    adamax_betas: Any = field(default="(0.9, 0.999)", metadata={"help": "betas of Adamax (as fairseq's adamax)"})
     adamax_eps: float = field(default=1e-8, metadata={"help": "epsilon of Adamax (as fairseq's adamax)"})
     weight_decay: float = field(
         default=0.0,
         metadata={
             "help": "decoupled weight decay theta -= lr*wd*theta (as fairseq's adamax), on every tensor "
-            "except those matching --weight-decay-exclude"
+            "except those matching --weight-decay-exclude (PATS, SAGE)"
         },
     )
+    no_bias_correction: bool = field(
+        default=False,
+        metadata={"help": "disable Adamax first-moment bias correction (as fairseq's adamax; SAGE's code has none)"},
+    )
+    lr: List[float] = II("optimization.lr")
+
+
+@dataclass
+class AdamaxNoisyTuneConfig(AdamaxConfig):
     weight_decay_exclude: str = field(
         default=param_filters.NOTHING,
         metadata={
@@ -42,10 +54,6 @@ class AdamaxNoisyTuneConfig(FairseqDataclass):
             "fairseq's adamax. SAGE's code exempts biases and LayerNorm: "
             "robustft_common.param_filters.NO_DECAY"
         },
-    )
-    no_bias_correction: bool = field(
-        default=False,
-        metadata={"help": "disable Adamax first-moment bias correction (as fairseq's adamax; SAGE's code has none)"},
     )
     noisytune_lambda: float = field(
         default=0.0,
@@ -62,7 +70,6 @@ class AdamaxNoisyTuneConfig(FairseqDataclass):
         default=param_filters.NOTHING, metadata={"help": "regex of tensors NoisyTune leaves alone ('' = none)"}
     )
     # same meaning as the global options: interpolated, not flags
-    lr: List[float] = II("optimization.lr")
     seed: int = II("common.seed")
     restore_file: str = II("checkpoint.restore_file")
     finetune_from_model: Optional[str] = II("checkpoint.finetune_from_model")
