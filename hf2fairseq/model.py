@@ -126,7 +126,7 @@ class HFBertModel(RobertaModel):
         sentence_encoder.embed_positions.register_forward_hook(
             sentence_encoder.embed_segments.add_to_positions, with_kwargs=True
         )
-        self.pooler = PretrainedPooler(dim)
+        self.pooler = PretrainedPooler(args.encoder_embed_dim)  # the layers' width (hf_electra: wider than dim)
 
     def register_classification_head(self, name, num_classes=None, inner_dim=None, **kwargs):
         """fairseq's head; its dense starts as the pooler when one is loaded (hub use after loading).

@@ -231,10 +231,10 @@ def test_glue_preprocess_wordpiece_ids_match_converted_model(converted, bert_out
 def test_bad_inputs_name_the_problem(tmp_path):
     with pytest.raises(SystemExit, match="missing config.json"):
         main(["--hf-dir", str(tmp_path), "--output-dir", str(tmp_path / "o")])
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))  # RoBERTa, ELECTRA: test_hf_roundtrip
     (tmp_path / "vocab.txt").write_text("[PAD]\n")
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(SystemExit, match="unsupported model_type 'roberta'"):
+    with pytest.raises(SystemExit, match="unsupported model_type 'gpt2'"):
         convert(tmp_path, tmp_path / "o")
     with pytest.raises(SystemExit, match="not installed"):
         find_package_dir("no-such-weights-package")
