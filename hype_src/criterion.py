@@ -14,11 +14,12 @@ from fairseq.criterions.sentence_prediction import SentencePredictionConfig
 from fairseq.dataclass import ChoiceEnum
 
 from hype_src.perturbation import HYPE_TYPES, HypeConfig, hype_forward, validate_hype_config
+from robustft_common.mixout import MixoutConfig
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
 
 
 @dataclass
-class HypeSentencePredictionConfig(SentencePredictionConfig, HypeConfig):
+class HypeSentencePredictionConfig(SentencePredictionConfig, HypeConfig, MixoutConfig):
     hype_type: ChoiceEnum(list(HYPE_TYPES)) = field(
         default="normal",
         metadata={

@@ -6,8 +6,8 @@ tests/test_fairseq_patches.py that fails when the fairseq code it relies on chan
 
 A run through `--user-dir robustft` that uses none of the plugin's components trains bit-identically to the
 same run without it (tested there): the patches only act when a checkpoint is refused, on spectral-normalised
-classification heads (which stock fairseq cannot reload), around optimizer construction (names published,
-nothing changed) and at process exit.
+classification heads (which stock fairseq cannot reload), on the model of a run with `--mixout-p`, around
+optimizer construction (names published, nothing changed) and at process exit.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import functools
 import pickle
 import re
 
-from robustft_common import compat, param_filters, shutdown, spectral_norm_heads
+from robustft_common import compat, mixout, param_filters, shutdown, spectral_norm_heads
 
 _MARK = "_robustft_patch"  # set on every wrapper: installing twice never wraps twice
 
@@ -151,6 +151,29 @@ def r4f_dense_spectral_norm() -> None:
         _wrap(cls, "register_classification_head", make)
 
 
+def mixout_at_model_build() -> None:
+    """`--mixout-p` (a flag of the plugin's sentence-prediction criterions) installs Mixout on the model
+    `fairseq.models.build_model(cfg, task, from_checkpoint=False)` (fairseq/models/__init__.py:56) returns.
+
+    Tasks call it through the module attribute (`from fairseq import models; models.build_model(...)`,
+    fairseq/tasks/fairseq_task.py:353-355, sentence_prediction.py:276-281), before the criterion exists
+    (fairseq_cli/train.py:96-97), before the Trainer casts the model (trainer.py:100-103) and before a
+    checkpoint is loaded into it (trainer.py:585): the mixing targets are buffers the checkpoint fills
+    (`mixout.py`). Without the flag: stock behaviour.
+    """
+    from fairseq import models
+
+    def make(original):
+        def build_model(cfg, *args, **kwargs):
+            model = original(cfg, *args, **kwargs)
+            mixout.install_from_model_args(model, cfg)
+            return model
+
+        return build_model
+
+    _wrap(models, "build_model", make)
+
+
 _EXIT_HOOK: list = []
 
 
@@ -172,6 +195,7 @@ PATCHES = (
     publish_trainer_param_names,
     reload_spectral_norm_heads,
     r4f_dense_spectral_norm,
+    mixout_at_model_build,
     stop_prefetch_threads_at_exit,
 )
 

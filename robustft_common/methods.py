@@ -74,6 +74,13 @@ HYPE_CRITERION = ("--criterion", "hype_sentence_prediction")
 
 NEEDS_VANILLA = (("criterion", "hype_sentence_prediction"),)
 NEEDS_R3F = (("criterion", "sentence_prediction_r3f"),)
+# issue 18 baselines (baselines_src/, robustft_common/mixout.py)
+RDROP = ("--criterion", "sentence_prediction_rdrop", "--rdrop-alpha", "1.0")
+NEFTUNE = ("--criterion", "sentence_prediction_neftune", "--neftune-alpha", "5.0")
+# Mixout replaces dropout (bloodwass/mixout example_huggingface.py L44-57: every dropout 0, every linear p 0.9)
+MIXOUT = ("--mixout-p", "0.9", "--dropout", "0.0", "--attention-dropout", "0.0")
+NEEDS_RDROP = (("criterion", "sentence_prediction_rdrop"),)
+NEEDS_NEFTUNE = (("criterion", "sentence_prediction_neftune"),)
 
 # recipe values shared by several methods, with their sources
 ROBERTA_GLUE = {
@@ -235,6 +242,47 @@ _METHOD_LIST = (
         f"HyPe paper: HyPe-N on top of R3F, in HyPe's setting (hype.md §5, §3 last item); R3F: {_SRC_R3F}; "
         f"schedule: {SRC_HYPE_README}",
         "R3F's criterion with HyPe-N layer-input noise in both passes, dropout off.",
+    ),
+    Method(
+        "rdrop",
+        "R-Drop",
+        RDROP + ADAM,
+        "vanilla",
+        "adam",
+        NEEDS_RDROP,
+        {"rdrop_alpha": 1.0, **ROBERTA_GLUE},
+        "dropreg/R-Drop@9dcc830 fairseq_src/examples/roberta: roberta_rdrop_src/loss/reg_cross_entropy.py "
+        "L92-131 (CE on both passes + alpha/2 * symmetric KL, --reg-alpha default 1.0), run.sh (dropout 0.1, "
+        f"Adam (0.9, 0.98), eps 1e-6) (baselines.md §1); per-task alpha not recovered; schedule: {SRC_ROBERTA}",
+        "R-Drop (Liang et al., NeurIPS 2021): two passes with independent dropout, the task loss on both + "
+        "alpha/2 * symmetric KL of the two class distributions.",
+    ),
+    Method(
+        "neftune",
+        "NEFTune",
+        NEFTUNE + ADAM,
+        "vanilla",
+        "adam",
+        NEEDS_NEFTUNE,
+        {"neftune_alpha": 5.0, "neftune_length": "padded", **ROBERTA_GLUE},
+        "neelsjain/NEFTune@09d4909 README L25-34 (alpha 5, L = padded length), experiment_code/README.md "
+        f"L41-48 (--neftune_alpha 5) (baselines.md §6); NEFTune has no GLUE recipe; schedule: {SRC_ROBERTA}",
+        "NEFTune (Jain et al., 2023): U(-1, 1) * alpha / sqrt(L * d) noise on the token embeddings while "
+        "training, through R3F's embedding-noise mechanism.",
+    ),
+    Method(
+        "mixout",
+        "Mixout",
+        VANILLA_LOSS + MIXOUT + ADAM,
+        "vanilla",
+        "adam",
+        NEEDS_VANILLA,
+        {**ROBERTA_GLUE, "mixout_p": 0.9, "dropout": 0.0, "attention_dropout": 0.0},
+        "bloodwass/mixout@18f377d mixout/mixout.py L34-79 (per-input-column Bernoulli mask, E[W~] = W) and "
+        "example_huggingface.py L44-57 (p 0.9 on every linear, every dropout 0) (baselines.md §5); the paper's "
+        f"per-task p not recovered; schedule: {SRC_ROBERTA}",
+        "Mixout (Lee et al., ICLR 2020): while training, each Transformer linear layer's input columns revert to "
+        "the pretrained weights with probability p (rescaled: E[W~] = W), dropout off. Needs a pretrained start.",
     ),
     Method(
         "vanilla_adamax",
@@ -436,6 +484,61 @@ def _without(flags: Sequence[str], block: Sequence[str]) -> list[str]:
         if flags[i : i + n] == list(block):
             return flags[:i] + flags[i + n :]
     return flags
+
+
+# ------------------------------------------------------------------------------------------------
+# methods stacked in one run (issue 18): the pairs the plugin trains, with their flags, and the pairs it
+# refuses at startup with an error naming a flag. Tests train every allowed pair end to end and check every
+# refusal; baselines_src/README.md gives the reasons at length.
+
+
+@dataclass(frozen=True)
+class Combination:
+    methods: tuple[str, str]  # registry methods: the first's criterion, with the second's flags on top
+    flags: tuple[str, ...]  # the stacked run's flags (for a refused pair: the command that is refused)
+    refused_by: str | None  # refused pairs: the flag the startup error names; None = allowed
+    why: str
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.methods)
+
+
+def _optimizer_of(method: str) -> tuple[str, ...]:
+    """A vanilla-criterion method's optimizer flags (PATS, SAGE, NoisyTune): its flags less the loss."""
+    return tuple(_without(get_method(method).flags, VANILLA_LOSS))
+
+
+_HYPE_NOISE = tuple(_without(HYPE_N, ("--dropout", "0.0")))  # HyPe-N's noise; dropout left to the base method
+_NEFTUNE_ON = NEFTUNE[2:]  # --neftune-alpha 5.0 on another criterion
+
+
+def _combinations() -> tuple[Combination, ...]:
+    mixout_base = VANILLA_LOSS + MIXOUT
+    two_passes = "two-pass consistency criterions; a run has one --criterion (the HyPe paper reports each alone)"
+    same_noise = "both noise the encoder's token embeddings (NEFTune = R3F's noisy pass without clean pass and KL)"
+    sensitivity = "Mixout's reverted columns get a zero gradient, which PATS/SAGE/NoisyTune read as sensitivity"
+    return (
+        Combination(("rdrop", "hype_n"), RDROP + _HYPE_NOISE + ADAM, None, "HyPe paper: HyPe on top of R-Drop"),
+        Combination(("rdrop", "r3f"), RDROP + R3F[2:] + ADAM, "--r3f-lambda", two_passes),
+        Combination(("rdrop", "pats"), RDROP + _optimizer_of("pats"), None, "loss and optimizer are independent"),
+        Combination(("rdrop", "sage"), RDROP + _optimizer_of("sage"), None, "loss and optimizer are independent"),
+        Combination(("rdrop", "mixout"), RDROP + MIXOUT + ADAM, None, "each pass draws its own Mixout mask"),
+        Combination(("rdrop", "neftune"), RDROP + _NEFTUNE_ON + ADAM, None, "each pass draws its own NEFTune noise"),
+        Combination(("neftune", "hype_n"), NEFTUNE + _HYPE_NOISE + ADAM, None, "embedding vs hidden-state noise"),
+        Combination(("neftune", "r3f"), R3F + _NEFTUNE_ON + ADAM, "--neftune-alpha", same_noise),
+        Combination(("neftune", "pats"), NEFTUNE + _optimizer_of("pats"), None, "noise and optimizer independent"),
+        Combination(("neftune", "sage"), NEFTUNE + _optimizer_of("sage"), None, "noise and optimizer independent"),
+        Combination(("neftune", "mixout"), NEFTUNE + MIXOUT + ADAM, None, "input noise and weight mixing"),
+        Combination(("mixout", "hype_n"), HYPE_CRITERION + _HYPE_NOISE + MIXOUT + ADAM, None, "both replace dropout"),
+        Combination(("mixout", "r3f"), R3F + MIXOUT + ADAM, None, "each R3F pass draws its own Mixout mask"),
+        Combination(("mixout", "pats"), mixout_base + _optimizer_of("pats"), "--mixout-p", sensitivity),
+        Combination(("mixout", "sage"), mixout_base + _optimizer_of("sage"), "--mixout-p", sensitivity),
+        Combination(("mixout", "noisytune"), mixout_base + _optimizer_of("noisytune"), "--mixout-p", sensitivity),
+    )
+
+
+COMBINATIONS: dict[str, Combination] = {c.name: c for c in _combinations()}
 
 
 # the optimizer flags every method of a family shares (the README lists them once, above the table)

@@ -21,7 +21,7 @@ from fairseq.criterions.sentence_prediction import (
 from fairseq.logging import metrics
 from fairseq.logging.meters import safe_round
 
-from robustft_common import glue_metrics
+from robustft_common import glue_metrics, mixout
 from robustft_common.utils import log_ratio_pairs
 from robustft_common.utils import logged_sum as _sum
 
@@ -50,6 +50,9 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
         label_dict = self.label_dict
         positive = label_dict.index("1") if label_dict is not None and "1" in label_dict.indices else None
         self.positive_class = positive - label_dict.nspecial if positive is not None else 1
+        # `--mixout-*` (robustft_common/mixout.py): the model carries Mixout; checked at the first training step
+        self.mixout = mixout.mixout_settings(cfg)
+        self._mixout_checked = False
 
     # -- hooks -----------------------------------------------------------------------------------
     def classification_logits(self, model, sample) -> torch.Tensor:
@@ -74,6 +77,9 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
             f"model has no classification head {self.classification_head_name!r}; pass "
             f"--classification-head-name / --num-classes for --task sentence_prediction"
         )
+        if model.training and not self._mixout_checked:
+            mixout.require_installed(model, self.mixout)
+            self._mixout_checked = True
         logits = self.classification_logits(model, sample)
         targets = model.get_targets(sample, [logits]).view(-1)
         sample_size = targets.numel()

@@ -26,9 +26,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from robustft_common.utils import run_setting
 from robustft_common.validation import require
 
 logger = logging.getLogger(__name__)
@@ -101,21 +100,12 @@ def match_model_form(model, state_dict, prefix: str) -> None:
 
 
 def dense_norm_requested(model_args) -> bool:
-    """`--r4f-spectral-norm-dense` as seen from the model's config.
-
-    fairseq-train hands the model the whole argparse namespace, criterion flags included; hydra
-    (fairseq_cli/hydra_train.py) hands `task.build_model` only the `model:` node of the run's config
-    (fairseq_cli/train.py:96), whose sibling `criterion:` holds the flag. The same holds for a model rebuilt
-    from a checkpoint's config (checkpoint_utils.load_model_ensemble_and_task). A model node detached from
-    its config has no sibling: the criterion then refuses to train (`check_dense_normalised`).
+    """`--r4f-spectral-norm-dense` as seen from the model's config (`utils.run_setting`: the criterion's flag
+    reaches the model through fairseq-train's namespace or, under hydra, the sibling `criterion:` node). A
+    model node detached from its config has no sibling: the criterion then refuses to train
+    (`check_dense_normalised`).
     """
-    value = getattr(model_args, DENSE_FLAG, None)
-    if value is None and OmegaConf.is_config(model_args):
-        try:
-            value = OmegaConf.select(model_args, f"..criterion.{DENSE_FLAG}", default=None)
-        except OmegaConfBaseException:  # a node without a parent
-            value = None
-    return bool(value)
+    return bool(run_setting(model_args, DENSE_FLAG, f"criterion.{DENSE_FLAG}"))
 
 
 def normalise_dense(model_args, head: torch.nn.Module) -> None:

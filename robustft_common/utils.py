@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 from fairseq.logging import metrics
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 
@@ -12,6 +14,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     while isinstance(inner := getattr(model, "module", None), nn.Module):
         model = inner
     return model
+
+
+def run_setting(model_args, attr: str, config_path: str):
+    """A setting of the run outside the model's own config, as `task.build_model(cfg.model)` sees it
+    (None when it cannot be seen).
+
+    fairseq-train hands a legacy model the whole argparse namespace, other components' flags included
+    (attribute `attr`, e.g. `mixout_p`); hydra (fairseq_cli/hydra_train.py) and dataclass models get only
+    the `model:` node of the run's config (fairseq_cli/train.py:96), whose parent holds `config_path`
+    (e.g. `criterion.mixout_p`). The same holds for a model rebuilt from a checkpoint's config
+    (checkpoint_utils.load_model_ensemble_and_task). A node detached from its config has no parent.
+    """
+    value = getattr(model_args, attr, None)
+    if value is None and OmegaConf.is_config(model_args):
+        try:
+            value = OmegaConf.select(model_args, f"..{config_path}", default=None)
+        except OmegaConfBaseException:  # a node without a parent
+            value = None
+    return value
 
 
 def logged_sum(logging_outputs, key: str) -> float:

@@ -24,7 +24,7 @@ every noised call (so a second encoder pass is counted too).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -46,14 +46,14 @@ def validate_r3f_flags(cfg) -> None:
     validate_hype_config(cfg)
 
 
-def transformer_encoder(model):
+def transformer_encoder(model, method: str = "R3F"):
     """The fairseq TransformerEncoder that embeds the source tokens (RoBERTa wraps it)."""
     model = unwrap_model(model)  # data-parallel wrappers
     encoder = getattr(model, "encoder", None)
     encoder = getattr(encoder, "sentence_encoder", encoder)  # RoBERTa / XLM-R
     if encoder is None or not hasattr(encoder, "embed_tokens") or not hasattr(encoder, "forward_embedding"):
         raise ValueError(
-            f"R3F needs a model whose encoder is a fairseq TransformerEncoder with `embed_tokens` "
+            f"{method} needs a model whose encoder is a fairseq TransformerEncoder with `embed_tokens` "
             f"(RoBERTa, XLM-R, BART, transformer); got {type(model).__name__}"
         )
     return encoder
@@ -61,6 +61,13 @@ def transformer_encoder(model):
 
 def _is_layer_norm(module) -> bool:
     return all(hasattr(module, a) for a in ("normalized_shape", "weight", "bias", "eps"))
+
+
+def _draw(like: torch.Tensor, eps: Union[float, torch.Tensor], noise_type: str) -> torch.Tensor:
+    """Noise of `like`'s shape; a tensor `eps` (per-sentence scales, B x 1 x 1) scales unit noise."""
+    if isinstance(eps, torch.Tensor):
+        return sample_noise(like, 1.0, noise_type).mul_(eps)
+    return sample_noise(like, eps, noise_type)
 
 
 class EncoderEmbeddingNoise:
@@ -71,10 +78,21 @@ class EncoderEmbeddingNoise:
     After the forward, `changed` / `total` are 0-dim tensors summed over the `calls` noised embeddings:
     non-pad embedding entries the noise changed at the point where the model consumes them, and all
     non-pad entries.
+
+    `eps` is a number, or a B x 1 x 1 tensor of per-sentence scales (NEFTune's per-sentence length); `method`
+    names the method in errors (NEFTune uses this mechanism too, baselines_src/neftune.py).
     """
 
-    def __init__(self, model, src_tokens: torch.Tensor, eps: float, noise_type: str):
-        self.encoder = transformer_encoder(model)
+    def __init__(
+        self,
+        model,
+        src_tokens: torch.Tensor,
+        eps: Union[float, torch.Tensor],
+        noise_type: str,
+        method: str = "R3F",
+    ):
+        self.method = method
+        self.encoder = transformer_encoder(model, method)
         self.src_tokens = src_tokens
         self.eps = eps
         self.noise_type = noise_type
@@ -100,16 +118,16 @@ class EncoderEmbeddingNoise:
         self._handle.remove()
         return False
 
-    def _sample_once(self, like: torch.Tensor, eps: float) -> torch.Tensor:
+    def _sample_once(self, like: torch.Tensor, eps: Union[float, torch.Tensor]) -> torch.Tensor:
         """The one noise tensor of this forward: drawn at the first call, the same z afterwards."""
         if like.shape[:-1] != self.src_tokens.shape:
             # forward_embedding embeds B x T src_tokens as B x T x C (fairseq transformer_encoder.py:124-129)
             raise RuntimeError(
-                f"R3F: the encoder embedded a {tuple(like.shape)} input inside the noisy forward of the "
-                f"{tuple(self.src_tokens.shape)} source batch; R3F noises one source batch per forward"
+                f"{self.method}: the encoder embedded a {tuple(like.shape)} input inside the noisy forward of the "
+                f"{tuple(self.src_tokens.shape)} source batch; {self.method} noises one source batch per forward"
             )
         if self.noise is None:
-            self.noise = sample_noise(like, eps, self.noise_type)
+            self.noise = _draw(like, eps, self.noise_type)
         return self.noise
 
     def _count(self, noisy: torch.Tensor, clean: torch.Tensor) -> None:
@@ -142,17 +160,24 @@ class EncoderEmbeddingNoise:
         return noisy
 
 
-def noised_forward(model, src_tokens: torch.Tensor, eps: float, noise_type: str, forward):
+def noised_forward(
+    model,
+    src_tokens: torch.Tensor,
+    eps: Union[float, torch.Tensor],
+    noise_type: str,
+    forward,
+    method: str = "R3F",
+):
     """Run `forward()` with R3F noise on the encoder's embeddings (one z for every encoder pass of this
     forward); return (its output, the noise context: `changed` / `total` for `r3f_noise_effective`).
 
     Fails loudly when the forward never embedded `src_tokens`: a silent clean "noisy" pass is the
     reference implementation's defect.
     """
-    with EncoderEmbeddingNoise(model, src_tokens, eps, noise_type) as noise:
+    with EncoderEmbeddingNoise(model, src_tokens, eps, noise_type, method) as noise:
         output = forward()
     if not noise.fired:
         raise RuntimeError(
-            "R3F: the noisy forward never embedded the source tokens; the noise did not reach the encoder"
+            f"{method}: the noisy forward never embedded the source tokens; the noise did not reach the encoder"
         )
     return output, noise

@@ -11,7 +11,8 @@ from fairseq.criterions.sentence_prediction import SentencePredictionConfig
 from fairseq.dataclass import ChoiceEnum
 
 from hype_src.perturbation import HypeConfig, hype_forward
-from robustft_common.kl import symmetric_kl
+from robustft_common.kl import gaussian_symmetric_kl, symmetric_kl
+from robustft_common.mixout import MixoutConfig
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
 from robustft_common.spectral_norm_heads import check_dense_normalised
 from robustft_common.utils import unwrap_model
@@ -22,7 +23,7 @@ REGRESSION_KL = ("gaussian", "none")
 
 
 @dataclass
-class SentencePredictionR3FConfig(SentencePredictionConfig, HypeConfig):
+class SentencePredictionR3FConfig(SentencePredictionConfig, HypeConfig, MixoutConfig):
     # `--eps`, `--r3f-lambda`, `--noise-type`: the reference's flag names, kept for drop-in recipes
     # (no fairseq component defines `eps` / `noise_type`; a test checks the values arrive).
     eps: float = field(
@@ -92,8 +93,7 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
             lambda: self.classification_logits(model, sample),
         )
         if self.regression_target:
-            # MSE is the NLL of N(prediction, 1/2); KL_S of two such Gaussians is 2 * (mean difference)^2
-            kl = 2.0 * (logits.view(-1).float() - noisy_logits.view(-1).float()).pow(2)
+            kl = gaussian_symmetric_kl(logits, noisy_logits)
         else:
             kl = symmetric_kl(logits, noisy_logits)
         kl_sum = kl.sum()

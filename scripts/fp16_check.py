@@ -49,7 +49,7 @@ SEQ2SEQ = {
     ],
 }
 METHODS = [*SENTENCE_PREDICTION, *SEQ2SEQ]
-REPORTED_PREFIXES = ("r3f_", "hype_", "pats_", "symm_kl")
+REPORTED_PREFIXES = ("r3f_", "hype_", "pats_", "symm_kl", "neftune_", "rdrop_kl")
 MODES = {"fp16": ["--fp16"], "memory_efficient_fp16": ["--memory-efficient-fp16"]}
 
 
@@ -68,6 +68,8 @@ def noise_keys(flags) -> list:
         keys.append("r3f_noise_effective")
     if flag_value(flags, "--hype-type") not in (None, "none"):
         keys.append("hype_noise_effective")
+    if float(flag_value(flags, "--neftune-alpha") or 0) > 0:
+        keys.append("neftune_noise_effective")
     pats_noise = flag_value(flags, "--pats-noise") or "1e-6"  # adamax_pats's default sigma
     if flag_value(flags, "--optimizer") == "adamax_pats" and float(pats_noise) > 0:
         keys.append("pats_frac_noised")

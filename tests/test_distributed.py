@@ -64,6 +64,9 @@ SENTENCE_PREDICTION_METHODS = {
     "hype": registry_flags("hype_n"),
     "adamax_pats": [*registry_flags("pats"), "--pats-log-stats"],
     "adamax_sage": registry_flags("sage"),
+    "rdrop": registry_flags("rdrop"),
+    "neftune": registry_flags("neftune"),
+    "mixout": registry_flags("mixout"),
 }
 SEQ2SEQ_METHODS = {
     "hyperdecoder": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
@@ -75,6 +78,7 @@ SEQ2SEQ_METHODS = {
         "--eps",
         "1e-2",
     ],
+    "hyperdecoder_rdrop": ["--criterion", "label_smoothed_cross_entropy_rdrop", "--label-smoothing", "0.1"],
 }
 METHODS = [*SENTENCE_PREDICTION_METHODS, *SEQ2SEQ_METHODS]
 # methods combined in one run, with gradient accumulation (c10d's no_sync path)
@@ -448,9 +452,13 @@ def test_method_specific_noise_really_ran_under_ddp(ddp_runs):
         ("legacy_hype", "hype_noise_effective"),
         ("legacy_hyperdecoder_r3f", "r3f_noise_effective"),
         ("legacy_adamax_pats", "pats_frac_noised"),
+        ("legacy_neftune", "neftune_noise_effective"),
     ):
         values = [float(r[key]) for r in train_records(rank0[name]) if key in r]
         assert values and min(values) > 0.3, (name, key, values)
+    for name in ("legacy_rdrop", "legacy_hyperdecoder_rdrop"):  # R-Drop's KL term is small, but there
+        values = [float(r["rdrop_kl"]) for r in train_records(rank0[name]) if "rdrop_kl" in r]
+        assert values and min(values) > 0, (name, values)
 
 
 def test_c10d_on_cpu_fails_in_stock_fairseq(ddp_runs):
@@ -519,6 +527,9 @@ def test_fp16_check_script_cpu_smoke(tmp_path):
             "hype_u",
             "hype_u_official",
             "hype_r3f",
+            "rdrop",
+            "neftune",
+            "mixout",
             "vanilla_adamax",
             "sage",
             "pats",
@@ -537,6 +548,7 @@ def test_fp16_check_script_cpu_smoke(tmp_path):
         ("hype_r3f", "r3f_noise_effective"),
         ("pats", "pats_frac_noised"),
         ("hyperdecoder_r3f", "r3f_noise_effective"),
+        ("neftune", "neftune_noise_effective"),
     ):
         assert 0.0 < noise[method][key]["mean"] <= 1.0, (method, noise[method])
 

@@ -26,7 +26,7 @@ def _params(fn):
 
 # -- installation ----------------------------------------------------------------------------------
 def _patched():
-    from fairseq import checkpoint_utils
+    from fairseq import checkpoint_utils, models
     from fairseq.models.bart.model import BARTModel
     from fairseq.models.roberta.model import RobertaModel
     from fairseq.trainer import Trainer
@@ -38,6 +38,7 @@ def _patched():
         BARTModel.upgrade_state_dict_named,
         RobertaModel.register_classification_head,
         BARTModel.register_classification_head,
+        models.build_model,
     ]
 
 
@@ -149,6 +150,38 @@ def test_guard_head_is_registered_before_criterion_optimizer_and_checkpoint():
     ]
     positions = [main.index(s) for s in order]
     assert positions == sorted(positions)
+
+
+def test_guard_models_are_built_through_the_module_attribute():
+    """mixout_at_model_build: tasks reach `fairseq.models.build_model` through the module at call time (the
+    wrapper sees every model), the training loop builds the model before casting it and loading a checkpoint,
+    and MultiheadAttention reads the projections' `weight` attributes (parametrized by Mixout)."""
+    from fairseq import models
+    from fairseq.modules.multihead_attention import MultiheadAttention
+    from fairseq.tasks.fairseq_task import FairseqTask
+    from fairseq.tasks.sentence_prediction import SentencePredictionTask
+    from fairseq.trainer import Trainer
+
+    assert _params(models.build_model) == [
+        ("cfg", inspect.Parameter.empty),
+        ("task", inspect.Parameter.empty),
+        ("from_checkpoint", False),
+    ]
+    for task in (FairseqTask, SentencePredictionTask):
+        src = _source(task.build_model)
+        assert "from fairseq import models" in src and "models.build_model(cfg, self, from_checkpoint)" in src
+    init, load = _source(Trainer.__init__), _source(Trainer.load_checkpoint)
+    assert "self._model = self._model.half()" in init
+    assert 'self.model.load_state_dict( state["model"], strict=True, model_cfg=self.cfg.model )' in load
+    forward = _source(MultiheadAttention.forward)
+    assert "q_proj_weight=self.q_proj.weight," in forward and "self.out_proj.weight," in forward
+    root = Path(models.__file__).parent.parent
+    binders = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if "examples" not in p.parts and re.search(r"from fairseq\.models import .*\bbuild_model\b", p.read_text())
+    ]
+    assert binders == []
 
 
 def test_guard_prefetch_thread_fields():

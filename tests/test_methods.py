@@ -76,6 +76,9 @@ def test_recipe_values_are_the_flags_values():
         "pats_margin": "--pats-margin",
         "sage_beta3": "--sage-beta3",
         "noisytune_lambda": "--noisytune-lambda",
+        "rdrop_alpha": "--rdrop-alpha",
+        "neftune_alpha": "--neftune-alpha",
+        "mixout_p": "--mixout-p",
     }
     textual = {"noise_type": "--noise-type", "hype_uniform": "--hype-uniform"}
     for m in METHODS.values():

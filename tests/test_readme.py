@@ -4,7 +4,7 @@ import re
 
 from tests.fairseq_helpers import REPO
 
-OUR_PACKAGES = {"rxf_src", "hype_src", "pats_src", "hyperdecoder_src", "robustft", "hf2fairseq"}
+OUR_PACKAGES = {"rxf_src", "hype_src", "pats_src", "hyperdecoder_src", "robustft", "hf2fairseq", "baselines_src"}
 
 
 def _registered():
