@@ -19,16 +19,22 @@ import re
 
 from robustft_common import compat, mixout, param_filters, shutdown, spectral_norm_heads
 
-_MARK = "_robustft_patch"  # set on every wrapper: installing twice never wraps twice
+_MARK = "_robustft_patch"  # set on every wrapper
+# the patches (their `make` functions) already in a wrapper chain: installing twice never wraps twice, and
+# two patches of the same fairseq function both apply (one wrapping the other)
+_APPLIED = "_robustft_patches"
 
 
 def _wrap(owner, name: str, make_wrapper) -> None:
-    """Replace `owner.name` by `make_wrapper(original)` unless it is already ours (`__wrapped__` = original)."""
+    """Replace `owner.name` by `make_wrapper(original)` unless this patch is already in place there
+    (`__wrapped__` = original)."""
     original = getattr(owner, name)
-    if getattr(original, _MARK, False):
+    applied: frozenset[str] = getattr(original, _APPLIED, frozenset())
+    if make_wrapper.__qualname__ in applied:
         return
     wrapper = functools.wraps(original)(make_wrapper(original))
     setattr(wrapper, _MARK, True)
+    setattr(wrapper, _APPLIED, applied | {make_wrapper.__qualname__})
     setattr(owner, name, wrapper)
 
 
@@ -77,6 +83,41 @@ def refusal_message(path, err: Exception) -> str:
         f"that global so the list can be extended; do not disable weights_only or allow-list it for a "
         f"file you did not produce."
     )
+
+
+def explain_model_loading() -> None:
+    """A checkpoint that does not fit the model, or a converted model without its checkpoint, stops with the fix.
+
+    fairseq-train loads --restore-file / --finetune-from-model / checkpoint_last.pt through
+    `checkpoint_utils.load_checkpoint(cfg, trainer, **passthrough_args)` (fairseq/checkpoint_utils.py:208,
+    called by fairseq_cli/train.py:165), which returns `(extra_state, epoch_itr)`. When the weights do not fit
+    the model, `Trainer.load_checkpoint` replaces torch's list of mismatched tensors by "Cannot load model
+    parameters from checkpoint PATH; please ensure that the architectures match." (fairseq/trainer.py:596-599);
+    when no file is found it logs "No existing checkpoint found" and returns None (trainer.py:689-691). Here the
+    first error becomes one naming both architectures and the flags that rebuild the checkpoint's (convert.json
+    beside a converted checkpoint), and a model of `hf2fairseq` that got no checkpoint stops
+    (`checkpoint_hints`). Other errors, a checkpoint that loads, and stock models without a checkpoint are
+    untouched.
+    """
+    from fairseq import checkpoint_utils
+
+    from robustft_common import checkpoint_hints
+
+    def make(original):
+        def load_checkpoint(cfg, trainer, **passthrough_args):
+            try:
+                extra_state, epoch_itr = original(cfg, trainer, **passthrough_args)
+            except Exception as err:
+                hint = checkpoint_hints.load_failure(err, trainer)
+                if hint is None:
+                    raise
+                raise ValueError(hint) from None  # torch's wall of shapes is summarised in the hint
+            checkpoint_hints.require_pretrained_weights(extra_state, cfg, trainer)
+            return extra_state, epoch_itr
+
+        return load_checkpoint
+
+    _wrap(checkpoint_utils, "load_checkpoint", make)
 
 
 def publish_trainer_param_names() -> None:
@@ -192,6 +233,7 @@ def stop_prefetch_threads_at_exit() -> None:
 PATCHES = (
     allow_checkpoint_globals,
     explain_refused_checkpoints,
+    explain_model_loading,
     publish_trainer_param_names,
     reload_spectral_norm_heads,
     r4f_dense_spectral_norm,

@@ -24,6 +24,7 @@ from fairseq.logging.meters import safe_round
 from robustft_common import glue_metrics, mixout
 from robustft_common.utils import log_ratio_pairs
 from robustft_common.utils import logged_sum as _sum
+from robustft_common.validation import require_num_classes
 
 _MOMENT_KEYS = ("n", "sx", "sy", "sxx", "syy", "sxy")
 _CONFUSION_KEYS = ("tp", "fp", "fn", "tn")
@@ -48,6 +49,9 @@ class RobustSentencePredictionCriterion(SentencePredictionCriterion):
         # MCC/F1 treat the label "1" as positive (CoLA, MRPC, QQP), whatever its class id; class ids
         # follow the label dictionary, which fairseq sorts by frequency.
         label_dict = self.label_dict
+        if not self.regression_target and label_dict is not None:
+            task_cfg = getattr(task, "cfg", None)
+            require_num_classes(label_dict, getattr(task_cfg, "num_classes", None), getattr(task_cfg, "data", "DATA"))
         positive = label_dict.index("1") if label_dict is not None and "1" in label_dict.indices else None
         self.positive_class = positive - label_dict.nspecial if positive is not None else 1
         # `--mixout-*` (robustft_common/mixout.py): the model carries Mixout; checked at the first training step

@@ -8,6 +8,8 @@ DATA holds `<TASK>-bin/` folders from `python -m glue_preprocess`; CONVERTED is 
 (`command.json`, `train.log`, `status.json`). A run whose status.json says "ok" is never redone, so
 re-running the same command resumes the sweep; failed runs are retried only with --retry-failed.
 `--emit-jobs FILE` writes one shell command per run instead (for a job array: `--only-run I`).
+Paths (`--data-root`, `--output-dir`, `--pretrained`, `--emit-jobs`) are taken relative to the directory
+the sweep is started from, and the runs and emitted commands carry them as absolute paths.
 At the end the report (`scripts/report.py OUT`) writes results.csv/json, results.md and results.png.
 Method flags come from the method registry (`robustft_common.methods`), task flags from the GLUE task
 table (`robustft_common.glue_tasks`); the schedule (lr, batch, updates) from the options below.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -114,6 +117,34 @@ def run_args(task, method, seed, data_root: Path, run_dir: Path, pretrained: dic
     return cmd + shlex.split(args.extra_args or "")
 
 
+def absolute_path(text: str) -> Path:
+    """A path flag, relative to the caller's working directory (argparse `type`)."""
+    return Path(text).expanduser().absolute()
+
+
+PATH_FLAGS = ("--data-root", "--output-dir", "--pretrained")
+
+
+def absolute_argv(argv: list[str]) -> list[str]:
+    """argv with the values of PATH_FLAGS made absolute and --emit-jobs dropped (the lines of a job file)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        takes_value = not eq and i + 1 < len(argv)
+        if flag == "--emit-jobs":
+            i += 1 if eq else 2
+            continue
+        if flag in PATH_FLAGS:
+            value = value if eq else (argv[i + 1] if takes_value else "")
+            out += [flag, str(absolute_path(value))]
+            i += 1 if eq else 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def trainer_command(args) -> list[str]:
     """scripts/fairseq_train.py (fairseq-train + the hf_bert model) under this Python."""
     return [sys.executable, str(REPO / "scripts" / "fairseq_train.py")]
@@ -129,11 +160,27 @@ def load_pretrained(path: Path | None) -> dict | None:
     return {"train_args": meta["train_args"], "model": Path(path).resolve() / "model.pt"}
 
 
+def plan_tasks(args) -> list[str]:
+    return [canonical_task(t) for t in args.tasks.split(",") if t]
+
+
+def check_data(args) -> None:
+    """Every task's binarized folder is there before the first fairseq-train starts."""
+    for task in plan_tasks(args):
+        folder = Path(args.data_root) / f"{task}-bin"
+        if not (folder / "input0" / "dict.txt").is_file():
+            raise SystemExit(
+                f"--data-root {args.data_root}: no {task}-bin/input0/dict.txt. Binarize the task into that "
+                f"folder first: python -m glue_preprocess --glue-dir GLUE_DIR --tasks {task} "
+                f"--output-dir {args.data_root} ... (glue_preprocess/README.md)"
+            )
+
+
 def plan(args) -> list[dict]:
     """Every (task, method, seed) of the sweep, in a fixed order."""
     pretrained = load_pretrained(args.pretrained)
     runs = []
-    for task in [canonical_task(t) for t in args.tasks.split(",") if t]:
+    for task in plan_tasks(args):
         for method in [m for m in args.methods.split(",") if m]:
             for seed in [int(s) for s in str(args.seeds).split(",") if s]:
                 run_dir = Path(args.output_dir) / "runs" / task / method / f"seed{seed}"
@@ -161,7 +208,7 @@ def execute(run: dict, echo: bool = True, threads: str | None = None) -> str:
     start = time.time()
     with open(run_dir / "train.log", "w") as log:
         proc = subprocess.Popen(
-            [str(c) for c in run["cmd"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO
+            [str(c) for c in run["cmd"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
         assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
@@ -178,11 +225,31 @@ def execute(run: dict, echo: bool = True, threads: str | None = None) -> str:
     return status
 
 
+def last_error_line(log_text: str) -> str:
+    """The line of a failed run's log that says what went wrong: the last `...Error: ...` / `error:` line
+    (a Python exception, an argparse error), else the last non-empty line."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line) or " error: " in line:
+            return line
+    return lines[-1] if lines else "(empty log)"
+
+
+def failure_report(run: dict) -> str:
+    """Where a failed run's log is and its last error line (printed even with --quiet)."""
+    log = Path(run["dir"]) / "train.log"
+    status = json.loads((Path(run["dir"]) / "status.json").read_text())
+    text = log.read_text(errors="replace") if log.exists() else ""
+    return f"exit code {status.get('returncode')}, log {log}\n        {last_error_line(text)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data-root", type=Path, required=True, help="folder with <TASK>-bin/ from glue_preprocess")
-    p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--pretrained", type=Path, help="converted model folder (model.pt + convert.json)")
+    p.add_argument(
+        "--data-root", type=absolute_path, required=True, help="folder with <TASK>-bin/ from glue_preprocess"
+    )
+    p.add_argument("--output-dir", type=absolute_path, required=True)
+    p.add_argument("--pretrained", type=absolute_path, help="converted model folder (model.pt + convert.json)")
     p.add_argument("--tasks", default="RTE")
     p.add_argument("--methods", default=DEFAULT_METHODS, help=f"from the method registry: {', '.join(METHODS)}")
     p.add_argument("--seeds", default="1")
@@ -205,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-args", help="appended to every fairseq-train command (quoted string)")
     p.add_argument("--retry-failed", action="store_true", help="re-run runs whose status is failed")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("--emit-jobs", type=Path, help="write one command per line (for job arrays) and exit")
+    p.add_argument("--emit-jobs", type=absolute_path, help="write one command per line (for job arrays) and exit")
     p.add_argument("--only-run", type=int, help="run only the run with this index (0-based; job arrays)")
     p.add_argument("--no-report", action="store_true")
     p.add_argument("--quiet", action="store_true", help="do not echo fairseq's output (it is in train.log)")
@@ -216,23 +283,21 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     runs = plan(args)
     if args.emit_jobs:
-        base = [sys.executable, str(ENTRY_POINT)] + [a for a in (argv or sys.argv[1:])]
-        lines = []
-        for i, _ in enumerate(runs):
-            cmd = [a for a in base if not a.startswith("--emit-jobs")]
-            lines.append(
-                shlex.join([c for c in cmd if c != str(args.emit_jobs)] + ["--only-run", str(i), "--no-report"])
-            )
+        base = [sys.executable, str(ENTRY_POINT), *absolute_argv(list(sys.argv[1:] if argv is None else argv))]
+        lines = [shlex.join(base + ["--only-run", str(i), "--no-report"]) for i in range(len(runs))]
         args.emit_jobs.write_text("\n".join(lines) + "\n")
         print(f"wrote {len(lines)} commands to {args.emit_jobs}")
         return 0
     selected = [runs[args.only_run]] if args.only_run is not None else runs
+    if not args.dry_run:
+        check_data(args)
     failed = 0
     for i, run in enumerate(selected):
         status = run_status(run["dir"])
         tag = f"{run['task']}/{run['method']}/seed{run['seed']}"
         if status == "ok" or (status == "failed" and not args.retry_failed):
-            print(f"[sweep] {tag}: {status}, skipped (restartable)")
+            why = f"; --retry-failed re-runs it ({failure_report(run)})" if status == "failed" else ""
+            print(f"[sweep] {tag}: {status}, skipped (restartable){why}")
             failed += status == "failed"
             continue
         if args.dry_run:
@@ -240,7 +305,7 @@ def main(argv=None) -> int:
             continue
         print(f"[sweep] ({i + 1}/{len(selected)}) {tag}: fairseq-train ...", flush=True)
         status = execute(run, echo=not args.quiet, threads=args.threads)
-        print(f"[sweep] {tag}: {status}", flush=True)
+        print(f"[sweep] {tag}: {status}" + (f" ({failure_report(run)})" if status == "failed" else ""), flush=True)
         failed += status == "failed"
     if not (args.no_report or args.dry_run):
         write_report(args.output_dir)

@@ -53,6 +53,44 @@ def test_install_is_idempotent_and_wraps_fairseq_once():
 
 
 # -- guards: what each patch relies on in fairseq-fixed 0.12.3.1 ----------------------------------
+def test_guard_model_loading_messages():
+    """explain_model_loading: fairseq-train loads its checkpoint through the module attribute
+    `checkpoint_utils.load_checkpoint(cfg, trainer, **passthrough_args)`, which returns (extra_state, epoch_itr);
+    the trainer turns a model that does not fit into "Cannot load model parameters from checkpoint PATH; ..."
+    and returns None when no file is found. Two patches of one function both apply (`_wrap`)."""
+    from fairseq import checkpoint_utils, trainer
+    from fairseq_cli import train
+
+    from robustft_common import checkpoint_hints
+
+    assert [p[0] for p in _params(checkpoint_utils.load_checkpoint)] == ["cfg", "trainer", "passthrough_args"]
+    assert "extra_state, epoch_itr = checkpoint_utils.load_checkpoint( cfg.checkpoint, trainer," in _source(train.main)
+    assert "return extra_state, epoch_itr" in _source(checkpoint_utils.load_checkpoint)
+    load = _source(trainer.Trainer.load_checkpoint)
+    assert '"Cannot load model parameters from checkpoint {}; " "please ensure that the architectures match."' in load
+    assert 'logger.info("No existing checkpoint found {}".format(filename)) return extra_state' in load
+    found = checkpoint_hints._FAILED.search(
+        "Cannot load model parameters from checkpoint /a b/model.pt; please ensure that the architectures match."
+    )
+    assert found.group(1) == "/a b/model.pt"
+
+    class Owner:
+        @staticmethod
+        def f(x):
+            return [x]
+
+    def first(original):
+        return lambda x: original(x) + ["first"]
+
+    def second(original):
+        return lambda x: original(x) + ["second"]
+
+    for _ in range(2):  # installing twice changes nothing
+        fairseq_patches._wrap(Owner, "f", first)
+        fairseq_patches._wrap(Owner, "f", second)
+    assert Owner.f(0) == [0, "first", "second"]
+
+
 def test_guard_checkpoints_are_loaded_with_torch_default_weights_only():
     """allow_checkpoint_globals: fairseq's torch.load calls pass no `weights_only`, so torch's safe loader
     and our allow-list apply (a `weights_only=False` in fairseq would silently make the list moot)."""
