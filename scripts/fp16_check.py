@@ -6,12 +6,20 @@ NaN/inf beyond fairseq's loss-scaler overflow handling; report the noise-effecti
 
     python scripts/fp16_check.py --out-dir /tmp/fp16 [--updates 300] [--methods r3f,hype_n]
     python scripts/fp16_check.py --out-dir /tmp/fp16 --cpu-smoke   # CPU, tiny model, a few updates
+    python scripts/fp16_check.py --out-dir /dev/shm/fp16 --deadline-s 240   # bounded (scripts/gpu_check.py)
 
 A run FAILS when: it raises (e.g. fairseq's "Minimum loss scale reached"), a logged train/valid loss is
 not finite, a final parameter or optimizer-state tensor is not finite, more than --max-overflow-frac of
 its steps overflowed, or a noise method logged no noise-effectiveness metric. Exit status 1 if any run
 fails. Runs share one process (fairseq's imports dominate small runs); results go to
-OUT_DIR/summary.json and a table on stdout.
+OUT_DIR/summary.json (rewritten after every run, so a killed check leaves what it measured) and a table on
+stdout. Runs go mode by mode (every method under --fp16 first), each run's checkpoints are deleted once
+checked (--keep-checkpoints keeps them); --deadline-s stops starting runs that would end past the deadline
+(estimated from the longest run so far) and lists them as skipped.
+
+NoisyTune perturbs a pretrained start once: it fine-tunes from the checkpoint its registry baseline
+(vanilla_adamax) wrote in the same mode, so that baseline runs first; "NoisyTune applied" in its log is its
+proof that the noise ran.
 
 --cpu-smoke: `--memory-efficient-fp16 --cpu` only (plain `--fp16 --cpu` needs CUDA in fairseq), 2-layer
 dim-64 models; note fairseq's overflow path calls `.cuda()` (fairseq/trainer.py:1022), so a CPU run that
@@ -34,9 +42,14 @@ from robustft_testing.synthetic_data import toy_classification
 
 REPO = Path(__file__).resolve().parents[1]
 # Every registered method at its paper's values (the noise effectiveness at those scales is the question),
-# flags from the method registry; NoisyTune is left out: it perturbs once, before training, and needs a
-# pretrained start (this check trains from random init).
-SENTENCE_PREDICTION = {name: method_flags(name) for name in REGISTRY if name != "noisytune"}
+# flags from the method registry. A method whose flags perturb a pretrained start (NoisyTune) starts from
+# its baseline's checkpoint of the same mode (STARTS_FROM).
+SENTENCE_PREDICTION = {name: method_flags(name) for name in REGISTRY}
+STARTS_FROM: dict[str, str] = {
+    name: str(REGISTRY[name].baseline)
+    for name, flags in SENTENCE_PREDICTION.items()
+    if float(flag_value(flags, "--noisytune-lambda") or 0) > 0
+}
 SEQ2SEQ = {
     "hyperdecoder": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
     "hyperdecoder_r3f": [
@@ -73,6 +86,8 @@ def noise_keys(flags) -> list:
     pats_noise = flag_value(flags, "--pats-noise") or "1e-6"  # adamax_pats's default sigma
     if flag_value(flags, "--optimizer") == "adamax_pats" and float(pats_noise) > 0:
         keys.append("pats_frac_noised")
+    if float(flag_value(flags, "--noisytune-lambda") or 0) > 0:
+        keys.append("noisytune_applied")  # from its log line (pats_src/optim.py `_maybe_noisytune`)
     return keys
 
 
@@ -102,7 +117,7 @@ def make_data(root: Path, n_train: int, n_valid: int):
 
 
 # ------------------------------------------------------------------------------------------ runs
-def run_argv(method: str, mode: str, data, save_dir: Path, updates: int, smoke: bool):
+def run_argv(method: str, mode: str, data, save_dir: Path, updates: int, smoke: bool, start: Path | None = None):
     sp, t2t = data
     common = [
         "--user-dir",
@@ -146,6 +161,8 @@ def run_argv(method: str, mode: str, data, save_dir: Path, updates: int, smoke: 
         common += ["--fp16-no-flatten-grads"]  # adamax, PATS, SAGE keep per-tensor state: no flat fp32 buffer
     if smoke:
         common += ["--cpu"]
+    if start is not None:
+        common += ["--finetune-from-model", str(start)]
     if method in SENTENCE_PREDICTION:
         model = TINY_ROBERTA if smoke else ["--arch", "roberta_base"]
         return [
@@ -222,13 +239,28 @@ def _stats(values):
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "last": values[-1]}
 
 
+def save_dir_of(out_dir: Path, method: str, mode: str) -> Path:
+    return out_dir / f"{method}.{mode}"
+
+
+def start_checkpoint(method: str, mode: str, out_dir: Path) -> Path | None:
+    """The checkpoint `method` fine-tunes from (STARTS_FROM), None for a from-scratch method; KeyError-free:
+    a missing file is reported by the caller."""
+    if method not in STARTS_FROM:
+        return None
+    return save_dir_of(out_dir, STARTS_FROM[method], mode) / "checkpoint_last.pt"
+
+
 def run_one(method, mode, data, out_dir: Path, updates: int, smoke: bool, max_overflow_frac: float) -> dict:
     import torch
     from fairseq import checkpoint_utils
     from fairseq_cli import train
 
-    save_dir = out_dir / f"{method}.{mode}"
-    argv = run_argv(method, mode, data, save_dir, updates, smoke)
+    save_dir = save_dir_of(out_dir, method, mode)
+    start = start_checkpoint(method, mode, out_dir)
+    if start is not None and not start.exists():
+        return skipped(method, mode, f"needs {STARTS_FROM[method]}'s checkpoint of this mode (run it first)")
+    argv = run_argv(method, mode, data, save_dir, updates, smoke, start)
     capture = _Capture()
     logging.getLogger().addHandler(capture)
     result = {"method": method, "mode": mode, "argv": argv, "problems": []}
@@ -277,12 +309,55 @@ def run_one(method, mode, data, out_dir: Path, updates: int, smoke: bool, max_ov
     for key in sorted({k for r in train_recs for k in r if k.startswith(REPORTED_PREFIXES)}):
         values = [float(r[key]) for r in train_recs if key in r]
         noise[key] = _stats(values)
+    applied = sum(line.startswith("NoisyTune applied") for line in capture.lines)
+    if applied:
+        noise["noisytune_applied"] = _stats([float(applied)])
     result["noise"] = noise
     for key in noise_keys(method_argv_flags(method)):
         if key not in noise:
             result["problems"].append(f"{key} never logged")
     result["ok"] = not result["problems"]
     return result
+
+
+def skipped(method: str, mode: str, why: str) -> dict:
+    """The record of a run that did not start (time budget, missing start checkpoint): not ok."""
+    return {
+        "method": method,
+        "mode": mode,
+        "ok": False,
+        "skipped": why,
+        "problems": [f"skipped: {why}"],
+        "updates": 0,
+        "overflows": 0,
+        "loss_first_last": None,
+        "final_loss_scale": None,
+        "noise": {},
+        "seconds": 0.0,
+    }
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    """Atomically (temp file + rename): a check killed mid-write leaves the previous summary."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(path)
+
+
+def plan(methods: list, modes: list) -> list:
+    """(method, mode) pairs, mode by mode (every method under the first mode before the second), each
+    method after the baseline it starts from."""
+    order: list = []
+    for method in methods:
+        if method in order or (STARTS_FROM.get(method) in methods and STARTS_FROM[method] not in order):
+            continue  # already placed, or placed right after its baseline
+        order += [method, *[m for m in methods if STARTS_FROM.get(m) == method and m not in order]]
+    return [(method, mode) for mode in modes for method in order]
+
+
+def still_needed(pairs: list, done: int, method: str, mode: str) -> bool:
+    """Whether a later run of `pairs` (after index `done`) starts from this run's checkpoint."""
+    return any(mo == mode and STARTS_FROM.get(me) == method for me, mo in pairs[done + 1 :])
 
 
 def _table(results) -> str:
@@ -317,6 +392,13 @@ def main(argv=None) -> int:
         action="store_true",
         help="CPU, tiny models, --memory-efficient-fp16 only, 2 updates (tests the script)",
     )
+    parser.add_argument(
+        "--deadline-s",
+        type=float,
+        help="start no run that would end later than this many seconds after the start (estimated from the "
+        "longest run so far); the rest are listed as skipped",
+    )
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep every run's checkpoints")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     modes = [m for m in args.modes.split(",") if m]
@@ -324,6 +406,9 @@ def main(argv=None) -> int:
         unknown = sorted(set(values) - set(known))
         if unknown:
             parser.error(f"{flag}: unknown {unknown}; choose from {', '.join(known)}")
+
+    started = time.time()
+    import shutil
 
     import torch
 
@@ -335,19 +420,30 @@ def main(argv=None) -> int:
     else:
         if not torch.cuda.is_available():
             parser.error("needs a CUDA GPU (fp16 training); use --cpu-smoke to exercise the script on CPU")
-        updates, n_train, n_valid = args.updates, 2048, 256
+        # one epoch covers every update: one validation and one checkpoint write (~1.5 GB) per run
+        updates, n_train, n_valid = args.updates, max(2048, 16 * args.updates), 256
     args.out_dir.mkdir(parents=True, exist_ok=True)
     data = make_data(args.out_dir / "data", n_train, n_valid)
-    results = []
-    for method in methods:
-        for mode in modes:
-            results.append(run_one(method, mode, data, args.out_dir, updates, args.cpu_smoke, args.max_overflow_frac))
-            print(
-                f"FP16CHECK {json.dumps({k: results[-1][k] for k in ('method', 'mode', 'ok', 'problems')})}", flush=True
-            )
     device = "cpu (smoke)" if args.cpu_smoke else torch.cuda.get_device_name(0)
-    summary = {"device": device, "torch": torch.__version__, "updates": updates, "results": results}
-    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    summary = {"device": device, "torch": torch.__version__, "updates": updates, "results": []}
+    results = summary["results"]
+    pairs = plan(methods, modes)
+    longest = 0.0
+    for i, (method, mode) in enumerate(pairs):
+        elapsed = time.time() - started
+        if args.deadline_s is not None and elapsed + longest > args.deadline_s:
+            results.append(skipped(method, mode, f"time budget ({elapsed:.0f} s used of {args.deadline_s:.0f} s)"))
+        else:
+            t0 = time.time()
+            results.append(run_one(method, mode, data, args.out_dir, updates, args.cpu_smoke, args.max_overflow_frac))
+            longest = max(longest, time.time() - t0)
+            if not args.keep_checkpoints and not still_needed(pairs, i, method, mode):
+                shutil.rmtree(save_dir_of(args.out_dir, method, mode), ignore_errors=True)
+        print(f"FP16CHECK {json.dumps({k: results[-1][k] for k in ('method', 'mode', 'ok', 'problems')})}", flush=True)
+        write_summary(args.out_dir / "summary.json", summary)
+    if not args.keep_checkpoints:  # baselines kept for a start that did not run
+        for method, mode in pairs:
+            shutil.rmtree(save_dir_of(args.out_dir, method, mode), ignore_errors=True)
     print(f"\nfp16 check on {device}, torch {torch.__version__}, {updates} updates per run\n")
     print(_table(results))
     return 0 if all(r["ok"] for r in results) else 1
