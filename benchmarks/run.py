@@ -839,8 +839,10 @@ def orchestrate(opts) -> dict:
     write_dictionaries(opts.data, size.vocab)
 
     groups = sorted({CONFIG_BY_NAME[n].group for n in names})
+    started = time.time()
     workers = {g: WorkerProcess(g, opts, out / f"{stem}-worker-{g}.log") for g in groups}
     blocks: dict[str, list[dict]] = {n: [] for n in names}
+    rounds_done, round_s = 0, 0.0
     try:
         # one discarded block per worker: first-use costs (lazy imports, allocator and thread-pool
         # growth) would otherwise land on whichever configuration happens to run first
@@ -850,6 +852,10 @@ def orchestrate(opts) -> dict:
             if "error" in answer:
                 raise SystemExit(f"{first}: {answer['error']} (log: {worker.log_path})")
         for r in range(rounds):
+            if r and opts.max_seconds and time.time() - started + round_s > opts.max_seconds:
+                print(f"stopping after {r} of {rounds} rounds: --max-seconds {opts.max_seconds:g}", file=sys.stderr)
+                break
+            round_start = time.time()
             order = names[r % len(names) :] + names[: r % len(names)]  # rotate: no fixed position per config
             for name in order:
                 answer = workers[CONFIG_BY_NAME[name].group].run(name, warmup, steps, opts.optimizer_steps)
@@ -861,6 +867,7 @@ def orchestrate(opts) -> dict:
                     file=sys.stderr,
                     flush=True,
                 )
+            round_s, rounds_done = time.time() - round_start, r + 1
     finally:
         for w in workers.values():
             w.close()
@@ -878,7 +885,8 @@ def orchestrate(opts) -> dict:
             "seq_len": size.seq_len,
             "tgt_len": size.tgt_len,
             "vocab": size.vocab,
-            "rounds": rounds,
+            "rounds": rounds_done,
+            "rounds_asked": rounds,
             "warmup": warmup,
             "steps": steps,
             "threads": opts.threads,
@@ -909,6 +917,12 @@ def main(argv=None):
         help="folder for <size>.json, <size>.md and the workers' logs",
     )
     parser.add_argument("--rounds", type=int, help="round-robin rounds (default: per size)")
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        help="start no round that would end later than this many seconds after the workers' start "
+        "(estimated from the last round; the first round always runs); the JSON records the rounds run",
+    )
     parser.add_argument("--steps", type=int, help="timed train steps per block (default: per size)")
     parser.add_argument("--warmup", type=int, help="untimed train steps per block (default: per size)")
     parser.add_argument(

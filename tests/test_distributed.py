@@ -516,7 +516,8 @@ def test_fp16_check_script_cpu_smoke(tmp_path):
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     summary = json.loads((out / "summary.json").read_text())
-    # every registry method but NoisyTune (a one-shot perturbation before training), then the seq2seq ones
+    # every registry method (NoisyTune right after vanilla_adamax, whose checkpoint it starts from), then the
+    # seq2seq ones
     assert [(r["method"], r["mode"]) for r in summary["results"]] == [
         (m, "memory_efficient_fp16")
         for m in (
@@ -531,6 +532,7 @@ def test_fp16_check_script_cpu_smoke(tmp_path):
             "neftune",
             "mixout",
             "vanilla_adamax",
+            "noisytune",
             "sage",
             "pats",
             "hyperdecoder",
@@ -548,6 +550,7 @@ def test_fp16_check_script_cpu_smoke(tmp_path):
         ("hype_r3f", "r3f_noise_effective"),
         ("pats", "pats_frac_noised"),
         ("hyperdecoder_r3f", "r3f_noise_effective"),
+        ("noisytune", "noisytune_applied"),
         ("neftune", "neftune_noise_effective"),
     ):
         assert 0.0 < noise[method][key]["mean"] <= 1.0, (method, noise[method])
