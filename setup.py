@@ -26,6 +26,10 @@ setup(
     # fairseq itself is installed by `make install` with --no-deps (its metadata pulls torchaudio);
     # the plugin checks its version at import time.
     install_requires=["torch>=2.1", "numpy", "sentencepiece", "tokenizers", "safetensors"],
+    # `pip install -e .[hf]`: Hugging Face transformers for hf2fairseq's RoBERTa / XLM-R import and the export
+    # to transformers (hf2fairseq/hf_extra.py); the fairseq plugin never imports it. protobuf reads a
+    # SentencePiece model's normaliser for XLM-R tokenizers.
+    extras_require={"hf": ["transformers>=5,<6", "protobuf"]},
     entry_points={
         "console_scripts": [
             "glue-preprocess=glue_preprocess.__main__:main",
