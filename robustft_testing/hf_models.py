@@ -33,20 +33,12 @@ def roberta_tokenizer(texts, vocab_size: int = 2000):
 
 def xlmr_tokenizer(texts, folder: Path, vocab_size: int = 1000):
     """An XLMRobertaTokenizer over a SentencePiece unigram model trained on `texts`, saved in `folder`."""
-    import sentencepiece as spm
     from transformers import XLMRobertaTokenizer
 
+    from glue_preprocess.tokenization import train_sentencepiece
+
     folder.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_prefix=str(folder / "sentencepiece.bpe"),
-        vocab_size=vocab_size,
-        model_type="unigram",
-        character_coverage=1.0,
-        hard_vocab_limit=False,
-        num_threads=1,
-        minloglevel=2,
-    )
+    train_sentencepiece(texts, folder / "sentencepiece.bpe", vocab_size)  # XLM-R's file name
     (folder / "sentencepiece.bpe.vocab").unlink()
     return XLMRobertaTokenizer.from_pretrained(str(folder))
 

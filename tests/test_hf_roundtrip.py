@@ -190,9 +190,9 @@ def test_roberta_dictionary_is_remapped_and_positions_offset(work):
 
 # ---- fine-tune (fairseq-train, one process) -> export -> transformers ----
 
+# fairseq-train's cli_main once per job (fairseq reads --user-dir robustft before --arch: hf_bert, hf_electra)
 TRAIN_JOBS = """
 import json, sys
-import hf2fairseq  # arch hf_bert / hf_electra, as scripts/fairseq_train.py registers them
 from fairseq import checkpoint_utils
 from fairseq_cli import train
 for argv in json.load(open(sys.argv[1])):
@@ -225,7 +225,7 @@ def train_argv(work, case: str) -> list[str]:
     fs = work["fs"][kind]
     meta = json.loads((fs / "convert.json").read_text())
     layout = [] if kind in ("minilm", "electra") else ["--separator-token", "2"]  # BERT's / RoBERTa's pairs
-    argv = [str(binarize(work, kind, task)), "--user-dir", str(REPO / "rxf_src"), "--cpu"]
+    argv = [str(binarize(work, kind, task)), "--user-dir", str(REPO / "robustft"), "--cpu"]
     argv += ["--task", "sentence_prediction", "--num-classes", str(TASKS[task].num_classes), "--init-token", "0"]
     argv += [*layout, *meta["train_args"], *extra, "--restore-file", str(fs / "model.pt"), "--reset-optimizer"]
     argv += ["--reset-dataloader", "--reset-meters", "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "8"]
@@ -266,7 +266,7 @@ def exported(work, finetuned):
 
 @pytest.mark.e2e
 def test_plugin_never_imports_transformers(finetuned):
-    """The fairseq-train runs with the plugin (hf2fairseq + rxf_src) left transformers unimported."""
+    """The fairseq-train runs with the whole plugin (--user-dir robustft) left transformers unimported."""
     assert "TRANSFORMERS_IMPORTED False" in finetuned[1]
 
 
