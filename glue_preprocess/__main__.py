@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes for tokenization and binarization")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip and count malformed rows instead of stopping")
     p.add_argument("--overwrite", action="store_true", help="replace existing output folders")
+    p.add_argument(
+        "--allow-missing-splits",
+        action="store_true",
+        help="binarize a task whose train or dev file is missing (default: an error naming the file)",
+    )
     return p
 
 

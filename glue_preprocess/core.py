@@ -449,6 +449,19 @@ def _text2text(task_splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_
 # public API
 
 
+def require_train_and_dev(spec: TaskSpec, splits: list) -> None:
+    """A task folder without its train or dev file stops the run: a `<TASK>-bin` without them cannot be
+    fine-tuned on or validated (fairseq-train would fail later, or train without a dev set).
+    `--allow-missing-splits` binarizes what is there instead (e.g. dev alone, for evaluation)."""
+    missing = [s.info["file"] for s in splits if s.name in ("train", "valid") and s.info.get("missing")]
+    if missing:
+        raise ValueError(
+            f"--tasks {spec.name}: {' and '.join(missing)} not found. Download the complete task (GLUE's "
+            "download_glue_data.py), or pass --allow-missing-splits to binarize only the splits that are there "
+            "(reported as missing in summary.json)"
+        )
+
+
 def preprocess(
     glue_dir,
     tasks,
@@ -469,6 +482,7 @@ def preprocess(
     workers=1,
     skip_bad_rows=False,
     overwrite=False,
+    allow_missing_splits=False,
     log=print,
 ) -> dict:
     """Binarize GLUE tasks; see glue_preprocess/README.md. Returns the summaries."""
@@ -520,6 +534,8 @@ def preprocess(
             subset_seed=subset_seed,
             dev_from_train=dev_from_train,
         )
+        if not allow_missing_splits:
+            require_train_and_dev(spec, splits)
         task_splits.append((spec, splits))
 
     Path(output_dir).mkdir(parents=True, exist_ok=True)

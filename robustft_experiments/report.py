@@ -178,7 +178,8 @@ def markdown_table(rows: list[dict], cells: dict | None = None) -> str:
             if c["n"] == 0:
                 line.append("failed" if c["failed"] else ("not landed" if c["not_landed"] else "incomplete"))
                 continue
-            text = f"{c['mean']:.2f} ± {c['std']:.2f} (n={c['n']})"
+            # one run has no spread: "± 0.00" would claim a measured std of zero
+            text = f"{c['mean']:.2f} ± {c['std']:.2f} (n={c['n']})" if c["n"] > 1 else f"{c['mean']:.2f} (n=1)"
             if c["failed"]:
                 text += f", {c['failed']} failed"
             line.append(text)
@@ -189,7 +190,14 @@ def markdown_table(rows: list[dict], cells: dict | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, cells: dict | None = None, title: str = "GLUE dev") -> None:
+def majority_score(task: str) -> float | None:
+    """The dev score of always predicting the majority class, in the task's column metric (GLUE task table)."""
+    majority = glue_tasks.TASKS[task].dev_majority or {}
+    return majority.get(task_metric(task))
+
+
+def figure(rows: list[dict], cells: dict | None = None, title: str = "GLUE dev"):
+    """The bar chart: mean per method and task, ± sample std where n > 1, the majority-class level per task."""
     import logging
 
     import matplotlib
@@ -211,7 +219,7 @@ def plot(rows: list[dict], path: Path, cells: dict | None = None, title: str = "
             if c and c["n"]:
                 xs.append(x)
                 ys.append(c["mean"])
-                es.append(c["std"])
+                es.append(c["std"] if c["n"] > 1 else math.nan)  # no error bar for a single run
             elif c:
                 failed_x.append((x, "not landed" if c["not_landed"] else "failed"))
         bars = ax.bar(xs, ys, width, yerr=es, capsize=3, label=method_label(m))
@@ -226,15 +234,34 @@ def plot(rows: list[dict], path: Path, cells: dict | None = None, title: str = "
                 fontsize=7,
                 color=bars.patches[0].get_facecolor() if bars.patches else "k",
             )
+    majority = {j: majority_score(t) for j, t in enumerate(tasks)}
+    for j, level in majority.items():
+        if level is not None:
+            # one legend entry for all tasks (matplotlib leaves labels starting with "_" out of the legend)
+            legend = "majority class (dev)" if j == min(k for k, v in majority.items() if v is not None) else "_"
+            line = ax.hlines(level, j - 0.45, j + 0.45, colors="k", linestyles="dashed", linewidth=1, label=legend)
+            line.set_gid(f"majority {tasks[j]}")
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels([f"{t}\n({task_metric(t)})" for t in tasks])
-    values = [c["mean"] - c["std"] for c in cells.values() if c["n"]]
-    if values:
-        ax.set_ylim(max(0, math.floor(min(values) / 5) * 5 - 5), None)
+    lows = [c["mean"] - (c["std"] if c["n"] > 1 else 0.0) for c in cells.values() if c["n"]]
+    lows += [v for v in majority.values() if v is not None]
+    if lows:
+        # start near the data, so differences show, but never above 0 when a value (an MCC) is negative
+        low = math.floor(min(lows) / 5) * 5 - 5
+        ax.set_ylim(low if min(lows) < 0 else max(0, low), None)
+    if any(low < 0 for low in lows):
+        ax.axhline(0, color="k", linewidth=0.8)
     ax.set_ylabel("best dev metric (mean ± std over seeds)")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict], path: Path, cells: dict | None = None, title: str = "GLUE dev") -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows, cells, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -274,8 +301,12 @@ def write_report(sweep_dir: Path, title: str = "GLUE dev") -> dict:
     ]
     (sweep_dir / "results.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
     table = markdown_table(rows, cells)
+    tasks = _ordered([r["task"] for r in rows], TASK_ORDER)
+    levels = [f"{t} {task_metric(t)} {majority_score(t):.2f}" for t in tasks if majority_score(t) is not None]
+    majority = f"\nMajority class (always its label) on dev: {', '.join(levels)}.\n" if levels else ""
     (sweep_dir / "results.md").write_text(
-        f"# {title}\n\nBest dev metric per run, mean ± std over seeds (sample std; n = finished runs).\n\n{table}"
+        f"# {title}\n\nBest dev metric per run, mean ± std over seeds (sample std; n = finished runs; no std "
+        f"for n = 1).\n\n{table}{majority}"
     )
     plot(rows, sweep_dir / "results.png", cells, title)
     print(table)

@@ -708,8 +708,9 @@ def test_text2text_mnli_splits_and_trained_sentencepiece(handmade_glue, tmp_path
     assert (out / "train.task").read_text().split() == ["mnli"] * 12 + ["wnli"] * 6
 
 
-def test_missing_train_split_is_reported(tmp_path, gpt2_files):
-    """Like the shared copy (no QNLI/train.tsv): dev/test are still binarized, the gap is in the summary."""
+def test_missing_train_split_is_an_error_unless_allowed(tmp_path, gpt2_files):
+    """Like the shared copy (no QNLI/train.tsv): an error naming the file (CLI exit 2); with
+    --allow-missing-splits dev/test are still binarized and the gap is in the summary."""
     glue = tmp_path / "glue"
     header = ["index", "question", "sentence", "label"]
     _tsv(
@@ -718,16 +719,24 @@ def test_missing_train_split_is_reported(tmp_path, gpt2_files):
     )
     _tsv(glue / "QNLI" / "test.tsv", [header[:3], ["0", "is it good ?", "it is bad ."]])
     vocab = make_tiny_wordpiece_vocab(tmp_path / "vocab.txt")
-    res = preprocess(glue, "QNLI", tmp_path / "out", "wordpiece", wordpiece_vocab=str(vocab), log=lambda s: None)
+    with pytest.raises(ValueError, match=r"--tasks QNLI: .*QNLI/train.tsv not found.*--allow-missing-splits"):
+        preprocess(glue, "QNLI", tmp_path / "out", "wordpiece", wordpiece_vocab=str(vocab), log=lambda s: None)
+    assert not (tmp_path / "out" / "QNLI-bin").exists()
+    from glue_preprocess.__main__ import main
+
+    argv = ["--glue-dir", str(glue), "--tasks", "QNLI", "--output-dir", str(tmp_path / "out")]
+    assert main(argv + ["--tokenizer", "wordpiece", "--wordpiece-vocab", str(vocab)]) == 2
+    allow = {"allow_missing_splits": True, "log": lambda s: None}
+    res = preprocess(glue, "QNLI", tmp_path / "out", "wordpiece", wordpiece_vocab=str(vocab), **allow)
     splits = res["tasks"]["QNLI"]["splits"]
     assert splits["train"]["missing"] and splits["valid"]["rows_written"] == 7
     out = tmp_path / "out" / "QNLI-bin"
     assert not (out / "input0" / "train.bin").exists() and (out / "label" / "valid.bin").exists()
     assert json.loads((out / "summary.json").read_text())["splits"]["train"]["missing"]
     with pytest.raises(ValueError, match="needs a train split to learn from"):
-        preprocess(glue, "QNLI", tmp_path / "out2", "sentencepiece", log=lambda s: None)
+        preprocess(glue, "QNLI", tmp_path / "out2", "sentencepiece", **allow)
     with pytest.raises(ValueError, match="no train split to build a dictionary from; pass --srcdict"):
-        preprocess(glue, "QNLI", tmp_path / "out2", **_gpt2_kwargs(gpt2_files), log=lambda s: None)
+        preprocess(glue, "QNLI", tmp_path / "out2", **_gpt2_kwargs(gpt2_files), **allow)
     assert not (tmp_path / "out2" / "QNLI-bin").exists()
 
 

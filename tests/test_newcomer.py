@@ -342,3 +342,68 @@ def test_user_dir_command(capsys):
 
 def test_readme_points_to_the_flag_listing():
     assert "`python -m robustft flags`" in (REPO / "README.md").read_text()
+
+
+# -- item 8: the sweep report ---------------------------------------------------------------------------------
+def test_report_single_runs_negative_mcc_and_the_majority_class():
+    from robustft_experiments import report
+
+    rows = [
+        {"task": "CoLA", "method": "vanilla", "seed": 1, "status": "ok", "best": -3.5},
+        {"task": "RTE", "method": "vanilla", "seed": 1, "status": "ok", "best": 60.0},
+        {"task": "RTE", "method": "vanilla", "seed": 2, "status": "ok", "best": 64.0},
+        {"task": "RTE", "method": "r3f", "seed": 1, "status": "ok", "best": 58.0},
+    ]
+    table = report.markdown_table(rows)
+    assert "| Vanilla | -3.50 (n=1) | 62.00 ± 2.83 (n=2) |" in table  # stdev(60, 64) = 2.83
+    assert "| R3F | not run | 58.00 (n=1) |" in table and "± 0.00" not in table
+    fig = report.figure(rows)
+    ax = fig.axes[0]
+    assert sorted(round(p.get_height(), 2) for p in ax.patches) == [-3.5, 58.0, 62.0]
+    assert ax.get_ylim()[0] < -3.5  # the negative MCC bar is drawn
+    majority = {c.get_gid(): c for c in ax.collections if (c.get_gid() or "").startswith("majority ")}
+    level = {
+        gid.split()[1]: {round(float(y), 2) for seg in c.get_segments() for _, y in seg} for gid, c in majority.items()
+    }
+    rte_dev = GLUE_DIR / "RTE" / "dev.tsv"
+    if rte_dev.exists():  # the majority label's share of the dev set, counted here
+        labels = [line.split("\t")[3] for line in rte_dev.read_text().splitlines()[1:]]
+        assert max(labels.count(x) for x in set(labels)) == 146 and len(labels) == 277
+    assert level == {"CoLA": {0.0}, "RTE": {round(100 * 146 / 277, 2)}}  # MCC of a constant prediction is 0
+    assert [c.get_label() for c in majority.values()].count("majority class (dev)") == 1  # one legend entry
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+# -- item 7: README figures come from committed result files ---------------------------------------------------
+COST_ROWS = {  # README "Cost" row (start of its first cell) -> configuration of benchmarks/results/base.json
+    "HyPe (": "hype",
+    "R3F (": "r3f",
+    "R4F": "r4f",
+    "HyPe + R3F": "hype_r3f",
+    "fairseq's reference R3F": "ref_r3f",
+    "`adamax_pats`": "adamax_pats",
+    "`adamax_sage`": "adamax_sage",
+    "Hyperdecoder": "hyperdecoder",
+}
+
+
+def test_readme_cost_table_matches_the_committed_benchmark():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Cost") :]
+    section = section[: section.index("\n## ", 1)]
+    assert "benchmarks/results/base.json" in section
+    configs = json.loads((REPO / "benchmarks" / "results" / "base.json").read_text())["configs"]
+    seen = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or not cells[2] or cells[2].startswith(("step-time", "---")):
+            continue
+        (config,) = [c for prefix, c in COST_ROWS.items() if cells[0].startswith(prefix)]
+        seen.add(config)
+        ratio = cells[2].split()[0]
+        assert ratio == f"{configs[config]['cpu_x_baseline']:.{len(ratio.split('.')[1])}f}", (cells[0], ratio)
+        for number in re.findall(r"(?<!<= )\b\d\.\d{2,3}\b", cells[3]):  # measured figures, not the targets
+            assert number in {f"{c[k]:.{len(number) - 2}f}" for c in configs.values() for k in c if "x_" in k}
+    assert seen == set(COST_ROWS.values())
