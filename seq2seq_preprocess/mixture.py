@@ -34,8 +34,9 @@ from glue_preprocess.core import atomic_dir
 from glue_preprocess.tokenization import TokenizerSpec
 
 from .core import SOURCE_LANG, TARGET_LANG, _summarization, read_dataset
+from .mrqa import run_cli
 from .nli_text2text import NLI_CASTS, read_art
-from .records import Example, Seq2SeqFormatError, SplitData
+from .records import Example, SplitData
 from .registry import ReadOptions, get_dataset
 
 SUMMARIZATION = ("xsum", "cnn_dm", "wikilingua")
@@ -230,15 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        preprocess(**vars(args))
-    except Seq2SeqFormatError as e:
-        print(f"seq2seq_preprocess.mixture: error: {e}\n(fix the row, or pass --skip-bad-rows)", file=sys.stderr)
-        return 2
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"seq2seq_preprocess.mixture: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("seq2seq_preprocess.mixture", lambda: preprocess(**vars(args)))
 
 
 if __name__ == "__main__":

@@ -498,17 +498,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(prog: str, call) -> int:
+    """Exit code of a preprocessing CLI: 0, or 2 with `prog: error: ...` on stderr for bad data or flags."""
     try:
-        preprocess(**vars(args))
+        call()
     except Seq2SeqFormatError as e:
-        print(f"seq2seq_preprocess.mrqa: error: {e}\n(fix the row, or pass --skip-bad-rows)", file=sys.stderr)
+        print(f"{prog}: error: {e}\n(fix the row, or pass --skip-bad-rows)", file=sys.stderr)
         return 2
     except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"seq2seq_preprocess.mrqa: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("seq2seq_preprocess.mrqa", lambda: preprocess(**vars(args)))
 
 
 if __name__ == "__main__":

@@ -37,15 +37,15 @@ def hyperdecoder_trainable_params(args) -> int:
     return encoder + generator + mlp
 
 
-def matched_single_adapter_dim(args, hyperdecoder_arch) -> int:
-    """Width a of one adapter per layer in both stacks whose count is nearest the Hyperdecoder's."""
-    reference = Namespace(
-        **{k: v for k, v in vars(args).items() if k not in (*_ADAPTER_FLAGS, "hypernetwork_bottleneck")}
-    )
+def matched_single_adapter_dim(args, hyperdecoder_arch, hyperdecoder_dims: dict | None = None) -> int:
+    """Width a of one adapter per layer in both stacks whose count is nearest the Hyperdecoder's (its arch's
+    defaults, or `hyperdecoder_dims`: encoder_adapter_dim / decoder_adapter_dim / hypernetwork_bottleneck)."""
+    kept = {k: v for k, v in vars(args).items() if k not in (*_ADAPTER_FLAGS, "hypernetwork_bottleneck")}
+    reference = Namespace(**kept, **(hyperdecoder_dims or {}))
     hyperdecoder_arch(reference)
+    require_same_width(reference)
     target = hyperdecoder_trainable_params(reference)
     layers, c = reference.encoder_layers + reference.decoder_layers, reference.encoder_embed_dim
-    require_same_width(reference)
     return max(1, round((target / layers - c) / (2 * c + 1)))
 
 
@@ -104,3 +104,10 @@ def hyperformer_bart_base(args):
 @register_model_architecture("hyperdecoder_bart", "hyperformer_bart_tiny")
 def hyperformer_bart_tiny(args):
     _hyperformer(args, hyperdecoder_bart_tiny)
+
+
+def single_adapter_width(size: str, **hyperdecoder_dims: int) -> int:
+    """The single-adapter width matched to a `hyperdecoder_bart_<size>` with these dimensions
+    (encoder_adapter_dim, decoder_adapter_dim, hypernetwork_bottleneck); the recipes pass it explicitly."""
+    archs = {"large": hyperdecoder_bart_large, "base": hyperdecoder_bart_base, "tiny": hyperdecoder_bart_tiny}
+    return matched_single_adapter_dim(Namespace(), archs[size], hyperdecoder_dims)

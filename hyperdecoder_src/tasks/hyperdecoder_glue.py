@@ -43,12 +43,14 @@ class HyperdecoderGlueTask(MultitaskText2TextTask):
     def eval_enabled(self) -> bool:
         return self.cfg.hyperdecoder_eval_glue
 
-    def read_part_metadata(self, part: str, size: int, data_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
-        meta = super().read_part_metadata(part, size, data_dir)
+    def read_part_metadata(
+        self, part: str, size: int, data_dir: Optional[str] = None, train: bool = False
+    ) -> Dict[str, np.ndarray]:
+        meta = super().read_part_metadata(part, size, data_dir, train)
         gold_file = os.path.join(data_dir or self.data_dir, f"{part}.gold")
         if "task" not in meta or not os.path.exists(gold_file):
             require(
-                not self.cfg.hyperdecoder_eval_glue or part == self.cfg.train_subset,
+                not self.cfg.hyperdecoder_eval_glue or train,
                 "--hyperdecoder-eval-glue",
                 f"needs {part}.task and {part}.gold beside the binarized split (glue_preprocess "
                 "--format text2text writes them)",

@@ -73,12 +73,14 @@ class HyperdecoderMrqaTask(MultitaskText2TextTask):
         return False
 
     # ---------------------------------------------------------------- metadata
-    def read_part_metadata(self, part: str, size: int, data_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
-        meta = super().read_part_metadata(part, size, data_dir)
+    def read_part_metadata(
+        self, part: str, size: int, data_dir: Optional[str] = None, train: bool = False
+    ) -> Dict[str, np.ndarray]:
+        meta = super().read_part_metadata(part, size, data_dir, train)
         path = os.path.join(data_dir or self.data_dir, f"{part}.mrqa.jsonl")
-        if part == self.cfg.train_subset or not os.path.exists(path):
+        if train or not os.path.exists(path):
             require(
-                part == self.cfg.train_subset or not self.cfg.hyperdecoder_eval_mrqa,
+                train or not self.cfg.hyperdecoder_eval_mrqa,
                 "--hyperdecoder-eval-mrqa",
                 f"needs {path} (python -m seq2seq_preprocess.mrqa writes it)",
             )

@@ -117,10 +117,12 @@ class HyperdecoderText2TextTask(MultitaskText2TextTask):
     def eval_enabled(self) -> bool:
         return self.cfg.hyperdecoder_eval_text2text
 
-    def read_part_metadata(self, part: str, size: int, data_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
-        meta = super().read_part_metadata(part, size, data_dir)
+    def read_part_metadata(
+        self, part: str, size: int, data_dir: Optional[str] = None, train: bool = False
+    ) -> Dict[str, np.ndarray]:
+        meta = super().read_part_metadata(part, size, data_dir, train)
         path = os.path.join(data_dir or self.data_dir, f"{part}.ref.jsonl")
-        if part == self.cfg.train_subset or not self.eval_enabled():
+        if train or not self.eval_enabled():
             return meta
         require(
             "task" in meta and os.path.exists(path),

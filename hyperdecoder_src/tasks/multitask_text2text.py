@@ -25,6 +25,7 @@ from fairseq import utils
 from fairseq.data import BaseWrapperDataset, ConcatDataset, LanguagePairDataset, data_utils, encoders, iterators
 from fairseq.tasks.translation import TranslationConfig, TranslationTask, load_langpair_dataset
 
+from robustft_common.utils import unwrap_model
 from robustft_common.validation import require
 
 from ..task_batches import schedule_task_batches, split_halves
@@ -228,9 +229,12 @@ class MultitaskText2TextTask(TranslationTask):
         return parts
 
     # ---------------------------------------------------------------- metadata
-    def read_part_metadata(self, part: str, size: int, data_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
-        """Per-example arrays of one split on disk (`task`: names from <part>.task). Subclasses add theirs;
-        a key missing from some part of a concatenation is dropped."""
+    def read_part_metadata(
+        self, part: str, size: int, data_dir: Optional[str] = None, train: bool = False
+    ) -> Dict[str, np.ndarray]:
+        """Per-example arrays of one split on disk (`task`: names from <part>.task). Subclasses add theirs
+        (only `task` is needed when the split is loaded for training); a key missing from some part of a
+        concatenation is dropped."""
         path = os.path.join(data_dir or self.data_dir, f"{part}.task")
         if not os.path.exists(path):
             return {}
@@ -292,7 +296,7 @@ class MultitaskText2TextTask(TranslationTask):
             super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
             paths = utils.split_paths(self.cfg.data)  # translation.py L329-334: epoch-sharded train data
             dataset = self.datasets[split]
-            meta = self.read_part_metadata(split, len(dataset), paths[(epoch - 1) % len(paths)])
+            meta = self.read_part_metadata(split, len(dataset), paths[(epoch - 1) % len(paths)], train=True)
             self.datasets[split] = self.wrap_with_metadata(split, dataset, meta)
             return
         parts = self.resolve_parts(split)
@@ -443,8 +447,24 @@ class MultitaskText2TextTask(TranslationTask):
 
     def generate(self, sample, model, generator=None):
         """Best hypothesis per example: (decoded text, hypothesis dict with tokens/positional_scores)."""
-        hypos = self.inference_step(generator or self.eval_generator, [model], sample, prefix_tokens=None)
+        generator = generator or self.eval_generator
+        set_beam(model, generator.beam_size)
+        hypos = self.inference_step(generator, [model], sample, prefix_tokens=None)
         return [(self.decode_tokens(h[0]["tokens"]), h[0]) for h in hypos]
+
+
+def set_beam(model, beam: int) -> None:
+    """Set BART's beam state for a generator's beam size. BART keeps it in the model (bart/model.py L282-291:
+    the cross-attention's beam size, and `reorder_encoder_out` swapped for a no-op on the instance), set once
+    per generator in SequenceGenerator.__init__ (sequence_generator.py L97, only for beam > 1): with one
+    generator per task, the last one built would decide for all, and a beam-1 search after a beam-k one
+    would keep the no-op reorder while finished sentences leave the batch."""
+    model = unwrap_model(model)
+    if not hasattr(model, "set_beam_size"):
+        return
+    model.set_beam_size(beam)
+    if beam == 1:
+        model.encoder.__dict__.pop("reorder_encoder_out", None)  # back to the class's real reorder
 
 
 def select_rows(sample: dict, rows: torch.Tensor, batch_size: int) -> dict:

@@ -4,6 +4,8 @@
 # AdamW-like Adam lr 3e-4 eps 1e-8 wd 0, warmup 500, linear decay to 0 at 65536 updates, batch 128, length 128.
 #   DATA=OUT/text2text-bin (python -m glue_preprocess --format text2text --tasks all ...), BART_PATH=bart.large/model.pt
 #   NGPUS>1: torchrun on one node (the reference ran on a single GPU; batch is per GPU: scale BSZ down)
+#   SPLIT_VALIDATION_TEST=1: the reference's split_validation_test: each valid_<task> is halved (seed 42), early
+#   stopping sees the first half, scripts/hyperdecoder_eval.py --split test scores the held-out half
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 DATA=${DATA:?set DATA to OUT/text2text-bin}; BART_PATH=${BART_PATH:?set BART_PATH to bart.large/model.pt}
@@ -20,7 +22,7 @@ ARGS=("$DATA" --user-dir "$REPO/robustft" --task hyperdecoder_glue --source-lang
   --batch-size "$BSZ" --required-batch-size-multiple 1 --max-source-positions 1024 --max-target-positions 1024
   --truncate-source --skip-invalid-size-inputs-valid-test --validate-interval-updates 2000 --save-interval-updates 2000
   --keep-interval-updates 1 --no-epoch-checkpoints --save-dir "$SAVE_DIR" --log-format simple --log-interval 100
-  --fp16 ${EXTRA:-})
+  --fp16 ${SPLIT_VALIDATION_TEST:+--split-validation-test} ${EXTRA:-})
 if [ -n "${DRY_RUN:-}" ]; then printf '%q ' "${ARGS[@]}"; echo; exit 0; fi
 mkdir -p "$SAVE_DIR"
 if [ "$NGPUS" -gt 1 ]; then
