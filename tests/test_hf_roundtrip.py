@@ -188,6 +188,35 @@ def test_roberta_dictionary_is_remapped_and_positions_offset(work):
     assert (got[mask] - expect[mask]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("kind", ["roberta", "xlm-roberta"])
+def test_exported_tokenizer_gives_fairseq_ids_in_any_dictionary_order(work, kind, tmp_path):
+    """fairseq's own RoBERTa / XLM-R dictionaries are frequency-ordered: with dict.txt shuffled, the exported
+    tokenizer still gives, for raw text, the ids fairseq's tokenizer + dictionary give."""
+    import random
+
+    from fairseq.data import Dictionary
+
+    from hf2fairseq import export_tokenizers as toks
+
+    folder = work["fs"][kind]
+    lines = (folder / "dict.txt").read_text(encoding="utf-8").splitlines()
+    random.Random(0).shuffle(lines)
+    (tmp_path / "dict.txt").write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    dictionary = Dictionary.load(str(tmp_path / "dict.txt"))
+    dictionary.add_symbol("<mask>")  # as fairseq's tasks do
+    build = toks.build_gpt2 if kind == "roberta" else toks.build_sentencepiece
+    tokenizer = build(transformers, dictionary, folder, 512)
+    examples = task_texts(work["glue"], "RTE")[:4]
+    expect = fairseq_batch(folder, dictionary, examples, bert_layout=False)
+    enc = hf_batch(tokenizer, examples)
+    assert torch.equal(enc["input_ids"], expect)
+    in_order = load_fairseq(folder)[1]
+    assert not torch.equal(fairseq_batch(folder, in_order, examples, bert_layout=False), expect)  # ids moved
+    if kind == "xlm-roberta":  # transformers' fixed SentencePiece id mapping no longer holds: no .model copy
+        assert not toks.copy_sentencepiece_if_aligned(dictionary, folder, tmp_path)
+        assert toks.copy_sentencepiece_if_aligned(in_order, folder, tmp_path)
+
+
 # ---- fine-tune (fairseq-train, one process) -> export -> transformers ----
 
 # fairseq-train's cli_main once per job (fairseq reads --user-dir robustft before --arch: hf_bert, hf_electra)
