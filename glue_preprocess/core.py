@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import random
+import re
 import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from robustft_common.atomic_files import atomic_dir
 
 from .tasks import TASKS, Example, GlueFormatError, TaskSpec, parse_file, resolve_task, split_files
 from .tokenization import TokenizerSpec, encode_all, train_sentencepiece
@@ -37,6 +37,40 @@ class OutSplit:
 
 def _fairseq_name(base: str, k: int) -> str:
     return base if k == 0 else f"{base}{k}"
+
+
+# Any text holding an ASCII letter or digit yields a token with every tokenizer here (GPT-2 bytes, WordPiece
+# and SentencePiece keep them, or map them to <unk>): only the other texts need tokenizing to find empty ones.
+_SURELY_TOKENIZED = re.compile(r"[A-Za-z0-9]")
+
+
+def drop_untokenizable(spec: TaskSpec, split: OutSplit, tok: TokenizerSpec, skip_bad_rows: bool) -> None:
+    """A row with a text that tokenizes to nothing (e.g. only zero-width or combining characters, which the
+    parser's strip() keeps) is a bad row: GlueFormatError `file:line:`, or skipped and counted under
+    --skip-bad-rows; a split left without rows is an error either way."""
+    suspects = [
+        (i, c) for i, ex in enumerate(split.examples) for c, t in enumerate(ex.texts) if not _SURELY_TOKENIZED.search(t)
+    ]
+    encoded = encode_all(tok, [split.examples[i].texts[c] for i, c in suspects]) if suspects else []
+    bad: dict = {}
+    for (i, c), tokens in zip(suspects, encoded):
+        if not tokens.strip() and i not in bad:
+            ex = split.examples[i]
+            bad[i] = (
+                f"{split.info['file']}:{ex.line}: {spec.fields[c]} {ex.texts[c]!r} tokenizes to nothing ({tok.kind})"
+            )
+    if not bad:
+        return
+    if not skip_bad_rows:
+        raise GlueFormatError(next(iter(bad.values())) + "; fix the row or pass --skip-bad-rows")
+    split.examples = [ex for i, ex in enumerate(split.examples) if i not in bad]
+    split.info["rows_written"] = len(split.examples)
+    split.info["rows_skipped"] = split.info.get("rows_skipped", 0) + len(bad)
+    split.info["skipped_examples"] = (split.info.get("skipped_examples", []) + list(bad.values()))[:20]
+    if not split.examples:
+        raise GlueFormatError(
+            f"{next(iter(bad.values()))}, and so does every other row of split {split.name}: nothing left to write"
+        )
 
 
 def load_task_splits(
@@ -193,31 +227,6 @@ def _load_dict(path):
     return Dictionary.load(str(path))
 
 
-@contextmanager
-def atomic_dir(final: Path, overwrite: bool):
-    """Yield a temp dir beside `final`; rename it to `final` only if the block completes."""
-    final = Path(final)
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output should look like a normal folder
-    try:
-        yield tmp
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-            os.replace(final, old / "d")
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------
 # formats
 
@@ -269,14 +278,16 @@ def _maybe_train_sentencepiece(tok: TokenizerSpec, task_splits, tmp: Path, vocab
     return TokenizerSpec("sentencepiece", sentencepiece_model=str(model))
 
 
-def _sentence_prediction_task(spec, splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_size):
+def _sentence_prediction_task(spec, splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_size, skip_bad_rows):
     final = Path(out_dir) / f"{spec.name}-bin"
     all_splits = splits
-    splits = [s for s in splits if s.examples]  # missing files / everything skipped: reported, not written
+    splits = [s for s in splits if s.examples]  # missing files: reported, not written
     with atomic_dir(final, overwrite) as tmp:
         raw = tmp / ".raw"
         raw.mkdir()
         tok = _maybe_train_sentencepiece(tok, [(spec, splits)], tmp, sp_vocab_size, lambda sp, ex: ex.texts)
+        for s in splits:
+            drop_untokenizable(spec, s, tok, skip_bad_rows)
         inputs = [f"input{i}" for i in range(spec.n_inputs)]
         t0 = time.time()
         n_rows = 0
@@ -352,7 +363,7 @@ def _write_summary(folder: Path, summary: dict):
     (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _text2text(task_splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_size):
+def _text2text(task_splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_size, skip_bad_rows):
     final = Path(out_dir) / "text2text-bin"
     with atomic_dir(final, overwrite) as tmp:
         raw = tmp / ".raw"
@@ -360,6 +371,10 @@ def _text2text(task_splits, tok, out_dir, srcdict, workers, overwrite, sp_vocab_
         tok = _maybe_train_sentencepiece(
             tok, task_splits, tmp, sp_vocab_size, lambda spec, ex: [t2t_source(spec, ex), t2t_target(spec, ex)]
         )
+        for spec, splits in task_splits:
+            for s in splits:
+                if s.examples:
+                    drop_untokenizable(spec, s, tok, skip_bad_rows)
         # name -> [(spec, examples)]; train mixes all tasks, every other split is per task
         out_splits = {"train": []}
         tasks_meta = {}
@@ -543,12 +558,14 @@ def preprocess(
     if format == "sentence_prediction":
         for spec, splits in task_splits:
             summary = _sentence_prediction_task(
-                spec, splits, tok, output_dir, srcdict, workers, overwrite, sentencepiece_vocab_size
+                spec, splits, tok, output_dir, srcdict, workers, overwrite, sentencepiece_vocab_size, skip_bad_rows
             )
             result["tasks"][spec.name] = summary
             log(format_summary(summary))
     else:
-        summary = _text2text(task_splits, tok, output_dir, srcdict, workers, overwrite, sentencepiece_vocab_size)
+        summary = _text2text(
+            task_splits, tok, output_dir, srcdict, workers, overwrite, sentencepiece_vocab_size, skip_bad_rows
+        )
         result["text2text"] = summary
         log(format_summary(summary))
     return result

@@ -19,6 +19,7 @@ __all__ = [
     "ParseResult",
     "resolve_task",
     "parse_file",
+    "require_rows",
     "split_files",
     "read_split",
 ]
@@ -123,7 +124,22 @@ def parse_file(path, spec: TaskSpec, layout: FileLayout, skip_bad_rows=False) ->
             result.skipped.append(checked)
             continue
         result.examples.append(Example(checked[0], checked[1], lineno))
+    require_rows(result, has_header=layout.header is not None)
     return result
+
+
+def require_rows(result: ParseResult, has_header: bool) -> None:
+    """A file that yields no example is an error: fairseq-preprocess would write no split for it, and training
+    fail much later with "could not find dataset"."""
+    if result.examples:
+        return
+    if result.skipped:
+        raise GlueFormatError(
+            f"{result.skipped[0]}; every one of the {result.rows_read} rows of the file was bad (--skip-bad-rows): "
+            f"nothing left to write"
+        )
+    what = "only a header row, no data rows" if has_header else "no data rows"
+    raise GlueFormatError(f"{result.path}:{2 if has_header else 1}: the file has {what}")
 
 
 def split_files(glue_dir, spec: TaskSpec, split: str):

@@ -34,11 +34,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+
+from robustft_common.atomic_files import atomic_dir
 
 FAIRSEQ_SPECIALS = ("[CLS]", "[PAD]", "[SEP]", "[UNK]")  # fairseq ids 0..3
 MASK_TOKEN = "[MASK]"
@@ -89,13 +92,35 @@ def find_package_dir(package: str) -> Path:
     raise SystemExit(f"--from-package {package}: no config.json + vocab.txt found under {root}")
 
 
+# config.json entries every conversion reads
+CONFIG_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
+
+
 def read_config(hf_dir: Path) -> dict:
-    if not (Path(hf_dir) / "config.json").exists():
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
         raise SystemExit(
             f"--hf-dir {hf_dir}: missing config.json (need config.json, vocab.txt, "
             f"model.safetensors or pytorch_model.bin)"
         )
-    return json.loads((Path(hf_dir) / "config.json").read_text())
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise SystemExit(f"{path}: not a readable JSON file ({type(err).__name__}: {err})") from None
+    if not isinstance(config, dict):
+        raise SystemExit(f"{path}: expected a JSON object, got {type(config).__name__}")
+    known = config.get("model_type", "bert") in (*BERT_FAMILY, *ROBERTA_FAMILY)  # others: check_supported says
+    bad = [k for k in CONFIG_KEYS if known and not (isinstance(config.get(k), int) and config[k] > 0)]
+    if bad:
+        raise SystemExit(f"{path}: {', '.join(bad)} must be positive integers, got {[config.get(k) for k in bad]}")
+    return config
 
 
 def read_hf_dir(hf_dir: Path):
@@ -105,23 +130,94 @@ def read_hf_dir(hf_dir: Path):
     check_supported(config)
     if not (hf_dir / "vocab.txt").exists():
         raise SystemExit(f"--hf-dir {hf_dir}: missing vocab.txt (the WordPiece vocab BERT's tokenizer reads)")
-    vocab = (hf_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    try:
+        vocab = (hf_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    except (UnicodeDecodeError, OSError) as err:
+        raise SystemExit(f"{hf_dir / 'vocab.txt'}: unreadable ({type(err).__name__}: {err})") from None
     if vocab and vocab[-1] == "":
         vocab = vocab[:-1]
     return config, vocab, read_hf_weights(hf_dir)
 
 
-def read_hf_weights(hf_dir: Path) -> dict:
-    """The state dict of `model.safetensors` (or `pytorch_model.bin`)."""
-    if (hf_dir / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
-        state = load_file(str(hf_dir / "model.safetensors"))
-    elif (hf_dir / "pytorch_model.bin").exists():
-        state = torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    else:
+def read_hf_weights(hf_dir: Path) -> HFWeights:
+    """The tensors of `model.safetensors` (or `pytorch_model.bin`); any failure names the file."""
+    hf_dir = Path(hf_dir)
+    path = hf_dir / "model.safetensors"
+    if not path.exists():
+        path = hf_dir / "pytorch_model.bin"
+    if not path.exists():
         raise SystemExit(f"--hf-dir {hf_dir}: no model.safetensors or pytorch_model.bin")
-    return state
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not this format, a refused pickled global: all name the file
+        raise SystemExit(f"{path}: cannot read the weights ({type(err).__name__}: {str(err)[:300]})") from None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise SystemExit(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return HFWeights(state, path)
+
+
+class HFWeights(dict):
+    """The tensors of a transformers checkpoint file, remembering which ones the conversion read: a missing one
+    is an error naming the file, and `refuse_unused` refuses any left over (a layer more than config.json
+    says would otherwise vanish from the converted model)."""
+
+    def __init__(self, tensors: dict, source, used: set[str] | None = None):
+        super().__init__(tensors)
+        self.source = source
+        self.used: set[str] = set() if used is None else used  # shared with views of the same file
+
+    def __getitem__(self, key):
+        if key not in self:
+            raise SystemExit(
+                f"{self.source}: no tensor {key!r}, which config.json's architecture needs (e.g. "
+                f"num_hidden_layers); the file holds e.g. {sorted(self)[:4]}"
+            )
+        self.used.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def refuse_unused(self) -> None:
+        """SystemExit naming the file and the tensors nobody read, except buffers, heads fairseq's model has no
+        place for (DROPPED_HEADS) and copies of tied tensors (TIED, checked equal)."""
+        unused = []
+        for key in sorted(set(self) - self.used):
+            tied = TIED.get(key)
+            if tied is not None and tied in self.used:
+                if not torch.equal(dict.__getitem__(self, key), dict.__getitem__(self, tied)):
+                    raise SystemExit(f"{self.source}: {key} differs from {tied}; fairseq's model ties the two")
+            elif key not in IGNORED_BUFFERS and not key.startswith(DROPPED_HEADS):
+                unused.append(key)
+        if unused:
+            raise SystemExit(
+                f"{self.source}: {len(unused)} tensor(s) the conversion does not use, e.g. {unused[:5]}: the "
+                "checkpoint does not match its config.json (more layers than num_hidden_layers, a part this "
+                "converter does not know); refusing to drop them"
+            )
+
+    def dropped(self) -> list[str]:
+        """The tensors of heads fairseq's RoBERTa has no place for, which the conversion leaves out."""
+        return sorted(k for k in set(self) - self.used if k.startswith(DROPPED_HEADS))
+
+
+# buffers transformers saves beside the weights (not parameters: nothing to convert)
+IGNORED_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+# heads of transformers' *For* models that fairseq's RoBERTa has no place for (the pooler: arch roberta_base):
+# left out, listed in convert.json
+DROPPED_HEADS = ("cls.seq_relationship.", "classifier.", "discriminator_predictions.", "qa_outputs.", "pooler.")
+# transformers' MLM decoders are tied to the word embeddings (weight) and the head's bias (bias)
+TIED = {
+    "cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+    "lm_head.decoder.weight": "embeddings.word_embeddings.weight",
+    "lm_head.decoder.bias": "lm_head.bias",
+}
 
 
 def check_supported(config: dict, families=tuple(BERT_FAMILY)):
@@ -209,13 +305,14 @@ def arch_args(config: dict, arch: str = "hf_bert", max_positions: int | None = N
     ]
 
 
-def strip_prefix(state: dict) -> dict:
-    """Drop the encoder prefix of *For* checkpoints (`bert.`, ...); keep the heads' keys (`cls.`, ...)."""
+def strip_prefix(state: dict) -> HFWeights:
+    """Drop the encoder prefix of *For* checkpoints (`bert.`, ...); keep the heads' keys (`cls.`, ...). A view of
+    the same file: what the conversion reads through it counts as used in `state` too."""
     out = {}
-    for k, v in state.items():
+    for k, v in dict.items(state):
         prefix = next((p for p in BASE_PREFIXES if k.startswith(p)), "")
         out[k[len(prefix) :]] = v
-    return out
+    return HFWeights(out, getattr(state, "source", "the checkpoint"), getattr(state, "used", None))
 
 
 def state_writer(sd: dict):
@@ -327,9 +424,12 @@ def build_fairseq_model(out_dir: Path, config: dict, arch: str = "hf_bert", max_
     return cfg, task, model
 
 
-def save_checkpoint(path: Path, cfg, state_dict: dict):
-    """A fairseq checkpoint holding only plain containers (loads under torch weights_only=True)."""
+def save_checkpoint(path: Path, cfg, state_dict: dict, data: Path | None = None):
+    """A fairseq checkpoint holding only plain containers (loads under torch weights_only=True), with its
+    SHA-256 checksum file; `data`: the folder to record as the task's data (the final output folder)."""
     from omegaconf import OmegaConf
+
+    from robustft_common import checkpoint_files
 
     def plain(x):
         # legacy (argparse) models keep a Namespace in cfg.model: store it as a dict
@@ -356,23 +456,45 @@ def save_checkpoint(path: Path, cfg, state_dict: dict):
         "extra_state": {"train_iterator": {"epoch": 1, "iterations_in_epoch": 0}},
         "last_optimizer_state": None,
     }
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    if data is not None:
+        state["cfg"]["task"]["data"] = str(data)
+    checkpoint_files.save_atomically(path, lambda f: torch.save(state, f))
 
 
 def convert(
     hf_dir: Path, out_dir: Path, source: str | None = None, arch: str | None = None, max_positions: int | None = None
 ) -> dict:
-    """Convert `hf_dir` into `out_dir` (arch None: by model_type); returns the convert.json content."""
+    """Convert `hf_dir` into `out_dir` (arch None: by model_type); returns the convert.json content.
+
+    Everything is written into a temp folder beside `out_dir`, which replaces `out_dir` only once the conversion
+    succeeded: a failure leaves `out_dir` as it was (missing, empty or an earlier conversion; a folder holding
+    anything else is refused, never replaced)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    require_replaceable(out_dir)
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        return _convert_into(hf_dir, tmp, out_dir, source, arch, max_positions)
+
+
+def require_replaceable(out_dir: Path) -> None:
+    """`out_dir` may be replaced: missing, empty, or an earlier conversion (it has convert.json)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SystemExit(f"--output-dir {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "convert.json").is_file():
+        found = ", ".join(sorted(os.listdir(out_dir))[:5])
+        raise SystemExit(
+            f"--output-dir {out_dir} holds files that are not a conversion ({found}): the conversion replaces "
+            "the whole folder, so give a new or empty folder"
+        )
+
+
+def _convert_into(hf_dir: Path, out_dir: Path, final_dir: Path, source, arch, max_positions) -> dict:
     config = read_config(hf_dir)
     if config.get("model_type") in ROBERTA_FAMILY:
         from hf2fairseq.import_roberta import convert_roberta
 
         if arch not in (None, "roberta_base"):
             raise SystemExit(f"--arch {arch}: {config['model_type']} checkpoints convert to fairseq's roberta_base")
-        return convert_roberta(hf_dir, out_dir, source=source, max_positions=max_positions)
+        return convert_roberta(hf_dir, out_dir, source=source, max_positions=max_positions, final_dir=final_dir)
     config, vocab, hf_state = read_hf_dir(hf_dir)
     model_type = config.get("model_type", "bert")
     arch = arch or default_arch(config)
@@ -390,8 +512,10 @@ def convert(
     shutil.copyfile(hf_dir / "vocab.txt", out_dir / "vocab.txt")
     cfg, _task, model = build_fairseq_model(out_dir, config, arch, max_positions)
     state_dict = convert_state(hf_state, config, vocab, model)
+    weights = strip_prefix(hf_state)
+    weights.refuse_unused()
     model.load_state_dict(state_dict, strict=True)  # fails loudly on any key/shape mismatch
-    save_checkpoint(out_dir / "model.pt", cfg, state_dict)
+    save_checkpoint(out_dir / "model.pt", cfg, state_dict, data=final_dir)
     lowercase = True
     tok_cfg = hf_dir / "tokenizer_config.json"
     if tok_cfg.exists():
@@ -409,6 +533,7 @@ def convert(
         "layer_norm_eps": {"hf": config.get("layer_norm_eps", 1e-12), "fairseq": 1e-5, "note": EPS_NOTE},
         "has_mlm_head": any(k.startswith("cls.predictions.") for k in hf_state),
         "pooler_in_checkpoint": bool(state_dict.get("pooler.present", False)),
+        "dropped_heads": weights.dropped(),
         "input_layout": "BERT [CLS] A [SEP] B [SEP] = fairseq --init-token 0 without --separator-token; "
         + (
             f"{arch} gives the tokens after the first [SEP] token type 1"

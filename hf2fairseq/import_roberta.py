@@ -158,8 +158,11 @@ def convert_state(hf_state: dict, rows: list[int], hf_pad: int, num_layers: int,
     return sd
 
 
-def convert_roberta(hf_dir: Path, out_dir: Path, source: str | None = None, max_positions: int | None = None) -> dict:
-    """Convert a transformers RoBERTa / XLM-R folder into `out_dir`; returns the convert.json content."""
+def convert_roberta(
+    hf_dir: Path, out_dir: Path, source: str | None = None, max_positions: int | None = None, final_dir=None
+) -> dict:
+    """Convert a transformers RoBERTa / XLM-R folder into `out_dir` (a temp folder that becomes `final_dir`
+    under `convert.convert`); returns the convert.json content."""
     transformers = require_transformers("importing a RoBERTa / XLM-R checkpoint")
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = read_config(hf_dir)
@@ -181,8 +184,10 @@ def convert_roberta(hf_dir: Path, out_dir: Path, source: str | None = None, max_
     cfg, _task, model = build_fairseq_model(out_dir, config, "roberta_base", max_positions)
     hf_state = read_hf_weights(hf_dir)
     state = convert_state(hf_state, rows, hf_pad, config["num_hidden_layers"], model)
+    weights = strip_prefix(hf_state)
+    weights.refuse_unused()
     model.load_state_dict(state, strict=True)  # fails loudly on any key/shape mismatch
-    save_checkpoint(out_dir / "model.pt", cfg, state)
+    save_checkpoint(out_dir / "model.pt", cfg, state, data=final_dir or out_dir)
     meta = {
         "source": source or str(hf_dir),
         "hf_config": config,
@@ -194,6 +199,7 @@ def convert_roberta(hf_dir: Path, out_dir: Path, source: str | None = None, max_
         "position_offset": {"hf_pad_token_id": hf_pad, "fairseq_row_of_position_0": 2},
         "dictionary_size_with_mask": len(rows),
         "has_mlm_head": any(k.startswith("lm_head.") for k in hf_state),
+        "dropped_heads": weights.dropped(),
         "input_layout": "RoBERTa <s> A </s> </s> B </s> = fairseq --init-token 0 --separator-token 2",
     }
     (out_dir / "convert.json").write_text(json.dumps(meta, indent=2) + "\n")

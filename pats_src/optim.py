@@ -156,6 +156,20 @@ class _SensitivityAdamaxOptimizer(FairseqOptimizer):
     torch_optimizer: type  # the SensitivityAdamax subclass this wraps (set by each subclass)
     prefix = ""
 
+    @classmethod
+    def check_trainer_config(cls, cfg) -> None:
+        """Refuse flat --fp16 before fairseq builds its fp16 wrapper (called by fairseq_patches): its one flat
+        fp32 buffer has no per-tensor names or means, and on CPU fairseq would stop first with a CUDA assertion
+        (FP16Optimizer.build_fp32_params calls torch.cuda.current_device(), fp16_optimizer.py:38)."""
+        common = cfg.common
+        mixed = common.bf16 or common.amp or common.memory_efficient_fp16 or common.memory_efficient_bf16
+        if common.fp16 and not mixed and not common.fp16_no_flatten_grads:
+            raise ValueError(
+                f"--optimizer {cfg.optimizer._name}: --fp16 flattens all parameters into one fp32 buffer, which "
+                f"has no per-tensor names or means for --{cls.prefix}-*; add --fp16-no-flatten-grads or use "
+                "--memory-efficient-fp16"
+            )
+
     def __init__(self, cfg, params):
         super().__init__(cfg)
         params = list(params)

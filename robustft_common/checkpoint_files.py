@@ -22,10 +22,11 @@ import re
 import zipfile
 from pathlib import Path
 
+from robustft_common.atomic_files import TMP_SUFFIX, fsync_dir, write_file, write_temp
+
 logger = logging.getLogger(__name__)
 
 CHECKSUM_SUFFIX = ".sha256"
-TMP_SUFFIX = ".tmp"  # fairseq's own temp name (checkpoint_utils.py:585) and ours
 STALE_PATTERNS = ("*.pt" + TMP_SUFFIX, "*.pt" + CHECKSUM_SUFFIX + TMP_SUFFIX)
 CHUNK = 1 << 22
 LEGACY_TORCH_MAGIC = b"\x80\x02"  # pickle protocol 2: torch.save before the zip format (torch < 1.6)
@@ -69,38 +70,10 @@ def read_digests(path) -> list[str]:
 def _write_digests(path, digests: list[str]) -> None:
     name = Path(path).name
     text = "".join(f"{d}  {name}\n" for d in digests)
-    _replace_with(checksum_path(path), lambda f: f.write(text.encode("ascii")))
+    write_file(checksum_path(path), lambda f: f.write(text.encode("ascii")))
 
 
 # -- atomic writes ----------------------------------------------------------------------------------
-def fsync_dir(path) -> None:
-    """Make renames inside directory `path` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _replace_with(final: Path, write) -> None:
-    """Write `final` through `write(file)` into `final.tmp`, flush it to disk, rename it over `final`."""
-    tmp = Path(str(final) + TMP_SUFFIX)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def publish(tmp, final, digest: str) -> None:
     """Rename the complete file `tmp` over `final` with its checksum file (see the module docstring)."""
     tmp, final = Path(tmp), Path(final)
@@ -116,13 +89,8 @@ def publish(tmp, final, digest: str) -> None:
 
 def save_atomically(final, write) -> None:
     """`write(file)` produces the checkpoint; it lands at `final` complete, with its checksum, or not at all."""
-    final = Path(final)
-    tmp = Path(str(final) + TMP_SUFFIX)
+    tmp = write_temp(final, write)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
         publish(tmp, final, sha256_of(tmp))
     except BaseException:
         tmp.unlink(missing_ok=True)

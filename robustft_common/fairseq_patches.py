@@ -5,19 +5,31 @@ fairseq older than the 0.12 line). Each patch says what it changes and why; each
 tests/test_fairseq_patches.py that fails when the fairseq code it relies on changes.
 
 A run through `--user-dir robustft` that uses none of the plugin's components trains bit-identically to the
-same run without it (tested there): the patches only act when a checkpoint is refused, on spectral-normalised
-classification heads (which stock fairseq cannot reload), on the model of a run with `--mixout-p`, around
-optimizer construction (names published, nothing changed) and at process exit.
+same run without it (tested there): the patches only act when a checkpoint is loaded (verified, refused when
+unsafe or damaged), written (atomically, the same bytes, plus a checksum file) or resumed from a damaged
+checkpoint_last, on a preemption signal, on spectral-normalised classification heads (which stock fairseq
+cannot reload), on the model of a run with `--mixout-p`, around optimizer construction (names published,
+nothing changed) and at process exit.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
-import pickle
-import re
+import inspect
+import os
+import sys
 
-from robustft_common import compat, mixout, param_filters, shutdown, spectral_norm_heads
+from robustft_common import (
+    checkpoint_config,
+    checkpoint_files,
+    compat,
+    mixout,
+    param_filters,
+    preemption,
+    shutdown,
+    spectral_norm_heads,
+)
 
 _MARK = "_robustft_patch"  # set on every wrapper
 # the patches (their `make` functions) already in a wrapper chain: installing twice never wraps twice, and
@@ -35,7 +47,8 @@ def _wrap(owner, name: str, make_wrapper) -> None:
     wrapper = functools.wraps(original)(make_wrapper(original))
     setattr(wrapper, _MARK, True)
     setattr(wrapper, _APPLIED, applied | {make_wrapper.__qualname__})
-    setattr(owner, name, wrapper)
+    static = isinstance(inspect.getattr_static(owner, name), staticmethod)  # fairseq's PathManager methods
+    setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
 
 def allow_checkpoint_globals() -> None:
@@ -50,39 +63,164 @@ def allow_checkpoint_globals() -> None:
     compat.register_checkpoint_safe_globals()
 
 
-def explain_refused_checkpoints() -> None:
-    """A refused checkpoint is reported with its path and safe advice.
+def verify_checkpoints_on_load() -> None:
+    """Every checkpoint fairseq loads is verified, and refused when it could run code, naming the file.
 
-    torch's refusal names no file and suggests `weights_only=False` or allow-listing the offending global:
-    the two ways to run an untrusted file. fairseq's trainer and loaders call
-    `checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides=None, load_on_all_ranks=False)`
-    (fairseq/checkpoint_utils.py:306) through the module attribute (fairseq/trainer.py:495) or the module's
-    globals (checkpoint_utils.py:450, 852), so replacing the attribute covers them.
+    fairseq's trainer and loaders call `checkpoint_utils.load_checkpoint_to_cpu(path, arg_overrides=None,
+    load_on_all_ranks=False)` (fairseq/checkpoint_utils.py:306) through the module attribute (trainer.py:495)
+    or the module's globals (checkpoint_utils.py:450, 852): train resume / --restore-file /
+    --finetune-from-model, fairseq-validate / -generate / -interactive (load_model_ensemble),
+    `from_pretrained` (hub_utils.py:70 -> load_model_ensemble_and_task) and the plugin's scripts. In order:
+    1. the file must be intact (`checkpoint_files.verify`: SHA-256 against its checksum file, else the CRC-32
+       of torch's zip members), else CheckpointDamagedError;
+    2. torch.load under weights_only (`allow_checkpoint_globals`); a refused pickled global becomes
+       CheckpointRefusedError (torch's own text advises weights_only=False or allow-listing the global: the two
+       ways to run an untrusted file), any other unpickling failure CheckpointDamagedError with torch's
+       reason. Nothing in load_checkpoint_to_cpu after torch.load (arg_overrides, `_upgrade_state_dict`,
+       `convert_namespace_to_omegaconf`) evaluates config strings: they use ast.literal_eval only
+       (dataclass/utils.py:249);
+    3. the loaded `cfg`/`args` must hold literals where fairseq calls eval() (`checkpoint_config`), else
+       CheckpointRefusedError naming the field, before anything builds a model from it.
+    Other errors get a note naming the file.
     """
     from fairseq import checkpoint_utils
 
     def make(original):
         def load_checkpoint_to_cpu(path, *args, **kwargs):
+            if os.path.isfile(path):  # remote (PathManager) paths: no local file to verify
+                checkpoint_files.verify(path)
             try:
-                return original(path, *args, **kwargs)
-            except pickle.UnpicklingError as err:
-                raise pickle.UnpicklingError(refusal_message(path, err)) from None
+                state = original(path, *args, **kwargs)
+            except Exception as err:
+                if checkpoint_files.is_load_failure(err):
+                    raise checkpoint_files.load_error(path, err) from None
+                err.add_note(f"while loading checkpoint {path}")
+                raise
+            checkpoint_config.refuse_evaluated_values(state, path)
+            return state
 
         return load_checkpoint_to_cpu
 
     _wrap(checkpoint_utils, "load_checkpoint_to_cpu", make)
 
 
-def refusal_message(path, err: Exception) -> str:
-    found = re.search(r"GLOBAL (\S+)", str(err))
-    what = found.group(1) if found else "an object torch's weights_only loader refuses"
+def atomic_checkpoint_writes() -> None:
+    """Checkpoints are written and copied atomically, with a SHA-256 checksum file beside each.
+
+    fairseq saves through `checkpoint_utils.torch_persistent_save(obj, filename, async_write=False)`
+    (checkpoint_utils.py:578-591: a temp file renamed into place, called by trainer.py:456), then copies the
+    first file onto the others (checkpoint_last / checkpoint_best ...) with `PathManager.copy(src, dst,
+    overwrite=True)` (checkpoint_utils.py:139-141), which for local files is `shutil.copyfile`
+    (file_io.py:71-76): it truncates the destination first, so a full disk or a kill during the copy left a
+    truncated checkpoint_last.pt. Local writes now go through `checkpoint_files.save_atomically` (temp file,
+    fsync, rename, checksum file) and local copies through `checkpoint_files.copy_atomically`; async writes
+    and remote (PathManager) paths keep fairseq's behaviour, without checksum files. The bytes written are
+    torch.save's, unchanged.
+    """
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
+
+    def make_save(original):
+        def torch_persistent_save(obj, filename, async_write: bool = False):
+            if async_write or not _is_local(filename):
+                return original(obj, filename, async_write)
+            checkpoint_files.save_atomically(filename, lambda f: torch.save(obj, f))
+
+        return torch_persistent_save
+
+    def make_copy(original):
+        def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+            if not (_is_local(src_path) and _is_local(dst_path)) or (os.path.exists(dst_path) and not overwrite):
+                return original(src_path, dst_path, overwrite)
+            checkpoint_files.copy_atomically(src_path, dst_path)
+            return True
+
+        return copy
+
+    _wrap(checkpoint_utils, "torch_persistent_save", make_save)
+    _wrap(PathManager, "copy", make_copy)
+
+
+def _is_local(path) -> bool:
+    from fairseq.file_io import PathManager
+
+    return not PathManager.path_requires_pathmanager(str(path))
+
+
+def resume_from_intact_checkpoint() -> None:
+    """A run resuming from a damaged checkpoint_last.pt resumes from the newest intact checkpoint instead.
+
+    `checkpoint_utils.load_checkpoint` (checkpoint_utils.py:208-276, called once by fairseq_cli/train.py:165
+    before the first update) hands `Trainer.load_checkpoint(self, filename, reset_optimizer=False,
+    reset_lr_scheduler=False, optimizer_overrides=None, reset_meters=False)` (trainer.py:465) the save dir's
+    checkpoint_last{suffix}.pt. When that is the file and it exists: the temp files a killed save left in the
+    save dir are removed (on the rank that writes checkpoints), and if the file fails `checkpoint_files.verify`
+    the newest intact checkpoint of the save dir is loaded instead, with a warning naming both (on every rank
+    that reads the file itself, trainer.py:484-491; the others receive rank 0's state). Any other file
+    (--restore-file, --finetune-from-model) is loaded as given: a damaged one is an error naming it.
+    """
+    from fairseq.trainer import Trainer
+
+    def make(original):
+        def load_checkpoint(self, filename, *args, **kwargs):
+            last = os.path.join(self.cfg.checkpoint.save_dir, f"checkpoint_last{self.checkpoint_suffix}.pt")
+            if os.path.isfile(filename) and os.path.abspath(filename) == os.path.abspath(last):
+                if self.should_save_checkpoint_on_current_rank:
+                    checkpoint_files.remove_stale_temps(self.cfg.checkpoint.save_dir)
+                if _reads_checkpoint_itself(self):
+                    filename = str(checkpoint_files.intact_or_newest_intact(filename, self.checkpoint_suffix))
+            return original(self, filename, *args, **kwargs)
+
+        return load_checkpoint
+
+    _wrap(Trainer, "load_checkpoint", make)
+
+
+def _reads_checkpoint_itself(trainer) -> bool:
+    """Whether this rank reads the checkpoint file (trainer.py:484-494) rather than receive rank 0's copy."""
     return (
-        f"refusing to load checkpoint {path}: it pickles {what}, which is not part of a fairseq "
-        f"checkpoint. robustft loads checkpoints with torch weights_only=True and the allow-list in "
-        f"robustft_common/compat.py. If this is a genuine checkpoint of another fairseq version, report "
-        f"that global so the list can be extended; do not disable weights_only or allow-list it for a "
-        f"file you did not produce."
+        trainer.data_parallel_rank == 0
+        or trainer.cfg.checkpoint.load_checkpoint_on_all_dp_ranks
+        or trainer.tpu
+        or (trainer.is_fsdp and trainer.cfg.distributed_training.use_sharded_state)
+        or getattr(trainer.cfg.model, "base_layers", 0) > 0
     )
+
+
+def save_on_preemption() -> None:
+    """SIGTERM / SIGUSR1 during training: checkpoint_last.pt at the next update boundary, exit code 75.
+
+    fairseq_cli/train.py:main loads its checkpoint through `checkpoint_utils.load_checkpoint(cfg, trainer,
+    **passthrough_args)` (train.py:165) right before its loop; from then on the signals are caught
+    (`preemption.start`). The loop calls `validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets,
+    end_of_epoch)` through the module's globals after every update (train.py:345, defined :375), on every
+    rank; after fairseq's own validation/save there, the ranks agree on a pending signal and save and exit
+    (`preemption`). fairseq_cli.train is wrapped when the first run loads its checkpoint, not at import:
+    importing it configures the root logger (train.py:18-23), which a library import must not do.
+    """
+    from fairseq import checkpoint_utils
+
+    def make_loop(original):
+        def validate_and_save(cfg, trainer, task, epoch_itr, *args, **kwargs):
+            valid_losses, should_stop = original(cfg, trainer, task, epoch_itr, *args, **kwargs)
+            if preemption.requested_by_any_rank(trainer) and not should_stop:
+                preemption.save_and_exit(cfg, trainer, epoch_itr)
+            return valid_losses, should_stop
+
+        return validate_and_save
+
+    def make(original):
+        def load_checkpoint(cfg, trainer, **passthrough_args):
+            train_loop = sys.modules.get("fairseq_cli.train")
+            if train_loop is not None:
+                _wrap(train_loop, "validate_and_save", make_loop)
+                preemption.start()
+            return original(cfg, trainer, **passthrough_args)
+
+        return load_checkpoint
+
+    _wrap(checkpoint_utils, "load_checkpoint", make)
 
 
 def explain_model_loading() -> None:
@@ -126,18 +264,30 @@ def publish_trainer_param_names() -> None:
     `Trainer._build_optimizer` (fairseq/trainer.py:289-310) hands the optimizer bare tensors,
     `chain(model.parameters(), criterion.parameters())` filtered by `requires_grad`, and under `--fp16`
     fresh fp32 copies without attributes; PATS/SAGE/NoisyTune select tensors by name. While the original
-    runs, the names of that same list are published (`param_filters.publish_param_names`).
+    runs, the names of that same list are published (`param_filters.publish_param_names`). Before it, the
+    optimizer class may refuse the configuration (`_check_optimizer_config`).
     """
     from fairseq.trainer import Trainer
 
     def make(original):
         def _build_optimizer(self):
+            _check_optimizer_config(self.cfg)
             with param_filters.publish_param_names(param_filters.trainer_named_params(self)):
                 return original(self)
 
         return _build_optimizer
 
     _wrap(Trainer, "_build_optimizer", make)
+
+
+def _check_optimizer_config(cfg) -> None:
+    """An optimizer of the plugin may refuse the run's configuration (`check_trainer_config(cfg)`) before
+    `Trainer._build_optimizer` builds fairseq's fp16 wrapper around it (trainer.py:320-345)."""
+    from fairseq.optim import OPTIMIZER_REGISTRY
+
+    check = getattr(OPTIMIZER_REGISTRY.get(getattr(cfg.optimizer, "_name", None)), "check_trainer_config", None)
+    if check is not None:
+        check(cfg)
 
 
 def reload_spectral_norm_heads() -> None:
@@ -232,7 +382,10 @@ def stop_prefetch_threads_at_exit() -> None:
 
 PATCHES = (
     allow_checkpoint_globals,
-    explain_refused_checkpoints,
+    verify_checkpoints_on_load,
+    atomic_checkpoint_writes,
+    resume_from_intact_checkpoint,
+    save_on_preemption,
     explain_model_loading,
     publish_trainer_param_names,
     reload_spectral_norm_heads,

@@ -4,6 +4,7 @@ loss = task loss + r3f_lambda * sum over sentences of KL_S(clean pass || noised 
 train mode (independent dropout), gradients through both; eval runs the clean pass only.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 from fairseq.criterions import register_criterion
@@ -16,10 +17,11 @@ from robustft_common.mixout import MixoutConfig
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
 from robustft_common.spectral_norm_heads import check_dense_normalised
 from robustft_common.utils import unwrap_model
-from robustft_common.validation import require_choice
+from robustft_common.validation import require, require_choice
 from rxf_src.embedding_noise import R3F_NOISE_TYPES, noised_forward, validate_r3f_flags
 
 REGRESSION_KL = ("gaussian", "none")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,6 +73,23 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         self.noise_type = str(cfg.noise_type)
         self.noisy_pass_on_regression = str(cfg.r3f_regression_kl) == "gaussian"
         self._check_dense_norm = bool(cfg.r4f_spectral_norm_dense)
+        self._explain_regression_kl(cfg)
+
+    def _explain_regression_kl(self, cfg) -> None:
+        """`--r3f-regression-kl none` is never silent: on regression it turns R3F off, elsewhere it does nothing."""
+        if str(cfg.r3f_regression_kl) != "none":
+            return
+        require(
+            self.regression_target,
+            "--r3f-regression-kl",
+            "none applies only with --regression-target (it drops the R3F term of regression tasks); a "
+            "classification run always has the R3F term: remove the flag",
+        )
+        logger.warning(
+            "R3F is OFF: --r3f-regression-kl none with --regression-target trains on the plain MSE (no noisy pass, "
+            "no KL term, --eps/--r3f-lambda unused), the reference's effective behaviour; use "
+            "--r3f-regression-kl gaussian for R3F on regression"
+        )
 
     def forward(self, model, sample, reduce=True):
         if self._check_dense_norm:  # once: never train "R4F" with a plain dense layer, silently

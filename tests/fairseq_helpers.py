@@ -205,6 +205,26 @@ def sentence_prediction_args(
     ]
 
 
+def write_checkpoint(data: Path, save_dir: Path, *extra) -> Path:
+    """save_dir/checkpoint_last.pt of the tiny sentence-prediction model before its first update, written
+    in-process by fairseq's own `checkpoint_utils.save_checkpoint` (what fairseq-train saves and resumes
+    from, without starting fairseq-train); the plugin must be imported."""
+    from fairseq import checkpoint_utils, options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    argv = [str(a) for a in sentence_prediction_args(data, save_dir, *extra)]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    trainer = Trainer(cfg, task, model, task.build_criterion(cfg.criterion))
+    trainer.lr_step(0)  # builds the optimizer, as fairseq-train does before its first save
+    epoch_itr = trainer.get_train_iterator(epoch=1, load_dataset=True)
+    epoch_itr.next_epoch_itr(shuffle=True)  # the epoch has started, no batch drawn (fairseq_cli/train.py:271)
+    checkpoint_utils.save_checkpoint(cfg.checkpoint, trainer, epoch_itr, None)
+    return Path(save_dir) / "checkpoint_last.pt"
+
+
 def train_sentence_prediction(data: Path, save_dir: Path, *extra, check=True, env=None, **args_kw):
     """One tiny CPU `fairseq-train` run (`sentence_prediction_args` + `extra`); the CompletedProcess."""
     return run_tool("fairseq-train", *sentence_prediction_args(data, save_dir, *extra, **args_kw), env=env, check=check)

@@ -66,6 +66,9 @@ SENTENCE_PREDICTION_CASES = [
     ("pats_filter_bad_regex", [*PATS, "--pats-param-include", "layers.(0"], "--pats-param-include"),
     ("pats_adamax_betas", [*PATS, "--adamax-betas", "(0.9, 1.5)"], "--adamax-betas"),
     ("pats_weight_decay_negative", [*PATS, "--weight-decay", "-0.1"], "--weight-decay"),
+    # flat fp16 (fairseq's one fp32 buffer) on CPU: the plugin's message, not fairseq's CUDA assertion
+    ("pats_flat_fp16", [*PATS, "--fp16"], "--fp16-no-flatten-grads or use --memory-efficient-fp16"),
+    ("sage_flat_fp16", [*SAGE, "--fp16", "--fp16-init-scale", "4"], "--fp16-no-flatten-grads"),
     ("sage_beta3_one", [*SAGE, "--sage-beta3", "1.0"], "--sage-beta3"),
     ("sage_eps_zero", [*SAGE, "--sage-eps", "0"], "--sage-eps"),
     ("sage_eps_inf", [*SAGE, "--sage-eps", "inf"], "--sage-eps"),  # would freeze the selected parameters
@@ -181,6 +184,7 @@ def test_valid_configurations_build(data, capsys):
         PATS,
         SAGE,
         [*R3F, "--hype-type", "normal", "--spectral-norm-classification-head", "--r4f-spectral-norm-dense"],
+        [*PATS, "--fp16", "--fp16-no-flatten-grads"],  # what the flat-fp16 refusal advises
     ):
         assert refusal(_sp_argv(data, extra), capsys) is None, extra
     for extra in (HD, ["--criterion", "label_smoothed_cross_entropy_r3f", "--hype-type", "normal", "--hype-decoder"]):

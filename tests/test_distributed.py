@@ -165,10 +165,27 @@ class _CpuDDP:
         return torch.nn.parallel.DistributedDataParallel(module, **kwargs)
 
 
+def _signal_after(train_step, update: int, rank: int, name: str):
+    """Trainer.train_step that sends signal `name` to its own process once update `update` is done on `rank`
+    (preemption tests: the signal arrives between two updates, deterministically)."""
+    import signal
+
+    import torch.distributed as dist
+
+    def step(self, *args, **kwargs):
+        out = train_step(self, *args, **kwargs)
+        if self.get_num_updates() == update and dist.get_rank() == rank:
+            os.kill(os.getpid(), getattr(signal, name))
+        return out
+
+    return step
+
+
 def _run_job(job) -> None:
     import torch
     from fairseq import checkpoint_utils
     from fairseq.models import distributed_fairseq_model
+    from fairseq.trainer import Trainer
     from fairseq_cli import train
 
     state = {}
@@ -182,9 +199,12 @@ def _run_job(job) -> None:
         return original_save(cfg, trainer, *args, **kwargs)
 
     original_ddp = distributed_fairseq_model.DistributedDataParallel
+    original_step = Trainer.train_step
     checkpoint_utils.save_checkpoint = save_checkpoint
     if job.get("cpu_c10d"):
         distributed_fairseq_model.DistributedDataParallel = _CpuDDP
+    if job.get("signal"):  # {"update": n, "rank": r, "name": "SIGUSR1"}: a real signal to this process
+        Trainer.train_step = _signal_after(original_step, **job["signal"])
     if hasattr(original_save, "best"):  # fairseq keeps the best score on the function: per run here
         del original_save.best
     try:
@@ -193,6 +213,7 @@ def _run_job(job) -> None:
     finally:
         checkpoint_utils.save_checkpoint = original_save
         distributed_fairseq_model.DistributedDataParallel = original_ddp
+        Trainer.train_step = original_step
     if job.get("dump"):
         torch.save(state, job["dump"])
 

@@ -27,12 +27,17 @@ def _params(fn):
 # -- installation ----------------------------------------------------------------------------------
 def _patched():
     from fairseq import checkpoint_utils, models
+    from fairseq.file_io import PathManager
     from fairseq.models.bart.model import BARTModel
     from fairseq.models.roberta.model import RobertaModel
     from fairseq.trainer import Trainer
 
     return [
         checkpoint_utils.load_checkpoint_to_cpu,
+        checkpoint_utils.torch_persistent_save,
+        checkpoint_utils.load_checkpoint,
+        PathManager.copy,
+        Trainer.load_checkpoint,
         Trainer._build_optimizer,
         RobertaModel.upgrade_state_dict_named,
         BARTModel.upgrade_state_dict_named,
@@ -42,13 +47,23 @@ def _patched():
     ]
 
 
+def _layers(fn):
+    """(number of wrappers around fairseq's function, fairseq's function)."""
+    layers = 0
+    while hasattr(fn, "__wrapped__"):
+        fn, layers = fn.__wrapped__, layers + 1
+    return layers, fn
+
+
 def test_install_is_idempotent_and_wraps_fairseq_once():
+    """Installing again adds no wrapper; under the wrappers (one per patch of that function) is fairseq's."""
+    before = [_layers(fn)[0] for fn in _patched()]
     fairseq_patches.install()
     fairseq_patches.install()
-    for fn in _patched():
+    for fn, layers_before in zip(_patched(), before):
         assert getattr(fn, "_robustft_patch", False), fn
-        stock = fn.__wrapped__
-        assert not hasattr(stock, "__wrapped__") and stock.__module__.startswith("fairseq"), fn
+        layers, stock = _layers(fn)
+        assert layers == layers_before >= 1 and stock.__module__.startswith("fairseq"), fn
     assert len(fairseq_patches._EXIT_HOOK) == 1
 
 
@@ -104,7 +119,7 @@ def test_guard_checkpoints_are_loaded_with_torch_default_weights_only():
 
 
 def test_guard_checkpoint_loads_go_through_the_module_attribute():
-    """explain_refused_checkpoints: replacing `checkpoint_utils.load_checkpoint_to_cpu` reaches every caller."""
+    """verify_checkpoints_on_load: replacing `checkpoint_utils.load_checkpoint_to_cpu` reaches every caller."""
     from fairseq import checkpoint_utils
     from fairseq.trainer import Trainer
 
@@ -124,6 +139,116 @@ def test_guard_checkpoint_loads_go_through_the_module_attribute():
         and re.search(r"from fairseq\.checkpoint_utils import .*load_checkpoint_to_cpu", p.read_text())
     ]
     assert binders == []
+
+
+def test_guard_eval_sites_are_the_audited_ones():
+    """verify_checkpoints_on_load (checkpoint_config): every eval / eval_str_list / eval_str_dict / eval_bool call
+    in fairseq (outside examples/) is one audited in checkpoint_config.EVAL_SITES, with the expression it
+    evaluates; a new or changed site must be classified there before this passes."""
+    import ast
+
+    import fairseq
+
+    from robustft_common.checkpoint_config import EVAL_SITES
+
+    evaluators = {"eval", "eval_str_list", "eval_str_dict", "eval_bool"}
+    root = Path(fairseq.__file__).parent.parent
+    found = set()
+    for package in ("fairseq", "fairseq_cli"):
+        for path in sorted((root / package).rglob("*.py")):
+            if "examples" in path.relative_to(root).parts:
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not (isinstance(node, ast.Call) and node.args):
+                    continue
+                func = node.func
+                name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+                owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) else None
+                if name in evaluators and (isinstance(func, ast.Name) or owner in ("utils", "options")):
+                    found.add((str(path.relative_to(root)), ast.unparse(node.args[0])))
+    assert found == set(EVAL_SITES)
+    assert len(found) > 50  # the scan sees fairseq's code
+
+
+def test_guard_checkpoint_writes_and_copies():
+    """atomic_checkpoint_writes: fairseq writes every checkpoint through `torch_persistent_save` (module
+    attribute) and copies it onto the other names with `PathManager.copy(src, dst, overwrite=True)`, which
+    truncates: what the wrappers replace for local files."""
+    from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
+    from fairseq.trainer import Trainer
+
+    assert _params(checkpoint_utils.torch_persistent_save) == [
+        ("obj", inspect.Parameter.empty),
+        ("filename", inspect.Parameter.empty),
+        ("async_write", False),
+    ]
+    assert 'PathManager.rename(filename + ".tmp", filename)' in _source(checkpoint_utils.torch_persistent_save)
+    assert "checkpoint_utils.torch_persistent_save( state_dict, filename," in _source(Trainer.save_checkpoint)
+    save = _source(checkpoint_utils.save_checkpoint)
+    assert "trainer.save_checkpoint(checkpoints[0], extra_state)" in save
+    assert "PathManager.copy( checkpoints[0], cp, overwrite=True )" in save
+    assert _params(PathManager.copy) == [
+        ("src_path", inspect.Parameter.empty),
+        ("dst_path", inspect.Parameter.empty),
+        ("overwrite", False),
+    ]
+    assert "return shutil.copyfile(src_path, dst_path)" in _source(PathManager.copy)
+
+
+def test_guard_resume_reads_checkpoint_last_through_trainer_load_checkpoint():
+    """resume_from_intact_checkpoint: the resume file fairseq passes, and which ranks read it themselves
+    (mirrored by fairseq_patches._reads_checkpoint_itself)."""
+    from fairseq import checkpoint_utils
+    from fairseq.trainer import Trainer
+
+    assert [p for p, _ in _params(Trainer.load_checkpoint)][:2] == ["self", "filename"]
+    load = _source(checkpoint_utils.load_checkpoint)
+    assert 'checkpoint_path = os.path.join( cfg.save_dir, "checkpoint_last{}.pt".format(suffix) )' in load
+    assert "extra_state = trainer.load_checkpoint( checkpoint_path," in load
+    assert (
+        "load_on_all_ranks = ( self.cfg.checkpoint.load_checkpoint_on_all_dp_ranks # TPUs don't support broadcast "
+        "yet, so load checkpoints # on every worker for now or self.tpu # FSDP requires loading checkpoint shards "
+        "on all ranks or (self.is_fsdp and self.cfg.distributed_training.use_sharded_state) or "
+        'getattr(self.cfg.model, "base_layers", 0) > 0 ) if load_on_all_ranks or self.data_parallel_rank == 0:'
+    ) in _source(Trainer.load_checkpoint)
+
+
+def test_guard_training_loop_for_preemption():
+    """save_on_preemption: train.main loads its checkpoint before the loop; every update ends in
+    validate_and_save (module global); save_checkpoint with val_loss None, no epoch and no interval
+    checkpoint writes checkpoint_last alone."""
+    import fairseq_cli.train as train
+    from fairseq import checkpoint_utils
+
+    main = _source(train.main)
+    assert main.index("checkpoint_utils.load_checkpoint(") < main.index("train(cfg, trainer, task, epoch_itr)")
+    assert (
+        "end_of_epoch = not itr.has_next() valid_losses, should_stop = validate_and_save( cfg, trainer, task, "
+        "epoch_itr, valid_subsets, end_of_epoch )"
+    ) in _source(train.train)
+    assert [p for p, _ in _params(train.validate_and_save)] == [
+        "cfg",
+        "trainer",
+        "task",
+        "epoch_itr",
+        "valid_subsets",
+        "end_of_epoch",
+    ]
+    assert _params(checkpoint_utils.load_checkpoint)[:2] == [
+        ("cfg", inspect.Parameter.empty),
+        ("trainer", inspect.Parameter.empty),
+    ]
+    save = _source(checkpoint_utils.save_checkpoint)
+    for condition in (
+        '"checkpoint{}{}.pt".format(epoch, suffix)] = ( end_of_epoch and not cfg.no_epoch_checkpoints',
+        '"checkpoint_{}_{}{}.pt".format(epoch, updates, suffix)] = ( not end_of_epoch and '
+        "cfg.save_interval_updates > 0",
+        '"checkpoint_best{}.pt".format(suffix)] = val_loss is not None and',
+        "if val_loss is not None and cfg.keep_best_checkpoints > 0:",
+        '"checkpoint_last{}.pt".format(suffix) ] = not cfg.no_last_checkpoints',
+    ):
+        assert condition in save, condition
 
 
 def test_guard_trainer_collects_optimizer_params_as_published():

@@ -358,6 +358,48 @@ def test_interrupted_run_leaves_nothing(tmp_path, gpt2_files, monkeypatch):
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_header_only_or_all_skipped_split_is_an_error(tmp_path, gpt2_files):
+    """A split that would yield no rows stops with file:line instead of silently writing no split (fairseq
+    then failed later with "could not find dataset")."""
+    kwargs = dict(**_gpt2_kwargs(gpt2_files), log=lambda s: None)
+    glue = _write_bad_task(tmp_path / "glue", "RTE", "")
+    (glue / "RTE" / "dev.tsv").write_text(HEADERS["RTE"])
+    with pytest.raises(GlueFormatError) as err:
+        preprocess(glue, "RTE", tmp_path / "out", **kwargs)
+    assert str(err.value) == f"{glue / 'RTE' / 'dev.tsv'}:2: the file has only a header row, no data rows"
+    (glue / "RTE" / "dev.tsv").write_text(HEADERS["RTE"] + "0\tthe cat\tentailment\n1\ta\tb\tmaybe\n")
+    with pytest.raises(GlueFormatError) as err:
+        preprocess(glue, "RTE", tmp_path / "out", skip_bad_rows=True, **kwargs)
+    assert str(err.value).startswith(f"{glue / 'RTE' / 'dev.tsv'}:2: expected 4 tab-separated columns, got 3; ")
+    assert "every one of the 2 rows of the file was bad" in str(err.value)
+    assert not (tmp_path / "out" / "RTE-bin").exists()
+
+
+def test_text_that_tokenizes_to_nothing_is_a_bad_row(tmp_path):
+    """A zero-width space passes the parser's strip() but WordPiece drops it: no empty input is binarized."""
+    vocab = str(make_tiny_wordpiece_vocab(tmp_path / "vocab.txt"))
+    glue = tmp_path / "glue"
+    header = ["index", "sentence1", "sentence2", "label"]
+    rows = [[str(i), "the cat sat", "a dog", "entailment"] for i in range(4)]
+    rows[2][2] = "\u200b"
+    _tsv(glue / "RTE" / "train.tsv", [header, *rows])
+    _tsv(glue / "RTE" / "dev.tsv", [header, rows[0]])
+    with pytest.raises(GlueFormatError) as err:
+        preprocess(glue, "RTE", tmp_path / "out", "wordpiece", wordpiece_vocab=vocab, log=lambda s: None)
+    assert str(err.value).startswith(f"{glue / 'RTE' / 'train.tsv'}:4: sentence2 {chr(0x200B)!r} tokenizes to nothing")
+    res = preprocess(
+        glue, "RTE", tmp_path / "out", "wordpiece", wordpiece_vocab=vocab, skip_bad_rows=True, log=lambda s: None
+    )
+    train = res["tasks"]["RTE"]["splits"]["train"]
+    assert (train["rows_read"], train["rows_written"], train["rows_skipped"]) == (4, 3, 1)
+    assert train["skipped_examples"][0].startswith(f"{glue / 'RTE' / 'train.tsv'}:4: sentence2")
+    out = tmp_path / "out" / "RTE-bin"
+    _, inp1 = _load(out / "input1" / "train", out / "input0" / "dict.txt")
+    assert len(inp1) == 3 and min(len(x) for x in inp1) > 1  # every input holds a token besides </s>
+    _, labels = _load(out / "label" / "train", out / "label" / "dict.txt")
+    assert len(labels) == 3
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. splits and tokenizers on real data
 

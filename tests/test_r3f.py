@@ -229,6 +229,20 @@ def test_regression_gaussian_kl_and_skip(reg_data, tmp_path):
     assert len(calls) == 1 and "symm_kl" not in log  # no wasted noisy pass
 
 
+def test_regression_kl_none_is_never_silent(reg_data, cls_data, tmp_path, caplog):
+    """On a regression task it turns R3F off: said at startup. On classification it would do nothing: refused."""
+    argv = r3f_argv(reg_data, tmp_path, "--regression-target", "--r3f-regression-kl", "none", num_classes=1)
+    with caplog.at_level("WARNING", logger="rxf_src.sentence_prediction_r3f"):
+        build(argv)
+    assert "R3F is OFF: --r3f-regression-kl none with --regression-target" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rxf_src.sentence_prediction_r3f"):
+        build(r3f_argv(reg_data, tmp_path, "--regression-target", num_classes=1))  # control: the default
+    assert "R3F is OFF" not in caplog.text
+    with pytest.raises(ValueError, match="--r3f-regression-kl: none applies only with --regression-target"):
+        build(r3f_argv(cls_data, tmp_path, "--r3f-regression-kl", "none"))
+
+
 @pytest.mark.parametrize(
     "flag,value,message",
     [
