@@ -88,6 +88,9 @@ def test_answer_only_in_a_later_window(tok):
     width = WINDOW.window - len(prefix) - 1
     assert bodies[0] == ids[:width] and bodies[1][: WINDOW.stride] == bodies[0][-WINDOW.stride :]
     assert bodies[-1][-1] == ids[-1]  # the last window reaches the end of the context
+    # with 200-token windows the context needs two, and the answer is only in the second
+    two = windows_of(tok, orchard, 0, WindowOptions(200, 32, True, 32))
+    assert [(w.target, w.count) for w in two] == [("", 2), ("Ferrand family", 2)]
 
 
 def test_two_windows_two_answers_and_unanswerable_question(tok):
