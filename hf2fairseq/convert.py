@@ -558,8 +558,8 @@ def main(argv=None):
         default=None,
         choices=ARCHS,
         help="architecture stored in the checkpoint (default: by model_type). BERT: hf_bert (exact: BERT's "
-        "eps, segment embeddings, pooler-initialised heads; needs this package imported: "
-        "scripts/fairseq_train.py or --user-dir hf2fairseq) or roberta_base (stock "
+        "eps, segment embeddings, pooler-initialised heads; train with --user-dir robustft, which "
+        "registers it) or roberta_base (stock "
         "fairseq: LayerNorm eps 1e-5, token type 0 everywhere, no pooler); ELECTRA: hf_electra; "
         "RoBERTa / XLM-R: roberta_base",
     )
@@ -574,7 +574,12 @@ def main(argv=None):
     hf_dir = args.hf_dir or find_package_dir(args.from_package)
     meta = convert(hf_dir, args.output_dir, source=args.from_package, arch=args.arch, max_positions=args.max_positions)
     print(f"converted {meta['source']} -> {args.output_dir}/model.pt (+ dict.txt, tokenizer files, convert.json)")
-    print("train with: " + " ".join(meta["train_args"]) + f" --restore-file {args.output_dir}/model.pt")
+    print(
+        "train with: fairseq-train DATA --user-dir robustft "
+        + " ".join(meta["train_args"])
+        + f" --restore-file {args.output_dir}/model.pt --reset-optimizer --reset-dataloader --reset-meters"
+        + " --shorten-method truncate ... (a complete command: README.md, 'Using it')"
+    )
     return 0
 
 
