@@ -37,6 +37,7 @@ from typing import List, Optional, Sequence
 import torch
 from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.logging import metrics
 from fairseq.optim import FairseqOptimizer, register_optimizer
 from fairseq.optim.adam import FairseqAdam, FairseqAdamConfig
 from fairseq.optim.adamax import FairseqAdamax
@@ -54,6 +55,7 @@ CHILDTUNING_MODES = ("F", "D")
 STATE_KEY = "childtuning"  # the optimizer state_dict entry (D mask, update count, Fisher summary)
 # F draws 16-bit uniforms: Bernoulli(p) is realised as lane < round(p * 2^16), i.e. p up to 2^-17
 MASK_RESOLUTION = 1 << 16
+MASK_CHUNK = 1 << 20  # entries masked per step of F's loop (bounded, cache-sized buffers)
 _F_STREAM = 7  # `update_seed` stream of the F masks (PATS uses 0 and 1 on its own generator)
 
 
@@ -94,14 +96,20 @@ class ChildTuningConfig(FairseqDataclass):
 
 
 # ------------------------------------------------------------------------------------------ pure parts
-def bernoulli_mask(shape: torch.Size, p: float, generator: torch.Generator, device) -> torch.Tensor:
-    """Boolean Bernoulli(p) mask from 16-bit uniforms: one int64 draw gives four entries (a float draw per
-    entry costs ~5x more on CPU, where F's mask is the whole overhead)."""
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1, generator=generator)  # full 64 random bits per word
+def bernoulli_scale_(flat: torch.Tensor, p: float, generator: torch.Generator, scale: float) -> torch.Tensor:
+    """flat *= Bernoulli(p) * scale, in place on a 1-d tensor, chunk by chunk. The Bernoulli draws are 16-bit
+    uniforms, four from one int64 word (a float uniform per entry costs ~3x more on CPU), compared into a
+    float 0/1 buffer of the tensor's dtype (multiplying by a bool mask takes a slow type-promotion path)."""
     threshold = round(p * MASK_RESOLUTION) - MASK_RESOLUTION // 2  # int16 lanes are uniform on [-2^15, 2^15)
-    return (words.view(torch.int16)[:n] < threshold).view(shape)
+    size = min(MASK_CHUNK, flat.numel())
+    words = torch.empty((size + 3) // 4, dtype=torch.int64, device=flat.device)
+    keep = torch.empty(size, dtype=flat.dtype, device=flat.device)
+    for start in range(0, flat.numel(), MASK_CHUNK):
+        part = flat[start : start + MASK_CHUNK]
+        n = part.numel()
+        lanes = words[: (n + 3) // 4].random_(-(2**63), 2**63 - 1, generator=generator).view(torch.int16)
+        part.mul_(torch.lt(lanes[:n], threshold, out=keep[:n])).mul_(scale)
+    return flat
 
 
 def percentile(values: torch.Tensor, q: float) -> float:
@@ -186,8 +194,8 @@ def fisher_information(trainer, names: Sequence[str], clip: float, seed: int, ba
     with torch.random.fork_rng(devices=devices):  # training's RNG stream is left where it was
         torch.manual_seed(seed)
         for sample in batches if batches is not None else fisher_batches(trainer):
-            grads = torch.autograd.grad(fisher_loss(criterion, model, sample) * scale, params, allow_unused=True)
-            grads = [None if g is None else g.float().div_(scale) for g in grads]
+            raw = torch.autograd.grad(fisher_loss(criterion, model, sample) * scale, params, allow_unused=True)
+            grads = [None if g is None else g.float().div_(scale) for g in raw]
             if not all(g is None or bool(torch.isfinite(g).all()) for g in grads):
                 skipped += 1  # an fp16 overflow: this batch is left out
                 continue
@@ -263,12 +271,14 @@ class ChildTuning:
         self.updates += 1
 
     def _apply_f(self) -> None:
+        """grad * Bernoulli(p) / p (ChildTuningOptimizer.py L62-63)."""
         seed = update_seed(self.seed, self.updates, _F_STREAM)
         for p, selected in zip(self.params, self.selected):
             if selected and p.grad is not None:
-                gen = self._generator(p.grad.device, seed)
-                mask = bernoulli_mask(p.grad.shape, self.p, gen, p.grad.device)
-                p.grad.mul_(mask).div_(self.p)  # = grad * (mask / p), ChildTuningOptimizer.py L62-63
+                grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+                bernoulli_scale_(grad.view(-1), self.p, self._generator(grad.device, seed), 1.0 / self.p)
+                if grad is not p.grad:
+                    p.grad.copy_(grad)
 
     def _generator(self, device, seed: int) -> torch.Generator:
         """The device's generator, reseeded once per update (its tensors continue one stream)."""
@@ -339,22 +349,25 @@ class ChildTuningOptimizer:
     def __init__(self, cfg, params):
         params = list(params)
         names = param_filters.names_for_params(params)  # before the base: SAGE regroups the tensors
-        super().__init__(cfg, params)  # type: ignore[call-arg]
+        super().__init__(cfg, params)
         self.childtuning = ChildTuning(cfg, params, names, fairseq_patches.building_trainer())
 
     def step(self, closure=None, scale=1.0, groups=None):
         self.childtuning.apply()
-        super().step(closure, scale=scale, groups=groups)  # type: ignore[misc]
+        super().step(closure, scale=scale, groups=groups)
+        summary = self.childtuning.summary
+        if summary:  # D: the child network's share of the masked entries (the mask ran)
+            metrics.log_scalar("childtuning_kept", summary["kept"] / max(summary["total"], 1), round=4)
 
     def state_dict(self):
-        state = super().state_dict()  # type: ignore[misc]
+        state = super().state_dict()
         state[STATE_KEY] = self.childtuning.state_dict()
         return state
 
     def load_state_dict(self, state_dict, optimizer_overrides=None):
         state_dict = dict(state_dict)
         child = state_dict.pop(STATE_KEY, None)
-        super().load_state_dict(state_dict, optimizer_overrides)  # type: ignore[misc]
+        super().load_state_dict(state_dict, optimizer_overrides)
         self.childtuning.load_state_dict(child)
 
 

@@ -129,6 +129,8 @@ class Config:
     # PatsAdamax.cpu_chunk_numel override (0 = the flat kernels on CPU too; None = the optimizer's default)
     pats_cpu_chunk: int | None = None
     on_demand: bool = False  # an implementation comparison: runs only when named in --only
+    # ChildTuning-D: time its Fisher pass over this many copies of the batch before the block (reported separately)
+    fisher_batches: int = 0
 
 
 ADAM = ("--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--adam-eps", "1e-6")  # Hyperdecoder configs
@@ -227,6 +229,52 @@ CONFIGS: list[Config] = [
         stock("sage"),
         "sentence_prediction + adamax_sage (registry sage)",
         baseline="adamax",
+    ),
+    Config(
+        "childtuning_f",
+        "robustft",
+        "sp",
+        stock("childtuning_f"),
+        "sentence_prediction + adam_childtuning F, p 0.3 (registry childtuning_f)",
+        baseline="vanilla",
+        target=1.10,
+    ),
+    Config(
+        "childtuning_d",
+        "robustft",
+        "sp",
+        stock("childtuning_d"),
+        "sentence_prediction + adam_childtuning D, p 0.3 (registry childtuning_d); Fisher pass timed apart",
+        baseline="vanilla",
+        fisher_batches=4,
+    ),
+    Config(
+        "smart",
+        "robustft",
+        "sp",
+        registry("smart") + ("--max-update", "1000"),
+        "sentence_prediction_smart, 1 ascent step, Bregman teacher (registry smart)",
+        baseline="vanilla",
+        target=2.2,  # (3 + 3S) / 3 forward-pass equivalents with S = 1 (R3F paper), + 10%
+    ),
+    Config(
+        "smart_no_teacher",
+        "robustft",
+        "sp",
+        registry("smart", {"--smart-mu": "0"}),
+        "sentence_prediction_smart without the Bregman term (--smart-mu 0: no teacher pass)",
+        baseline="vanilla",
+        target=2.2,
+        on_demand=True,
+    ),
+    Config(
+        "freelb",
+        "robustft",
+        "sp",
+        registry("freelb"),
+        "sentence_prediction_freelb, K = 3 ascent steps = 4 passes (registry freelb)",
+        baseline="vanilla",
+        target=4.4,  # (3 + 3K) / 3 forward-pass equivalents with K = 3 (R3F paper's 3 + 3S), + 10%
     ),
     Config(
         "single_adapter",
@@ -477,6 +525,21 @@ class Worker:
         if self.cuda:
             self.torch.cuda.synchronize()
 
+    def fisher_pass(self, trainer, sample, batches: int) -> dict:
+        """ChildTuning-D's Fisher pass over `batches` copies of the batch (the mask the timed steps then use)."""
+        inner = trainer.optimizer  # builds it (fairseq builds it lazily)
+        while not hasattr(inner, "childtuning"):  # fp16 wrappers -> the fairseq optimizer
+            inner = getattr(inner, "fp32_optimizer", None) or inner.wrapped_optimizer
+        prepared, _ = trainer._prepare_sample(sample)
+        self._sync()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        inner.childtuning.masks = inner.childtuning.compute_fisher_masks(batches=[prepared] * batches)
+        self._sync()
+        return {
+            "fisher_batch_s": (time.perf_counter() - start) / batches,
+            "fisher_batch_cpu_s": (time.process_time() - cpu_start) / batches,
+        }
+
     def block(self, cfg: Config, warmup: int, steps: int, opt_steps: int = 0) -> dict:
         import gc
 
@@ -494,6 +557,7 @@ class Worker:
         start = time.perf_counter()
         trainer, sample = self.build(cfg)
         build_s = time.perf_counter() - start
+        fisher = self.fisher_pass(trainer, sample, cfg.fisher_batches) if cfg.fisher_batches else {}
         metrics.reset()
         skipped, losses, times, cpu_times = 0, [], [], []
         for i in range(warmup + steps):
@@ -527,6 +591,7 @@ class Worker:
             "peak_rss_mb": _proc_status_mb("VmHWM"),
             "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
             "params": sum(p.numel() for p in trainer.model.parameters()),
+            **fisher,
         }
         result["peak_rss_over_before_mb"] = result["peak_rss_mb"] - rss_before
         if self.cuda:
@@ -689,6 +754,9 @@ def summarize(blocks: dict[str, list[dict]]) -> dict[str, dict]:
         if "cuda_peak_mb" in runs[0]:
             rows[name]["cuda_peak_mb"] = statistics.median(r["cuda_peak_mb"] for r in runs)
             rows[name]["cuda_peak_mb_max"] = max(r["cuda_peak_mb"] for r in runs)
+        if "fisher_batch_s" in runs[0]:
+            rows[name]["fisher_batch_ms"] = 1000 * statistics.median(r["fisher_batch_s"] for r in runs)
+            rows[name]["fisher_batch_cpu_ms"] = 1000 * statistics.median(r["fisher_batch_cpu_s"] for r in runs)
     return rows
 
 
@@ -799,6 +867,18 @@ def markdown(result: dict) -> str:
                 f"Reference R3F over our process's vanilla (wall): "
                 f"{rows['ref_r3f']['x_vanilla_of_robustft_process']:.3f}."
             )
+    for cfg in CONFIGS:
+        r = rows.get(cfg.name, {})
+        if "fisher_batch_ms" in r and "vanilla" in rows:
+            wall = r["fisher_batch_ms"] / rows["vanilla"]["median_ms"]
+            cpu = r["fisher_batch_cpu_ms"] / rows["vanilla"]["cpu_median_ms"]
+            lines += [
+                "",
+                f"`{cfg.name}`'s Fisher pass (once, before update 1; not in its step times): "
+                f"{r['fisher_batch_ms']:.1f} ms wall / {r['fisher_batch_cpu_ms']:.1f} ms CPU per batch = "
+                f"{wall:.3f} / {cpu:.3f} x a vanilla train step; the pass covers the training set once "
+                "(RTE: 2490 / 16 = 156 batches).",
+            ]
     timed_opt = [c for c in CONFIGS if "opt_step_median_ms" in rows.get(c.name, {})]
     if timed_opt:
         lines += [

@@ -258,22 +258,36 @@ def explain_model_loading() -> None:
     _wrap(checkpoint_utils, "load_checkpoint", make)
 
 
+_BUILDING_TRAINERS: list = []  # the Trainers whose _build_optimizer is running (innermost last)
+
+
+def building_trainer():
+    """The fairseq Trainer that is building the optimizer right now (None outside `_build_optimizer`):
+    ChildTuning-D's optimizer keeps it for its Fisher pass over the training data."""
+    return _BUILDING_TRAINERS[-1] if _BUILDING_TRAINERS else None
+
+
 def publish_trainer_param_names() -> None:
-    """Optimizers built by the Trainer can learn the names of the tensors they get (behaviour unchanged).
+    """Optimizers built by the Trainer can learn the names of the tensors they get, and the Trainer
+    (`building_trainer`) (behaviour unchanged).
 
     `Trainer._build_optimizer` (fairseq/trainer.py:289-310) hands the optimizer bare tensors,
     `chain(model.parameters(), criterion.parameters())` filtered by `requires_grad`, and under `--fp16`
-    fresh fp32 copies without attributes; PATS/SAGE/NoisyTune select tensors by name. While the original
-    runs, the names of that same list are published (`param_filters.publish_param_names`). Before it, the
-    optimizer class may refuse the configuration (`_check_optimizer_config`).
+    fresh fp32 copies without attributes; PATS/SAGE/NoisyTune/ChildTuning select tensors by name. While the
+    original runs, the names of that same list are published (`param_filters.publish_param_names`). Before it,
+    the optimizer class may refuse the configuration (`_check_optimizer_config`).
     """
     from fairseq.trainer import Trainer
 
     def make(original):
         def _build_optimizer(self):
             _check_optimizer_config(self.cfg)
-            with param_filters.publish_param_names(param_filters.trainer_named_params(self)):
-                return original(self)
+            _BUILDING_TRAINERS.append(self)
+            try:
+                with param_filters.publish_param_names(param_filters.trainer_named_params(self)):
+                    return original(self)
+            finally:
+                _BUILDING_TRAINERS.pop()
 
         return _build_optimizer
 
@@ -288,6 +302,60 @@ def _check_optimizer_config(cfg) -> None:
     check = getattr(OPTIMIZER_REGISTRY.get(getattr(cfg.optimizer, "_name", None)), "check_trainer_config", None)
     if check is not None:
         check(cfg)
+
+
+CRITERION_STATE_KEY = "robustft_criterion"  # the checkpoint's extra_state entry of criterion_update_hooks
+
+
+def criterion_update_hooks() -> None:
+    """Criterions can act after every optimizer update and keep state in checkpoints (SMART's Bregman
+    teacher); a criterion without the hook methods below changes nothing.
+
+    fairseq tells a criterion nothing about updates, and saves its state only when it has parameters
+    (fairseq/trainer.py:410-414), which also makes the Trainer wrap it in DDP (trainer.py:241; torch's DDP refuses
+    a module without trainable parameters). A criterion that defines
+    - `robustft_after_update(model, num_updates)` is called by `Trainer.set_num_updates` (trainer.py:1275-1281),
+      which runs after every optimizer step (trainer.py:1040) and once when a checkpoint is loaded (trainer.py:632,
+      before the state below is restored), with the unwrapped model;
+    - `robustft_state_dict()` / `robustft_load_state_dict(state)` gets that state saved in the checkpoint's
+      `extra_state` (built by `Trainer.state_dict`, trainer.py:400-447, which `save_checkpoint` saves) and restored when
+      `Trainer.load_checkpoint` (trainer.py:465-690) returns it, unless --reset-optimizer (it is training state,
+      like the optimizer's). Rank 0's copy reaches the other ranks inside the broadcast checkpoint.
+    """
+    from fairseq.trainer import Trainer
+
+    def make_set_num_updates(original):
+        def set_num_updates(self, num_updates):
+            original(self, num_updates)
+            hook = getattr(self.get_criterion(), "robustft_after_update", None)
+            if hook is not None:
+                hook(self.get_model(), num_updates)
+
+        return set_num_updates
+
+    def make_state_dict(original):
+        def state_dict(self):
+            state = original(self)
+            criterion_state = getattr(self.get_criterion(), "robustft_state_dict", None)
+            if criterion_state is not None:
+                state["extra_state"][CRITERION_STATE_KEY] = criterion_state()
+            return state
+
+        return state_dict
+
+    def make_load_checkpoint(original):
+        def load_checkpoint(self, filename, reset_optimizer=False, *args, **kwargs):
+            extra_state = original(self, filename, reset_optimizer, *args, **kwargs)
+            load = getattr(self.get_criterion(), "robustft_load_state_dict", None)
+            if load is not None and not reset_optimizer and extra_state and CRITERION_STATE_KEY in extra_state:
+                load(extra_state[CRITERION_STATE_KEY])
+            return extra_state
+
+        return load_checkpoint
+
+    _wrap(Trainer, "set_num_updates", make_set_num_updates)
+    _wrap(Trainer, "state_dict", make_state_dict)
+    _wrap(Trainer, "load_checkpoint", make_load_checkpoint)
 
 
 def reload_spectral_norm_heads() -> None:
@@ -388,6 +456,7 @@ PATCHES = (
     save_on_preemption,
     explain_model_loading,
     publish_trainer_param_names,
+    criterion_update_hooks,
     reload_spectral_norm_heads,
     r4f_dense_spectral_norm,
     mixout_at_model_build,

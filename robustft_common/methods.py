@@ -81,6 +81,47 @@ NEFTUNE = ("--criterion", "sentence_prediction_neftune", "--neftune-alpha", "5.0
 MIXOUT = ("--mixout-p", "0.9", "--dropout", "0.0", "--attention-dropout", "0.0")
 NEEDS_RDROP = (("criterion", "sentence_prediction_rdrop"),)
 NEEDS_NEFTUNE = (("criterion", "sentence_prediction_neftune"),)
+# ChildTuning: the family's Adam with the gradient mask (`adam_childtuning` takes every `adam` flag); p = 0.3 as
+# AliceMind ChildTuning/run.sh (RTE); the author's per-task p in the recipe's source
+ADAM_CHILDTUNING = ("--optimizer", "adam_childtuning") + ADAM[2:]
+CHILDTUNING_F = ("--childtuning-mode", "F", "--childtuning-reserve-p", "0.3")
+CHILDTUNING_D = ("--childtuning-mode", "D", "--childtuning-reserve-p", "0.3")
+SMART = (
+    "--criterion",
+    "sentence_prediction_smart",
+    "--smart-lambda",
+    "1.0",
+    "--smart-steps",
+    "1",
+    "--smart-step-size",
+    "0.001",
+    "--smart-noise-std",
+    "1e-05",
+    "--smart-eps",
+    "1e-05",
+    "--smart-mu",
+    "1.0",
+)
+# FreeLB's task with any sentence-prediction loss (here the vanilla one); zhuchen03/FreeLB fairseq RTE script
+FREELB = (
+    "--task",
+    "sentence_prediction_freelb",
+    "--freelb-steps",
+    "3",
+    "--freelb-adv-lr",
+    "0.06",
+    "--freelb-init-mag",
+    "0.16",
+    "--freelb-max-norm",
+    "0.14",
+)
+NEEDS_CHILDTUNING = NEEDS_VANILLA + (("optimizer", "adam_childtuning"),)
+_SRC_CHILDTUNING = (
+    "alibaba/AliceMind@a6d5afe ChildTuning: ChildTuningOptimizer.py L55-64 (F: grad * Bernoulli(p) / p; D: grad * "
+    "mask), ChildTuningD.py L50-106 (Fisher pass, global percentile), run.sh (RTE: reserve_p 0.3, lr 4e-5, batch "
+    "16, 3 epochs, wd 0.01, no warmup) (baselines.md §2); per-task p (author, AliceMind #28): CoLA 0.2/0.2, RTE "
+    "0.3/0.3, MRPC F 0.4 / D 0.1, STS-B 0.2/0.2"
+)
 
 # recipe values shared by several methods, with their sources
 ROBERTA_GLUE = {
@@ -283,6 +324,71 @@ _METHOD_LIST = (
         f"per-task p not recovered; schedule: {SRC_ROBERTA}",
         "Mixout (Lee et al., ICLR 2020): while training, each Transformer linear layer's input columns revert to "
         "the pretrained weights with probability p (rescaled: E[W~] = W), dropout off. Needs a pretrained start.",
+    ),
+    Method(
+        "childtuning_f",
+        "ChildTuning-F",
+        VANILLA_LOSS + ADAM_CHILDTUNING + CHILDTUNING_F,
+        "vanilla",
+        "adam",
+        NEEDS_CHILDTUNING,
+        {"childtuning_mode": "F", "childtuning_reserve_p": 0.3, **ROBERTA_GLUE},
+        f"{_SRC_CHILDTUNING}; schedule: {SRC_ROBERTA}",
+        "ChildTuning-F (Xu et al., EMNLP 2021): every update, each gradient entry is kept with probability p and "
+        "scaled by 1/p (a fresh Bernoulli mask), right before Adam.",
+    ),
+    Method(
+        "childtuning_d",
+        "ChildTuning-D",
+        VANILLA_LOSS + ADAM_CHILDTUNING + CHILDTUNING_D,
+        "vanilla",
+        "adam",
+        NEEDS_CHILDTUNING,
+        {"childtuning_mode": "D", "childtuning_reserve_p": 0.3, **ROBERTA_GLUE},
+        f"{_SRC_CHILDTUNING}; schedule: {SRC_ROBERTA}",
+        "ChildTuning-D: only the top-p share of the encoder layers' entries by Fisher information (one pass over "
+        "the training data before the first update) is trained; the rest of the layers stays at its start.",
+    ),
+    Method(
+        "smart",
+        "SMART",
+        SMART + ADAM,
+        "vanilla",
+        "adam",
+        (("criterion", "sentence_prediction_smart"),),
+        {
+            "smart_lambda": 1.0,
+            "smart_steps": 1,
+            "smart_step_size": 1e-3,
+            "smart_noise_std": 1e-5,
+            "smart_eps": 1e-5,
+            "smart_mu": 1.0,
+            "smart_beta": "0.99 for the first 10% of updates, then 0.999",
+            **ROBERTA_GLUE,
+        },
+        "SMART paper Alg. 1 values as transcribed in baselines.md §3.1 (lambda_s grid {1, 3, 5}, eta 1e-3, sigma "
+        "1e-5, eps 1e-5, mu 1, beta 0.99 then 0.999, T 1; not checked against the paper's text); namisan/mt-dnn "
+        "train.py (--adv_alpha 1, --adv_k 1, --adv_noise_var 1e-5, --adv_p_norm inf; its --adv_step_size 1e-5 is "
+        "passed over the SmartPerturbation default 1e-3), mt_dnn/loss.py SymKlCriterion (baselines.md §3.2); "
+        f"schedule: {SRC_ROBERTA}",
+        "SMART (Jiang et al., ACL 2020): + lambda * symmetric KL between the class distributions at the token "
+        "embeddings and at an adversarial perturbation (one projected ascent step), + mu * the same divergence to a "
+        "momentum teacher (Bregman proximal point).",
+    ),
+    Method(
+        "freelb",
+        "FreeLB",
+        FREELB + VANILLA_LOSS + ADAM,
+        "vanilla",
+        "adam",
+        (("task", "sentence_prediction_freelb"),) + NEEDS_VANILLA,
+        {"freelb_steps": 3, "freelb_adv_lr": 0.06, "freelb_init_mag": 0.16, "freelb_max_norm": 0.14, **ROBERTA_GLUE},
+        "zhuchen03/FreeLB@eb23701 fairseq-RoBERTa/fairseq/tasks/sentence_prediction.py L78-184 (K + 1 passes, "
+        "per-sentence l2 step and bound) and launch/FreeLB RTE script (adv-lr 6e-2, adv-steps 3, rand-init-mag "
+        "1.6e-1, max-norm 1.4e-1; RoBERTa-large, lr 1e-5, batch 16, Adam (0.9, 0.999) eps 1e-6, wd 0.1, no clip) "
+        f"(baselines.md §4); schedule: {SRC_ROBERTA}",
+        "FreeLB (Zhu et al., ICLR 2020): K ascent steps on a norm-bounded perturbation of the token embeddings, "
+        "with the parameter gradients of all K + 1 passes accumulated into one update.",
     ),
     Method(
         "vanilla_adamax",
@@ -535,6 +641,51 @@ def _combinations() -> tuple[Combination, ...]:
         Combination(("mixout", "pats"), mixout_base + _optimizer_of("pats"), "--mixout-p", sensitivity),
         Combination(("mixout", "sage"), mixout_base + _optimizer_of("sage"), "--mixout-p", sensitivity),
         Combination(("mixout", "noisytune"), mixout_base + _optimizer_of("noisytune"), "--mixout-p", sensitivity),
+        *_part_b_combinations(),
+    )
+
+
+def _part_b_combinations() -> tuple[Combination, ...]:
+    """ChildTuning (an optimizer), SMART (a criterion) and FreeLB (a task) with the other methods."""
+    sage_childtuning = tuple("adamax_sage_childtuning" if a == "adamax_sage" else a for a in _optimizer_of("sage"))
+    one_criterion = "two criterions; a run has one --criterion"
+    frees = "FreeLB's task refuses criterions that perturb the token embeddings themselves"
+    return (
+        Combination(
+            ("childtuning_d", "hype_n"),
+            HYPE_CRITERION + _HYPE_NOISE + ADAM_CHILDTUNING + CHILDTUNING_D,
+            None,
+            "HyPe paper: HyPe on top of ChildTuning-D (the Fisher pass runs with HyPe's noise, in train mode)",
+        ),
+        Combination(("childtuning_f", "r3f"), R3F + ADAM_CHILDTUNING + CHILDTUNING_F, None, "loss and update mask"),
+        Combination(
+            ("childtuning_d", "sage"),
+            VANILLA_LOSS + sage_childtuning + CHILDTUNING_D,
+            None,
+            "SAGE's steps on the child network (its sensitivity sees the masked gradient)",
+        ),
+        Combination(
+            ("childtuning_d", "pats"),
+            VANILLA_LOSS + _optimizer_of("pats") + CHILDTUNING_D,
+            "--childtuning-mode",
+            "no adamax_pats_childtuning: masked entries have zero sensitivity, so PATS would give them its largest "
+            "noise (baselines.md §8)",
+        ),
+        Combination(("smart", "hype_n"), SMART + _HYPE_NOISE + ADAM, None, "HyPe noise in every SMART pass"),
+        Combination(("smart", "pats"), SMART + _optimizer_of("pats"), None, "loss and optimizer are independent"),
+        Combination(("smart", "r3f"), SMART + R3F[2:] + ADAM, "--r3f-lambda", one_criterion),
+        Combination(("childtuning_f", "smart"), SMART + ADAM_CHILDTUNING + CHILDTUNING_F, None, "loss and mask"),
+        Combination(("freelb", "hype_n"), FREELB + HYPE_CRITERION + _HYPE_NOISE + ADAM, None, "HyPe noise repeats"),
+        Combination(("freelb", "sage"), FREELB + VANILLA_LOSS + _optimizer_of("sage"), None, "task and optimizer"),
+        Combination(
+            ("childtuning_d", "freelb"),
+            FREELB + VANILLA_LOSS + ADAM_CHILDTUNING + CHILDTUNING_D,
+            None,
+            "the Fisher pass uses the plain task loss (no adversarial pass), as the reference's",
+        ),
+        Combination(("freelb", "r3f"), FREELB + R3F + ADAM, "--criterion", frees),
+        Combination(("freelb", "smart"), FREELB + SMART + ADAM, "--criterion", frees),
+        Combination(("freelb", "neftune"), FREELB + NEFTUNE + ADAM, "--criterion", frees),
     )
 
 

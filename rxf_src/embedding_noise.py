@@ -80,21 +80,25 @@ class EncoderEmbeddingNoise:
     non-pad entries.
 
     `eps` is a number, or a B x 1 x 1 tensor of per-sentence scales (NEFTune's per-sentence length); `method`
-    names the method in errors (NEFTune uses this mechanism too, baselines_src/neftune.py).
+    names the method in errors (NEFTune uses this mechanism too, baselines_src/neftune.py). `delta`, a given
+    fp32 B x T x C perturbation in token-embedding units, replaces the sampled noise (FreeLB and SMART ascend
+    on it: the gradient reaches it through the hook), and `eps` / `noise_type` are then unused.
     """
 
     def __init__(
         self,
         model,
         src_tokens: torch.Tensor,
-        eps: Union[float, torch.Tensor],
-        noise_type: str,
+        eps: Union[float, torch.Tensor] = 0.0,
+        noise_type: str = "uniform",
         method: str = "R3F",
+        delta: Optional[torch.Tensor] = None,
     ):
         self.method = method
         self.encoder = transformer_encoder(model, method)
         self.src_tokens = src_tokens
-        self.eps = eps
+        self.delta = delta
+        self.eps = 1.0 if delta is not None else eps  # with delta, the hooks pass embed_scale as `eps`
         self.noise_type = noise_type
         self.noise: Optional[torch.Tensor] = None  # z, fp32, at the hooked point (scaled by embed_scale there)
         self.calls = 0
@@ -126,7 +130,9 @@ class EncoderEmbeddingNoise:
                 f"{self.method}: the encoder embedded a {tuple(like.shape)} input inside the noisy forward of the "
                 f"{tuple(self.src_tokens.shape)} source batch; {self.method} noises one source batch per forward"
             )
-        if self.noise is None:
+        if self.noise is None and self.delta is not None:  # a given perturbation, times embed_scale
+            self.noise = self.delta if eps == 1.0 else self.delta * eps
+        elif self.noise is None:
             self.noise = _draw(like, eps, self.noise_type)
         return self.noise
 

@@ -67,6 +67,10 @@ SENTENCE_PREDICTION_METHODS = {
     "rdrop": registry_flags("rdrop"),
     "neftune": registry_flags("neftune"),
     "mixout": registry_flags("mixout"),
+    "childtuning_f": registry_flags("childtuning_f"),
+    "childtuning_d": registry_flags("childtuning_d"),
+    "smart": registry_flags("smart"),
+    "freelb": registry_flags("freelb"),
 }
 SEQ2SEQ_METHODS = {
     "hyperdecoder": ["--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1"],
@@ -480,6 +484,15 @@ def test_method_specific_noise_really_ran_under_ddp(ddp_runs):
     for name in ("legacy_rdrop", "legacy_hyperdecoder_rdrop"):  # R-Drop's KL term is small, but there
         values = [float(r["rdrop_kl"]) for r in train_records(rank0[name]) if "rdrop_kl" in r]
         assert values and min(values) > 0, (name, values)
+    for name, key in (
+        ("legacy_smart", "smart_adv"),
+        ("c10d_smart", "smart_bregman"),
+        ("c10d_freelb", "freelb_delta_norm"),
+    ):
+        values = [float(r[key]) for r in train_records(rank0[name]) if key in r]
+        assert values and min(values) > 0, (name, key, values)
+    kept = [float(r["childtuning_kept"]) for r in train_records(rank0["c10d_childtuning_d"])]
+    assert kept and all(abs(k - 0.3) < 0.01 for k in kept), kept  # one child network for both ranks
 
 
 def test_c10d_on_cpu_fails_in_stock_fairseq(ddp_runs):
@@ -552,6 +565,10 @@ def test_fp16_check_script_cpu_smoke(tmp_path):
             "rdrop",
             "neftune",
             "mixout",
+            "childtuning_f",
+            "childtuning_d",
+            "smart",
+            "freelb",
             "vanilla_adamax",
             "noisytune",
             "sage",

@@ -39,6 +39,8 @@ def _patched():
         PathManager.copy,
         Trainer.load_checkpoint,
         Trainer._build_optimizer,
+        Trainer.set_num_updates,
+        Trainer.state_dict,
         RobertaModel.upgrade_state_dict_named,
         BARTModel.upgrade_state_dict_named,
         RobertaModel.register_classification_head,
@@ -259,6 +261,27 @@ def test_guard_trainer_collects_optimizer_params_as_published():
     assert ("filter( lambda p: p.requires_grad, chain(self.model.parameters(), self.criterion.parameters()), )") in src
     assert "optim.build_optimizer(self.cfg.optimizer, params)" in src
     assert _params(Trainer._build_optimizer) == [("self", inspect.Parameter.empty)]
+    assert fairseq_patches.building_trainer() is None  # published only while _build_optimizer runs
+
+
+def test_guard_trainer_update_count_and_extra_state_for_criterions():
+    """criterion_update_hooks: `Trainer.set_num_updates` runs after every optimizer step and once when a
+    checkpoint is loaded, before `load_checkpoint(filename, reset_optimizer, ...)` returns its extra_state;
+    `Trainer.state_dict` holds the extra_state dict that `save_checkpoint` saves."""
+    from fairseq.trainer import Trainer
+
+    assert _params(Trainer.set_num_updates) == [
+        ("self", inspect.Parameter.empty),
+        ("num_updates", inspect.Parameter.empty),
+    ]
+    assert "self.set_num_updates(self.get_num_updates() + 1)" in _source(Trainer.train_step)
+    load = _source(Trainer.load_checkpoint)
+    assert 'self.set_num_updates(last_optim["num_updates"])' in load and load.rstrip().endswith("return extra_state")
+    assert [name for name, _ in _params(Trainer.load_checkpoint)][:3] == ["self", "filename", "reset_optimizer"]
+    assert '"extra_state": { "metrics": metrics.state_dict(),' in _source(Trainer.state_dict)
+    save = _source(Trainer.save_checkpoint)
+    assert "state_dict = utils.move_to_cpu(self.state_dict())" in save
+    assert 'state_dict["extra_state"].update(extra_state)' in save
 
 
 @pytest.mark.parametrize("module", ["roberta", "bart"])

@@ -158,3 +158,10 @@ def test_noisytune_not_reapplied_on_resume(runs):
     _, straight_out, resumed_out = runs
     assert "NoisyTune applied" in straight_out["noisytune"]
     assert "NoisyTune applied" not in resumed_out["noisytune"]
+
+
+def test_childtuning_fisher_pass_not_redone_on_resume(runs):
+    """ChildTuning-D's child network is in the optimizer state: the resumed half trains with it, no second pass."""
+    _, straight_out, resumed_out = runs
+    assert "ChildTuning-D: Fisher pass over" in straight_out["childtuning_d"]
+    assert "ChildTuning-D: Fisher pass" not in resumed_out["childtuning_d"]
