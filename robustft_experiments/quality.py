@@ -203,6 +203,7 @@ def train_command(
         "--num-workers",
         "0",
         "--cpu",
+        *protocol.get("extra_args", ()),
     ]
 
 
@@ -230,9 +231,7 @@ def prepare_data(work: Path, glue_dir: Path, task: str, kind: str, model_dir: Pa
     held-out examples, which become `valid`), anchor (full train, GLUE dev)."""
     root = work / "data" / kind
     data = root / f"{task}-bin"
-    if (data / "summary.json").exists() or (data / "input0" / "dict.txt").exists():
-        return data
-    options = {
+    options: dict = {
         "main": dict(train_subset_size=protocol["train_subset"], subset_seed=protocol["subset_seed"]),
         "grid": dict(
             train_subset_size=protocol["train_subset"],
@@ -241,6 +240,11 @@ def prepare_data(work: Path, glue_dir: Path, task: str, kind: str, model_dir: Pa
         ),
         "anchor": {},
     }[kind]
+    # what the folder was binarized from: a folder from other options (or an older run) is rebuilt
+    stamp = root / f"{task}.prepared.json"
+    want = {"glue_dir": str(glue_dir), "dict": str(model_dir / "dict.txt"), **options}
+    if (data / "input0" / "dict.txt").exists() and stamp.exists() and json.loads(stamp.read_text()) == want:
+        return data
     from glue_preprocess import preprocess
 
     log(f"binarizing {task} ({kind}) -> {data}")
@@ -255,6 +259,7 @@ def prepare_data(work: Path, glue_dir: Path, task: str, kind: str, model_dir: Pa
         overwrite=True,
         **options,
     )
+    stamp.write_text(json.dumps(want))
     return data
 
 
@@ -289,7 +294,9 @@ def run_result(run_dir: Path, metric: str) -> dict | None:
     return final_and_best(log_file.read_text(errors="replace"), metric) if log_file.exists() else None
 
 
-def execute_all(runs: Sequence[dict], jobs: int, retry_failed: bool) -> None:
+def execute_all(runs: Sequence[dict], jobs: int, retry_failed: bool, echo: bool = False) -> None:
+    """Run what has not finished, `jobs` at a time with one thread each; `echo` streams fairseq's output,
+    each line prefixed with its run (`[task/method/sS] ...`)."""
     todo = []
     for run in runs:
         status = run_status(run["dir"])
@@ -302,8 +309,12 @@ def execute_all(runs: Sequence[dict], jobs: int, retry_failed: bool) -> None:
         tag = f"{run['task']}/{run['method']}/seed{run['seed']}" + (
             f"@lr{run['lr']:g}" if "grid" in str(run["dir"]) else ""
         )
-        status = execute(run, echo=False, threads="1")
-        log(f"{tag}: {status} ({json.loads((Path(run['dir']) / 'status.json').read_text())['seconds']} s)")
+        status = execute(run, echo=echo, threads="1")
+        seconds = json.loads((Path(run["dir"]) / "status.json").read_text())["seconds"]
+        metric = glue_tasks.resolve_task(run["task"]).best_metric
+        res = run_result(Path(run["dir"]), metric)
+        after = "" if res is None else f", dev {metric} after the last epoch {res['final']:g}"
+        log(f"{tag}: {status} ({seconds} s){after}")
         return status
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -441,13 +452,13 @@ def floor_of(task: str) -> tuple:
     return float(majority), label
 
 
-def task_table(task: str, rows: list[dict], methods) -> str:
+def task_table(task: str, rows: list[dict], methods, protocol=PROTOCOL) -> str:
     per = stats.by_seed([r for r in rows if r["task"] == task])
     best = stats.by_seed([r for r in rows if r["task"] == task], "best_epoch_value")
     metric = glue_tasks.resolve_task(task).best_metric
     lines = [
-        f"| method | {metric} after 3 epochs, mean ± std | vs baseline: mean paired diff [95 % CI], wins | "
-        f"best epoch, mean | failed |",
+        f"| method | {metric} after {protocol['epochs']} epochs, mean ± std | "
+        "vs baseline: mean paired diff [95 % CI], wins | best epoch, mean | failed |",
         "|---|---|---|---|---|",
     ]
     for method in methods:
@@ -467,7 +478,7 @@ def task_table(task: str, rows: list[dict], methods) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_task(task: str, rows: list[dict], methods, path: Path, title: str) -> None:
+def plot_task(task: str, rows: list[dict], methods, path: Path, title: str, protocol=PROTOCOL) -> None:
     import logging
 
     import matplotlib
@@ -495,7 +506,7 @@ def plot_task(task: str, rows: list[dict], methods, path: Path, title: str) -> N
     ax.set_ylim(math.floor(low) - 1, None)  # starts at the floor, or lower if a seed fell below it
     ax.set_xticks(range(len(shown)))
     ax.set_xticklabels([spec_of(m).label for m in shown], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"dev {glue_tasks.resolve_task(task).best_metric} after 3 epochs")
+    ax.set_ylabel(f"dev {glue_tasks.resolve_task(task).best_metric} after {protocol['epochs']} epochs")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -511,22 +522,37 @@ def git_commit() -> str:
     return commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def write_report(runs: Path, results: Path, tasks, methods, command: str, protocol=PROTOCOL) -> str:
+def write_report(
+    runs: Path,
+    results: Path,
+    tasks,
+    methods,
+    command: str,
+    protocol=PROTOCOL,
+    *,
+    heading: str | None = None,
+    fixed_lrs: dict | None = None,
+    lr_source: str = "",
+) -> str:
+    """results.md (+ results.json, one plot per task). `fixed_lrs` ({task: {family: lr}}, with `lr_source`
+    saying where they come from) replaces the grid's choice, for runs that use a learning rate chosen
+    elsewhere (`make demo` uses the study's)."""
     results.mkdir(parents=True, exist_ok=True)
     rows = collect(runs, tasks, methods)
     families = sorted({spec_of(m).optimizer_family for m in methods})
-    lrs = chosen_lrs(runs, tasks, families, protocol)
+    lrs = fixed_lrs if fixed_lrs is not None else chosen_lrs(runs, tasks, families, protocol)
+    n_train = f"{int(protocol['train_subset']):,}"
     anchors = {}
     for task in tasks:
         res = run_result(runs / "anchor" / task / "vanilla" / "seed1", glue_tasks.resolve_task(task).best_metric)
         if res is not None:
             anchors[task] = res
     head = [
-        "# Quality study: all-MiniLM-L6-v2, GLUE low-resource (1,000 train examples)",
+        heading or f"# Quality study: all-MiniLM-L6-v2, GLUE low-resource ({n_train} train examples)",
         "",
         f"Command: `{command}`  ",
         f"Commit: {git_commit()}; written {datetime.date.today().isoformat()} on {platform.machine()} CPU (fp32).  ",
-        "Protocol: `robustft_experiments/quality.py` (`PROTOCOL`): train subset of "
+        f"Protocol: {protocol.get('source', '`robustft_experiments/quality.py` (`PROTOCOL`)')}: train subset of "
         f"{protocol['train_subset']} (subset seed {protocol['subset_seed']}, the same for every run), full GLUE "
         f"dev, batch {protocol['batch_size']}, {protocol['epochs']} epochs, warmup {protocol['warmup_ratio']:.0%}, "
         f"weight decay {protocol['weight_decay']}, clip {protocol['clip_norm']}, max length "
@@ -534,13 +560,17 @@ def write_report(runs: Path, results: Path, tasks, methods, command: str, protoc
         "flags from the method registry (README table). Paired difference = method − its baseline on the same "
         "seed (same data order and head init); 95 % Student-t interval over seeds; n = seeds finished.",
         "",
-        "Learning rate per optimizer family, chosen on a grid of the family's baseline, seeds "
-        f"{', '.join(map(str, protocol['grid_seeds']))} (not reported), trained on a 1,000-example subset of "
+        lr_source
+        or "Learning rate per optimizer family, chosen on a grid of the family's baseline, seeds "
+        f"{', '.join(map(str, protocol['grid_seeds']))} (not reported), trained on a {n_train}-example subset of "
         f"train minus {protocol['grid_heldout']} held-out train examples and scored on those: never on the dev "
         "numbers below.",
         "",
         "| task | "
-        + " | ".join(f"{f} lr (grid {', '.join(f'{x:g}' for x in protocol['lr_grid'][f])})" for f in families)
+        + " | ".join(
+            f"{f} lr" + ("" if fixed_lrs else f" (grid {', '.join(f'{x:g}' for x in protocol['lr_grid'][f])})")
+            for f in families
+        )
         + " |",
         "|---|" + "---|" * len(families),
     ]
@@ -561,7 +591,7 @@ def write_report(runs: Path, results: Path, tasks, methods, command: str, protoc
                 f"Anchor: vanilla on the full train set, seed 1: {anchors[task]['final']:.2f} "
                 f"(best epoch {anchors[task]['best']:.2f}).  "
             )
-        body += ["", task_table(task, rows, methods)]
+        body += ["", task_table(task, rows, methods, protocol)]
         if any(r["value"] is not None for r in rows if r["task"] == task):
             png = results / f"{task}.png"
             plot_task(
@@ -569,7 +599,9 @@ def write_report(runs: Path, results: Path, tasks, methods, command: str, protoc
                 rows,
                 methods,
                 png,
-                f"{task} dev, all-MiniLM-L6-v2, 1k train examples, every seed shown; commit {git_commit().split()[0]}",
+                f"{task} dev, all-MiniLM-L6-v2, {n_train} train examples, every seed shown; "
+                f"commit {git_commit().split()[0]}",
+                protocol,
             )
             body.append(f"![{task}]({png.name})")
     text = "\n".join(head + body) + "\n"
