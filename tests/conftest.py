@@ -22,3 +22,14 @@ def shared_sentence_prediction_data(tmp_path_factory) -> object:
 @pytest.fixture(scope="session")
 def sp_data(tmp_path_factory):
     return shared_sentence_prediction_data(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def genuine_checkpoint(sp_data, tmp_path_factory):
+    """checkpoint_last.pt (+ its .sha256) of the tiny model on `sp_data` before its first update, written once
+    per session by fairseq's own save_checkpoint in-process (tests/fairseq_helpers.py: write_checkpoint). Read
+    only: copy it before changing it."""
+    import robustft  # noqa: F401  (the plugin's checkpoint writing, as --user-dir installs it)
+    from tests.fairseq_helpers import write_checkpoint
+
+    return write_checkpoint(sp_data, tmp_path_factory.mktemp("genuine_checkpoint"))

@@ -18,13 +18,13 @@ import robustft  # noqa: F401  (installs the patches, as --user-dir does)
 from robustft_common import checkpoint_files
 from robustft_common.checkpoint_files import CheckpointDamagedError, CheckpointRefusedError
 from robustft_common.preemption import PREEMPTED_EXIT_CODE
-from tests.fairseq_helpers import BIN, REPO, json_logs, sentence_prediction_args, write_checkpoint
+from tests.fairseq_helpers import BIN, REPO, json_logs, sentence_prediction_args
 
 
 @pytest.fixture(scope="module")
-def genuine(sp_data, tmp_path_factory):
-    """checkpoint_last.pt (+ .sha256) of the tiny model, written by fairseq's save_checkpoint in-process."""
-    return write_checkpoint(sp_data, tmp_path_factory.mktemp("genuine") / "ckpt")
+def genuine(genuine_checkpoint):
+    """checkpoint_last.pt (+ .sha256) of the tiny model, written by fairseq's save_checkpoint (conftest)."""
+    return genuine_checkpoint
 
 
 @pytest.fixture
@@ -240,15 +240,15 @@ def test_fallback_picks_the_newest_intact_checkpoint(copy_of):
 
 
 @pytest.fixture(scope="module")
-def damaged_resume(sp_data, tmp_path_factory):
+def damaged_resume(sp_data, genuine, tmp_path_factory):
     """fairseq-train resuming a save dir whose checkpoint_last.pt is truncated (as the reported full disk
     left it), beside an intact checkpoint_1_0.pt and a stale temp file; SIGTERM once it has trained."""
     from fairseq.file_io import PathManager
 
     save = tmp_path_factory.mktemp("damaged_resume")
-    last = write_checkpoint(sp_data, save)
-    intact = save / "checkpoint_1_0.pt"
-    PathManager.copy(str(last), str(intact), overwrite=True)
+    intact, last = save / "checkpoint_1_0.pt", save / "checkpoint_last.pt"
+    for dst in (intact, last):
+        PathManager.copy(str(genuine), str(dst), overwrite=True)
     last.write_bytes(last.read_bytes()[:278_528])
     stale = save / "checkpoint_1_5.pt.tmp"
     stale.write_bytes(b"half a checkpoint")

@@ -23,8 +23,7 @@ import torch
 
 import robustft  # noqa: F401  (registers the safe globals, as --user-dir does in fairseq-train)
 from robustft_common.checkpoint_files import CheckpointRefusedError
-from tests.fairseq_helpers import BIN, REPO, sentence_prediction_args, write_checkpoint
-from tests.test_distributed import make_sp_data
+from tests.fairseq_helpers import BIN, REPO, sentence_prediction_args
 
 
 class Payload:
@@ -45,12 +44,11 @@ class RunsCommand:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """A genuine fairseq checkpoint of the tiny model and tampered copies of it: two with a pickled payload,
-    two whose config holds code in a field fairseq passes to eval() (nothing executable pickled)."""
+def checkpoints(sp_data, genuine_checkpoint, tmp_path_factory):
+    """A genuine fairseq checkpoint of the tiny model (conftest) and tampered copies of it: two with a pickled
+    payload, two whose config holds code in a field fairseq passes to eval() (nothing executable pickled)."""
     tmp = tmp_path_factory.mktemp("untrusted")
-    data = make_sp_data(tmp)
-    genuine = write_checkpoint(data, tmp / "ckpt")
+    data, genuine = sp_data, genuine_checkpoint
 
     state = torch.load(genuine, weights_only=False)  # our own file: trusted
     marker = tmp / "payload_ran"
