@@ -113,9 +113,9 @@ def atomic_checkpoint_writes() -> None:
     overwrite=True)` (checkpoint_utils.py:139-141), which for local files is `shutil.copyfile`
     (file_io.py:71-76): it truncates the destination first, so a full disk or a kill during the copy left a
     truncated checkpoint_last.pt. Local writes now go through `checkpoint_files.save_atomically` (temp file,
-    fsync, rename, checksum file) and local copies through `checkpoint_files.copy_atomically`; async writes
-    and remote (PathManager) paths keep fairseq's behaviour, without checksum files. The bytes written are
-    torch.save's, unchanged.
+    fsync, rename, checksum file) and local copies of `*.pt` files through `checkpoint_files.copy_atomically`;
+    async writes, other files (audio_pretraining.py:246 copies a dictionary) and remote (PathManager) paths
+    keep fairseq's behaviour, without checksum files. The bytes written are torch.save's, unchanged.
     """
     import torch
     from fairseq import checkpoint_utils
@@ -131,7 +131,8 @@ def atomic_checkpoint_writes() -> None:
 
     def make_copy(original):
         def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
-            if not (_is_local(src_path) and _is_local(dst_path)) or (os.path.exists(dst_path) and not overwrite):
+            checkpoint = str(dst_path).endswith(".pt") and _is_local(src_path) and _is_local(dst_path)
+            if not checkpoint or (os.path.exists(dst_path) and not overwrite):
                 return original(src_path, dst_path, overwrite)
             checkpoint_files.copy_atomically(src_path, dst_path)
             return True
