@@ -59,6 +59,10 @@ class Size:
     rounds: int
     warmup: int
     steps: int
+    # BART summarisation configurations (issue 16): the architecture flags and a CNN/DM-like shape
+    summ_arch: tuple = ("--arch", "bart_base")
+    summ_src_len: int = 512
+    summ_tgt_len: int = 64
 
 
 TINY_ROBERTA = (
@@ -88,6 +92,28 @@ SIZES: dict[str, Size] = {
         rounds=5,
         warmup=2,
         steps=5,
+        summ_arch=(
+            "--arch",
+            "bart_base",
+            "--encoder-layers",
+            "2",
+            "--decoder-layers",
+            "2",
+            "--encoder-embed-dim",
+            "64",
+            "--decoder-embed-dim",
+            "64",
+            "--encoder-ffn-embed-dim",
+            "128",
+            "--decoder-ffn-embed-dim",
+            "128",
+            "--encoder-attention-heads",
+            "2",
+            "--decoder-attention-heads",
+            "2",
+        ),
+        summ_src_len=64,
+        summ_tgt_len=16,
     ),
     "base": Size(
         ("--arch", "roberta_base", "--max-positions", "512"),
@@ -112,6 +138,9 @@ SIZES: dict[str, Size] = {
         rounds=5,
         warmup=3,
         steps=10,
+        summ_arch=("--arch", "bart_large"),
+        summ_src_len=1024,
+        summ_tgt_len=128,
     ),
 }
 
@@ -121,7 +150,7 @@ SIZES: dict[str, Size] = {
 class Config:
     name: str
     group: str  # worker process: robustft | reference
-    kind: str  # sp (sentence_prediction) | t2t (hyperdecoder_glue)
+    kind: str  # sp (sentence_prediction) | t2t (hyperdecoder_glue) | s2s (BART summarisation, task translation)
     flags: tuple
     what: str
     baseline: str | None = None  # the configuration it is compared with besides vanilla
@@ -131,6 +160,7 @@ class Config:
     on_demand: bool = False  # an implementation comparison: runs only when named in --only
     # ChildTuning-D: time its Fisher pass over this many copies of the batch before the block (reported separately)
     fisher_batches: int = 0
+    memory_target: float | None = None  # max ratio of peak memory to `baseline` (issue 16, item 5)
 
 
 ADAM = ("--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--adam-eps", "1e-6")  # Hyperdecoder configs
@@ -292,6 +322,23 @@ CONFIGS: list[Config] = [
         baseline="single_adapter",
         target=1.15,
     ),
+    Config(
+        "bart_ls",
+        "robustft",
+        "s2s",
+        registry("vanilla_seq2seq"),
+        "BART summarisation: fairseq's label_smoothed_cross_entropy (registry vanilla_seq2seq)",
+    ),
+    Config(
+        "bart_r3f",
+        "robustft",
+        "s2s",
+        registry("r3f_seq2seq"),
+        "label_smoothed_cross_entropy_r3f, chunked vocabulary KL (registry r3f_seq2seq)",
+        baseline="bart_ls",
+        target=2.1,
+        memory_target=2.5,
+    ),
     Config("ref_vanilla", "reference", "sp", stock("vanilla"), "sentence_prediction + adam, in the reference process"),
     Config(
         "ref_r3f",
@@ -410,6 +457,25 @@ def config_argv(cfg: Config, size: Size, data: Path) -> list[str]:
             *common,
             *cfg.flags,
         ]
+    if cfg.kind == "s2s":  # BART's summarisation recipe (scripts/recipes/seq2seq.sh), registry flags last
+        return [
+            str(data / "s2s"),
+            "--task",
+            "translation",
+            "--source-lang",
+            "source",
+            "--target-lang",
+            "target",
+            "--max-source-positions",
+            str(max(1024, size.summ_src_len)),
+            "--max-target-positions",
+            str(max(1024, size.summ_tgt_len)),
+            "--share-all-embeddings",
+            "--share-decoder-input-output-embed",
+            *size.summ_arch,
+            *common,
+            *cfg.flags,
+        ]
     return [
         str(data / "t2t"),
         "--task",
@@ -442,6 +508,9 @@ def write_dictionaries(data: Path, vocab: int) -> None:
     (data / "sp" / "label" / "dict.txt").write_text("0 1\n1 1\n")
     for lang in ("src", "tgt"):
         (data / "t2t" / f"dict.{lang}.txt").write_text("".join(f"t{i} 1\n" for i in range(t2t_words)))
+    (data / "s2s").mkdir(parents=True, exist_ok=True)
+    for lang in ("source", "target"):
+        (data / "s2s" / f"dict.{lang}.txt").write_text("".join(f"t{i} 1\n" for i in range(t2t_words)))
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -486,8 +555,9 @@ class Worker:
                 "target": torch.randint(0, 2, (bsz,), generator=gen),
             }
         eos = dictionary.eos()
-        src = torch.cat([words(size.seq_len - 1), column(eos)], 1)
-        tgt = torch.cat([words(size.tgt_len - 1), column(eos)], 1)
+        src_len, tgt_len = (size.summ_src_len, size.summ_tgt_len) if kind == "s2s" else (size.seq_len, size.tgt_len)
+        src = torch.cat([words(src_len - 1), column(eos)], 1)
+        tgt = torch.cat([words(tgt_len - 1), column(eos)], 1)
         prev = torch.cat([column(eos), tgt[:, :-1]], 1)
         return {
             "id": torch.arange(bsz),
@@ -797,6 +867,17 @@ def targets(rows: dict[str, dict]) -> list[dict]:
                     "cpu_met": cpu <= cfg.target,
                 }
             )
+        if cfg.memory_target is not None and cfg.name in rows and cfg.baseline in rows:
+            key = "cuda_peak_mb" if "cuda_peak_mb" in rows[cfg.name] else "peak_rss_over_before_mb"
+            value = rows[cfg.name][key] / rows[cfg.baseline][key]
+            checks.append(
+                {
+                    "config": f"{cfg.name}:memory",
+                    "check": f"{cfg.name} peak memory ({key}) <= {cfg.memory_target:g}x {cfg.baseline}",
+                    "value": value,
+                    "met": value <= cfg.memory_target,
+                }
+            )
     if all(k in rows and "x_vanilla" in rows[k] for k in ("r3f", "ref_r3f")):
         ours, ref = rows["r3f"]["x_vanilla"], rows["ref_r3f"]["x_vanilla"]
         cpu_ours, cpu_ref = rows["r3f"]["cpu_x_vanilla"], rows["ref_r3f"]["cpu_x_vanilla"]
@@ -848,6 +929,10 @@ def markdown(result: dict) -> str:
         r = rows[cfg.name]
         x_base = f"{_ratio(r, 'x_baseline')} ({r['baseline']})" if "x_baseline" in r else ""
         target = f"<= {cfg.target:g}: {_verdict(checks[cfg.name])}" if cfg.name in checks else ""
+        memory = checks.get(f"{cfg.name}:memory")
+        if memory:  # peak memory over the baseline's (issue 16: <= 2.5x)
+            verdict = "met" if memory["met"] else "MISSED"
+            target += f"; memory {memory['value']:.2f}x <= {cfg.memory_target:g}: {verdict}"
         lines.append(
             f"| `{cfg.name}` | {cfg.what} | {r['median_ms']:.1f} [{r['p25_ms']:.1f}-{r['p75_ms']:.1f}] "
             f"| {r['cpu_median_ms']:.1f} | {_ratio(r, 'x_vanilla')} | {x_base} | {r[mem_key]:.0f} "

@@ -12,6 +12,7 @@ from pathlib import Path
 from glue_preprocess.core import atomic_dir, binarize, build_fairseq_dict
 from glue_preprocess.tokenization import TokenizerSpec, encode_chunks
 
+from .fast_binarize import FastBinarizer
 from .records import Example, SplitData
 from .registry import Dataset, ReadOptions, get_dataset
 
@@ -36,39 +37,56 @@ def _load_dict(path: Path):
     return Dictionary.load(str(path))
 
 
-def _dictionary(raw: Path, srcdict: str | None, train_files: list[Path], workers: int) -> Path:
-    """The pretrained model's dict.txt when given (ids then match its embeddings), else one built from the
-    train token files the way fairseq-preprocess builds it (tests, from-scratch models)."""
-    dest = raw / "dict.txt"
+# A job: (name in summary.json, texts, output prefix). `train` names the jobs a dictionary is built from.
+Job = tuple[str, list[str], Path]
+
+
+def _binarize_jobs(jobs: list[Job], train: list[str], tok, tmp: Path, srcdict, workers) -> tuple[Path, dict]:
+    """Binarize every job with one dictionary; returns (dict.txt path, statistics per job).
+
+    With the model's dict.txt (--srcdict, the real use: ids must match the checkpoint) the fast binarizer
+    writes directly from tokenizer ids (fast_binarize.py: the same bytes as fairseq's). Without one, the
+    dictionary is built from the train token files the way fairseq-preprocess builds it, and fairseq's
+    FileBinarizer reads those files (tests, models trained from scratch)."""
+    raw = tmp / ".raw"
+    raw.mkdir()
+    dict_path = raw / "dict.txt"
+    stats = {}
     if srcdict:
-        shutil.copyfile(srcdict, dest)
-    elif train_files:
-        build_fairseq_dict(train_files, dest, workers)
-    else:
+        shutil.copyfile(srcdict, dict_path)
+        with FastBinarizer(tok, _load_dict(dict_path), workers) as binarizer:
+            for name, texts, prefix in jobs:
+                stats[name] = binarizer.binarize(texts, prefix)
+        return dict_path, stats
+    for name, texts, _ in jobs:
+        _encode_to_file(tok, texts, raw / name.replace("/", "."), workers)
+    train_files = [raw / name.replace("/", ".") for name in train]
+    if not train_files:
         raise ValueError("no train split to build a dictionary from; pass --srcdict (the model's dict.txt)")
-    return dest
+    build_fairseq_dict(train_files, dict_path, workers)
+    dictionary = _load_dict(dict_path)
+    for name, _, prefix in jobs:
+        stats[name] = binarize(raw / name.replace("/", "."), dictionary, prefix, workers)
+    return dict_path, stats
 
 
 # ------------------------------------------------------------------------------------------ layouts
 def _summarization(splits: dict[str, SplitData], tok, tmp: Path, srcdict, workers) -> dict:
     """fairseq translation layout with languages source/target (BART's summarisation recipe), plus per
     split `<split>.ref.jsonl`: id and ROUGE reference (sentences separated by "\\n" where the release has them)."""
-    raw = tmp / ".raw"
-    raw.mkdir()
+    jobs: list[Job] = []
     for name, data in splits.items():
-        _encode_to_file(tok, [ex.texts[0] for ex in data.examples], raw / f"{name}.{SOURCE_LANG}", workers)
-        _encode_to_file(tok, [ex.target for ex in data.examples], raw / f"{name}.{TARGET_LANG}", workers)
+        for lang, texts in (
+            (SOURCE_LANG, [ex.texts[0] for ex in data.examples]),
+            (TARGET_LANG, [ex.target for ex in data.examples]),
+        ):
+            jobs.append((f"{name}.{lang}", texts, tmp / f"{name}.{SOURCE_LANG}-{TARGET_LANG}.{lang}"))
         _write_lines(tmp / f"{name}.ref.jsonl", (json.dumps({"id": ex.id, "ref": ex.ref}) for ex in data.examples))
-    train = [raw / f"train.{lang}" for lang in (SOURCE_LANG, TARGET_LANG) if "train" in splits]
-    dict_path = _dictionary(raw, srcdict, train, workers)
-    dictionary = _load_dict(dict_path)
-    stats = {}
+    train = [f"train.{lang}" for lang in (SOURCE_LANG, TARGET_LANG) if "train" in splits]
+    dict_path, stats = _binarize_jobs(jobs, train, tok, tmp, srcdict, workers)
     for lang in (SOURCE_LANG, TARGET_LANG):
         shutil.copyfile(dict_path, tmp / f"dict.{lang}.txt")  # one joint dictionary (BART shares embeddings)
-        for name in splits:
-            prefix = tmp / f"{name}.{SOURCE_LANG}-{TARGET_LANG}.{lang}"
-            stats[f"{name}.{lang}"] = binarize(raw / f"{name}.{lang}", dictionary, prefix, workers)
-    shutil.rmtree(raw)
+    shutil.rmtree(tmp / ".raw")
     return stats
 
 
@@ -76,30 +94,27 @@ def _classification(dataset: Dataset, splits: dict[str, SplitData], tok, tmp: Pa
     """fairseq's sentence-prediction layout (input0/ input1/ label/), like glue_preprocess; the label
     dictionary lists the labels in the dataset's class-id order."""
     assert dataset.labels is not None
-    raw = tmp / ".raw"
-    raw.mkdir()
     n_inputs = len(next(ex for d in splits.values() for ex in d.examples).texts)
     inputs = [f"input{i}" for i in range(n_inputs)]
-    for name, data in splits.items():
-        for i, col in enumerate(inputs):
-            _encode_to_file(tok, [ex.texts[i] for ex in data.examples], raw / f"{name}.{col}", workers)
-        _write_lines(raw / f"{name}.label", (ex.target for ex in data.examples))
-    train = [raw / f"train.{col}" for col in inputs if "train" in splits]
-    dict_path = _dictionary(raw, srcdict, train, workers)
-    dictionary = _load_dict(dict_path)
-    stats = {}
-    for col in inputs:  # sentence_prediction reads input0/dict.txt for every input
+    for col in [*inputs, "label"]:
         (tmp / col).mkdir()
+    jobs: list[Job] = [
+        (f"{col}/{name}", [ex.texts[i] for ex in data.examples], tmp / col / name)
+        for name, data in splits.items()
+        for i, col in enumerate(inputs)
+    ]
+    train = [f"{col}/train" for col in inputs if "train" in splits]
+    dict_path, stats = _binarize_jobs(jobs, train, tok, tmp, srcdict, workers)
+    for col in inputs:  # sentence_prediction reads input0/dict.txt for every input
         shutil.copyfile(dict_path, tmp / col / "dict.txt")
-        for name in splits:
-            stats[f"{col}/{name}"] = binarize(raw / f"{name}.{col}", dictionary, tmp / col / name, workers)
-    (tmp / "label").mkdir()
     counts = {lab: 0 for lab in dataset.labels}
     for ex in splits["train"].examples if "train" in splits else []:
         counts[ex.target] += 1
     _write_lines(tmp / "label" / "dict.txt", (f"{lab} {counts[lab]}" for lab in dataset.labels))
     label_dict = _load_dict(tmp / "label" / "dict.txt")
-    for name in splits:
+    raw = tmp / ".raw"
+    for name, data in splits.items():
+        _write_lines(raw / f"{name}.label", (ex.target for ex in data.examples))
         stats[f"label/{name}"] = binarize(raw / f"{name}.label", label_dict, tmp / "label" / name, 1)
     shutil.rmtree(raw)
     return stats
@@ -194,6 +209,7 @@ def preprocess(
             "labels": list(spec.labels) if spec.labels else None,
             "splits": _split_infos(data),
             "binarized": stats,
+            "binarizer": "fast (tokenizer ids -> --srcdict)" if srcdict else "fairseq FileBinarizer",
             "rows_written": sum(len(d.examples) for d in written.values()),
             "read_seconds": round(read_s, 3),
             "tokenize_and_binarize_seconds": round(time.time() - t1, 3),
