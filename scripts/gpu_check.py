@@ -58,6 +58,7 @@ GPU_BUDGETS = {"install": 90, "fp16": 250, "bench": 120, "finetune": 80}
 CPU_BUDGETS = {"install": 600, "fp16": 900, "bench": 600, "finetune": 600}
 # margins inside a step: the child's own stop leaves this much for its exit and its last write
 FP16_MARGIN_S, BENCH_MARGIN_S = 20, 30
+SHM_MIN_FREE = 16 << 30
 # the RoBERTa GLUE recipe's loss scaling (as scripts/fp16_check.py and benchmarks/run.py use)
 FP16_FLAGS = "--fp16 --fp16-init-scale 4 --threshold-loss-scale 1 --fp16-scale-window 128"
 
@@ -349,6 +350,13 @@ def pack_logs(work: Path, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ main
+def scratch_root() -> str | None:
+    """/dev/shm when it can hold a few roberta-base checkpoints with optimizer state (~1.5 GB each, written
+    and deleted run by run): memory is faster than the disk; a container's 64 MB /dev/shm is not enough."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and shutil.disk_usage(shm).free > SHM_MIN_FREE else None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="results folder ($OUT on the device)")
@@ -384,13 +392,12 @@ def main(argv=None) -> int:
     total = args.budget_s or sum(budgets.values())
     args.out.mkdir(parents=True, exist_ok=True)
     args.bundle = args.bundle.resolve()
-    shm = Path("/dev/shm")
     if args.work_dir:
         work = args.work_dir
     elif args.install_record:  # the run after the install: the folder the install made
         work = args.install_record.parent
     else:
-        work = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=shm if shm.is_dir() else None))
+        work = Path(tempfile.mkdtemp(prefix="gpu-check-", dir=scratch_root()))
     work.mkdir(parents=True, exist_ok=True)
     if args.install:  # step 0, then this script again with the bundle on PYTHONPATH
         try:

@@ -2,8 +2,9 @@
 
 The vocabulary restriction (hf2fairseq/restrict.py) is checked against the full model: on the same text
 the restricted model computes what the full model computes. The CPU mode runs the check end to end (fp16
-smoke runs, the tiny benchmark, fine-tunes of a converted tiny BERT from a bundle built by the bundle's own
-code). Building the whole bundle needs the package index and is not a test (`make gpu-bundle`).
+smoke runs and a fine-tune of a converted tiny BERT from a bundle built by the bundle's own code; the bench
+step's tiny benchmark is left out for time, tests/test_benchmarks.py runs it). Building the whole bundle
+needs the package index and is not a test (`make gpu-bundle`).
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ def test_cpu_mode_end_to_end(tiny_bert, tiny_glue, tmp_path):  # noqa: F811
             str(bundle),
             "--fp16-methods",
             "noisytune,vanilla_adamax",
-            "--bench-only",
-            "vanilla,r3f",
+            "--steps",  # the bench step's tiny run costs two more fairseq processes: left to test_benchmarks
+            "fp16,finetune",
             "--finetune-methods",
             "vanilla",
         ],
@@ -167,17 +168,13 @@ def test_cpu_mode_end_to_end(tiny_bert, tiny_glue, tmp_path):  # noqa: F811
     assert all(r["ok"] and r["updates"] == 2 and r["mode"] == "memory_efficient_fp16" for r in fp16), fp16
     assert fp16[1]["noise_mean"] == {"noisytune_applied": 1.0}
 
-    bench = result["steps"]["bench"]
-    assert sorted(bench["configs"]) == ["r3f", "vanilla"] and bench["meta"]["rounds"] == 1
-    r3f, vanilla = bench["configs"]["r3f"], bench["configs"]["vanilla"]
-    assert r3f["x_vanilla"] == pytest.approx(r3f["median_ms"] / vanilla["median_ms"])
-
     (run,) = result["steps"]["finetune"]["runs"]
     assert run["method"] == "vanilla" and run["status"] == "ok"
     assert run["num_updates"] == [2] and 0 <= run["dev_accuracy"][0] <= 100  # one validation, after update 2
 
     md = (out / "gpu_check.md").read_text()
-    assert all(f"## {step}:" in md for step in ("fp16", "bench", "finetune"))
+    assert list(result["steps"]) == ["fp16", "finetune"]
+    assert all(f"## {step}:" in md for step in ("fp16", "finetune"))
     with tarfile.open(out / "gpu_check-logs.tar.gz") as tar:
         names = tar.getnames()
     assert "fp16/summary.json" in names and "finetune/runs/RTE/vanilla/seed1/train.log" in names
