@@ -282,7 +282,7 @@ CONFIGS: list[Config] = [
         "smart",
         "robustft",
         "sp",
-        registry("smart") + ("--max-update", "1000"),
+        ("--max-update", "1000") + registry("smart"),  # the teacher's momentum switches at 10% of it
         "sentence_prediction_smart, 1 ascent step, Bregman teacher (registry smart)",
         baseline="vanilla",
         target=2.2,  # (3 + 3S) / 3 forward-pass equivalents with S = 1 (R3F paper), + 10%

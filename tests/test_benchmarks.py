@@ -25,6 +25,10 @@ EXPECTED = [
     "hype_r3f",
     "adamax_pats",
     "adamax_sage",
+    "childtuning_f",
+    "childtuning_d",
+    "smart",
+    "freelb",
     "single_adapter",
     "hyperdecoder",
     "ref_vanilla",
@@ -38,6 +42,10 @@ BASELINES = {
     "hype_r3f": "vanilla",
     "adamax_pats": "adamax",
     "adamax_sage": "adamax",
+    "childtuning_f": "vanilla",
+    "childtuning_d": "vanilla",
+    "smart": "vanilla",
+    "freelb": "vanilla",
     "hyperdecoder": "single_adapter",
     "ref_r3f": "ref_vanilla",
 }
@@ -96,6 +104,8 @@ def test_method_configurations_take_the_registry_flags(tiny):
         ("r4f", "r4f", {}),
         ("hype", "hype_n", {"--dropout": None}),
         ("hype_r3f", "hype_r3f", {"--dropout": None}),
+        ("smart", "smart", {}),
+        ("freelb", "freelb", {}),
         ("ref_r3f", "r3f", {}),
     ):
         flags = method_flags(method, overrides)
@@ -106,10 +116,20 @@ def test_method_configurations_take_the_registry_flags(tiny):
         ("adamax", "vanilla_adamax"),
         ("adamax_pats", "pats"),
         ("adamax_sage", "sage"),
+        ("childtuning_f", "childtuning_f"),
+        ("childtuning_d", "childtuning_d"),
         ("ref_vanilla", "vanilla"),
     ):
         flags = method_flags(method, stock)
         assert tail(name, len(flags)) == flags, name
+
+
+def test_childtuning_d_fisher_pass_is_timed_apart(tiny):
+    """ChildTuning-D's Fisher pass (once per run) is reported per batch, not inside its step times."""
+    _, result, text, _ = tiny
+    row = result["configs"]["childtuning_d"]
+    assert row["fisher_batch_ms"] > 0 and row["fisher_batch_cpu_ms"] > 0
+    assert "`childtuning_d`'s Fisher pass" in text and "fisher_batch_s" in result["raw_blocks"]["childtuning_d"][0]
 
 
 def test_ratios_match_the_raw_step_times(tiny):
