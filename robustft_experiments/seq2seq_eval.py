@@ -7,7 +7,8 @@ ROUGE conventions (stated, as datasets.md §9 asks): `rouge_score.rouge_scorer.R
 Porter-stems tokens longer than 3 characters); ROUGE-1, ROUGE-2, ROUGE-L (whole-text LCS) and ROUGE-Lsum
 (summary-level union LCS over sentences, the counterpart of files2rouge/Perl ROUGE-L that BART and R3F
 report). Sentences for ROUGE-Lsum: a reference's own "\\n" breaks where the release has them (CNN/DM
-highlights), otherwise the text is split after `.`, `!` or `?` followed by whitespace (`split_sentences`;
+highlights), otherwise the text is split after `.`, `!` or `?` followed by whitespace (`split_sentences`; an
+abbreviation such as "U.S. " splits too, where nltk punkt, used by HF and PEGASUS, would not;
 no nltk punkt download needed offline). Scores: the mean over examples of the F-measure, x100 (rouge-score's
 BootstrapAggregator "mid" is the median of 1000 unseeded bootstrap means: the same up to sampling jitter).
 """

@@ -1,6 +1,6 @@
 """A dataset release -> binarized fairseq data: read (registry), tokenize (GPT-2 BPE ids or sentencepiece
 pieces, in worker processes), map to the pretrained model's dictionary and binarize with fairseq's own
-binarizer, all inside a temp folder renamed into place at the end (glue_preprocess.core.atomic_dir)."""
+binarizer, all inside a temp folder renamed into place at the end (robustft_common.atomic_files.atomic_dir)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import shutil
 import time
 from pathlib import Path
 
-from glue_preprocess.core import atomic_dir, binarize, build_fairseq_dict
+from glue_preprocess.core import binarize, build_fairseq_dict
 from glue_preprocess.tokenization import TokenizerSpec, encode_chunks
+from robustft_common.atomic_files import atomic_dir
 
 from .fast_binarize import FastBinarizer
 from .records import Example, SplitData

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from robustft_common import methods
 from robustft_experiments import seq2seq_eval
 from seq2seq_preprocess import preprocess
 from tests.fairseq_helpers import REPO, TINY_ENCODER_DECODER, TINY_ROBERTA, json_logs
@@ -43,6 +44,7 @@ def recipe(root: Path, dataset: str, method: str, arch: list[str], dry_run=False
         ARCH_ARGS=shlex.join(arch),
         EXTRA="--log-interval 1",
         PY=sys.executable,
+        METHOD_TEXT=methods._bash(method),  # what `python -m robustft_common.methods bash METHOD` prints
         PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
         **({"DRY_RUN": "1"} if dry_run else {}),
         **env,

@@ -19,7 +19,10 @@ REPO=$(cd "$(dirname "$0")/../.." && pwd)
 DATA_ROOT=${DATA_ROOT:?set DATA_ROOT to the folder holding ${DATASET}-bin}
 MODEL_PATH=${MODEL_PATH:?set MODEL_PATH to bart.large/model.pt or xlmr.large/model.pt}
 NGPUS=${NGPUS:-1}; SAVE_ROOT=${SAVE_ROOT:-checkpoints}; PY=${PY:-python}
-eval "$("$PY" -m robustft_common.methods bash "$METHOD")"  # METHOD_FLAGS, METHOD_FAMILY, METHOD_SCHEDULE
+# METHOD_FLAGS, METHOD_FAMILY, METHOD_SCHEDULE (method registry); METHOD_TEXT: the same, passed in by a
+# caller that has the registry imported (no Python start per run)
+[ -n "${METHOD_TEXT:-}" ] || METHOD_TEXT=$("$PY" -m robustft_common.methods bash "$METHOD") || exit 2
+eval "$METHOD_TEXT"
 # fairseq silently trains from scratch when --restore-file does not exist: only the tiny CPU check may
 if [ ! -f "$MODEL_PATH" ] && [ "${SCHEDULE:-paper}" != tiny ] && [ -z "${DRY_RUN:-}" ]; then
   echo "seq2seq.sh: MODEL_PATH $MODEL_PATH: no such file (the pretrained model.pt)" >&2; exit 2
