@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from robustft_common.methods import method_flags
+from robustft_testing.shapes import TINY_ENCODER_DECODER
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL_FD_ENV = "ROBUSTFT_BENCH_FD"
@@ -92,26 +93,7 @@ SIZES: dict[str, Size] = {
         rounds=5,
         warmup=2,
         steps=5,
-        summ_arch=(
-            "--arch",
-            "bart_base",
-            "--encoder-layers",
-            "2",
-            "--decoder-layers",
-            "2",
-            "--encoder-embed-dim",
-            "64",
-            "--decoder-embed-dim",
-            "64",
-            "--encoder-ffn-embed-dim",
-            "128",
-            "--decoder-ffn-embed-dim",
-            "128",
-            "--encoder-attention-heads",
-            "2",
-            "--decoder-attention-heads",
-            "2",
-        ),
+        summ_arch=("--arch", "bart_base", *TINY_ENCODER_DECODER),
         summ_src_len=64,
         summ_tgt_len=16,
     ),

@@ -158,6 +158,17 @@ def json_str(obj: dict, key: str, where: str, rows: Rows, *, null_ok: bool = Fal
     return value
 
 
+def json_strs(obj: dict, keys: Sequence[str], where: str, rows: Rows, null_ok: Sequence[str] = ()):
+    """(obj[k] for k in keys) as strings, or None after reporting the first missing / non-string field."""
+    values = []
+    for key in keys:
+        value = json_str(obj, key, where, rows, null_ok=key in null_ok)
+        if value is None:
+            return None
+        values.append(value)
+    return tuple(values)
+
+
 def iter_csv(path: Path, rows: Rows, columns: Sequence[str]) -> Iterator[tuple[str, dict]]:
     """(file:line, {column: value}) per CSV record (RFC 4180 quoting, fields may span lines; the line is
     where the record starts). The header must name every column of `columns`."""
@@ -236,3 +247,32 @@ def find_split_files(root: Path, patterns: Sequence[str]) -> dict[str, Path]:
         if path is not None:
             found[split] = path
     return found
+
+
+def jsonl_splits(root: Path, skip_bad_rows: bool, add, patterns: Sequence[str] = ("{split}.jsonl",)) -> dict:
+    """{split: SplitData} of a folder of exported JSON-lines splits; `add(rows, where, obj)` turns each object
+    into an example (or a bad / dropped row)."""
+    out = {}
+    for split, path in find_split_files(root, patterns).items():
+        rows = Rows(split, skip_bad_rows)
+        for where, obj in iter_jsonl(path, rows):
+            add(rows, where, obj)
+        out[split] = rows.data
+    return out
+
+
+def add_stripped_pair(rows: Rows, where: str, src: str, tgt: str) -> None:
+    """`paired_splits`' `add` for releases whose lines are the rows as they are (stripped)."""
+    rows.add(Example((src.strip(),), tgt.strip(), where))
+
+
+def paired_splits(root: Path, skip_bad_rows: bool, source_pattern: str, target_of, add) -> dict:
+    """{split: SplitData} of line-aligned source/target files: sources found with `source_pattern`
+    (e.g. "{split}.source"), `target_of(source path)` names the target file, `add(rows, where, src, tgt)`."""
+    out = {}
+    for split, source in find_split_files(root, (source_pattern,)).items():
+        rows = Rows(split, skip_bad_rows)
+        for where, src, tgt in iter_paired_lines(source, target_of(source), rows):
+            add(rows, where, src, tgt)
+        out[split] = rows.data
+    return out

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from robustft_testing import shapes
 from robustft_testing.synthetic_data import write_sentence_prediction
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,25 +33,9 @@ TINY_ROBERTA = [
 ]
 
 
-# 2 + 2 layers, dim 64: the tiny encoder-decoder shape of the BART / transformer tests (add --arch).
-TINY_ENCODER_DECODER = [
-    "--encoder-layers",
-    "2",
-    "--decoder-layers",
-    "2",
-    "--encoder-embed-dim",
-    "64",
-    "--decoder-embed-dim",
-    "64",
-    "--encoder-ffn-embed-dim",
-    "128",
-    "--decoder-ffn-embed-dim",
-    "128",
-    "--encoder-attention-heads",
-    "2",
-    "--decoder-attention-heads",
-    "2",
-]
+# 2 + 2 layers, dim 64: the tiny encoder-decoder shape of the BART / transformer tests (add --arch); defined in
+# robustft_testing.shapes so that the benchmarks' tiny size uses the same
+TINY_ENCODER_DECODER = list(shapes.TINY_ENCODER_DECODER)
 
 
 def _write_split(path: Path, rows):

@@ -17,10 +17,10 @@ from ..records import (
     SplitData,
     find_split_files,
     iter_csv,
-    iter_jsonl,
-    iter_paired_lines,
-    json_str,
+    json_strs,
+    jsonl_splits,
     one_line,
+    paired_splits,
     read_text,
     split_lines,
 )
@@ -115,17 +115,12 @@ def _from_record(rows: Rows, where: str, article: str, highlights: str, story_id
 
 
 def _read_jsonl(root: Path, options: ReadOptions) -> dict[str, SplitData]:
-    out = {}
-    for split, path in find_split_files(root, ("{split}.jsonl", "{split}.json")).items():
-        rows = Rows(split, options.skip_bad_rows)
-        for where, obj in iter_jsonl(path, rows):
-            article = json_str(obj, "article", where, rows)
-            highlights = json_str(obj, "highlights", where, rows) if article is not None else None
-            if article is None or highlights is None:
-                continue
-            _from_record(rows, where, article, highlights, str(obj.get("id", "")))
-        out[split] = rows.data
-    return out
+    def add(rows: Rows, where: str, obj: dict) -> None:
+        fields = json_strs(obj, ("article", "highlights"), where, rows)
+        if fields is not None:
+            _from_record(rows, where, fields[0], fields[1], str(obj.get("id", "")))
+
+    return jsonl_splits(root, options.skip_bad_rows, add, ("{split}.jsonl", "{split}.json"))
 
 
 def _read_csv(root: Path, options: ReadOptions) -> dict[str, SplitData]:
@@ -142,19 +137,16 @@ def _read_csv(root: Path, options: ReadOptions) -> dict[str, SplitData]:
 def _read_source_target(root: Path, options: ReadOptions) -> dict[str, SplitData]:
     """BART's files: one example per line, highlights already joined by " " (no sentence boundaries: the
     ROUGE reference is split into sentences at evaluation, like the hypotheses)."""
-    out = {}
-    for split, source in find_split_files(root, ("{split}.source",)).items():
-        rows = Rows(split, options.skip_bad_rows)
-        for where, src, tgt in iter_paired_lines(source, source.with_suffix(".target"), rows):
-            if not src.strip():
-                rows.drop("empty article")  # AM keeps the 114 empty-article stories as empty lines
-                continue
-            if not tgt.strip():
-                rows.drop("no highlights")
-                continue
+
+    def add(rows: Rows, where: str, src: str, tgt: str) -> None:
+        if not src.strip():
+            rows.drop("empty article")  # AM keeps the 114 empty-article stories as empty lines
+        elif not tgt.strip():
+            rows.drop("no highlights")
+        else:
             rows.add(Example((src.strip(),), tgt.strip(), where))
-        out[split] = rows.data
-    return out
+
+    return paired_splits(root, options.skip_bad_rows, "{split}.source", lambda s: s.with_suffix(".target"), add)
 
 
 def _has(*patterns: str):

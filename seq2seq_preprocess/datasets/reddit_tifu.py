@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from ..records import Example, Rows, SplitData, find_split_files, first_existing, iter_jsonl, json_str
+from ..records import Example, Rows, SplitData, find_split_files, first_existing, iter_jsonl, json_strs, jsonl_splits
 from ..registry import Dataset, Format, Generation, ReadOptions, register
 
 RAW_FILES = ("tifu_all_tokenized_and_filtered.json", "tifu_tokenized_and_filtered.json")
@@ -23,10 +23,10 @@ TIFU_KWARGS = Generation(6, 1.0, 60, 10, 3, "ours (BART/R3F publish none): XSum'
 
 
 def _add(rows: Rows, where: str, obj: dict, document_key: str) -> None:
-    document = json_str(obj, document_key, where, rows)
-    tldr = json_str(obj, "tldr", where, rows, null_ok=True) if document is not None else None
-    if document is None or tldr is None:
+    fields = json_strs(obj, (document_key, "tldr"), where, rows, null_ok=("tldr",))
+    if fields is None:
         return
+    document, tldr = fields
     document, tldr = " ".join(document.split()), " ".join(tldr.split())  # posts have line breaks
     if not document:
         rows.drop("empty document")
@@ -65,13 +65,7 @@ def _read_raw(root: Path, options: ReadOptions) -> dict[str, SplitData]:
 
 
 def _read_jsonl(root: Path, options: ReadOptions) -> dict[str, SplitData]:
-    out = {}
-    for split, path in find_split_files(root, ("{split}.jsonl",)).items():
-        rows = Rows(split, options.skip_bad_rows)
-        for where, obj in iter_jsonl(path, rows):
-            _add(rows, where, obj, "documents")
-        out[split] = rows.data
-    return out
+    return jsonl_splits(root, options.skip_bad_rows, lambda rows, where, obj: _add(rows, where, obj, "documents"))
 
 
 register(

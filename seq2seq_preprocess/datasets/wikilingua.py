@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..records import Example, Rows, SplitData, find_split_files, iter_jsonl, iter_paired_lines, json_str, one_line
+from ..records import (
+    Example,
+    Rows,
+    SplitData,
+    add_stripped_pair,
+    find_split_files,
+    json_strs,
+    jsonl_splits,
+    one_line,
+    paired_splits,
+)
 from ..registry import Dataset, Format, Generation, ReadOptions, register
 
 # allenai/hyperdecoders tasks.py L1143: max_length 60, num_beams 4 (its min_length is overridden to 2)
@@ -20,27 +30,19 @@ def _base(root: Path) -> Path:
 
 
 def _read_lines(root: Path, options: ReadOptions) -> dict[str, SplitData]:
-    out = {}
-    for split, source in find_split_files(_base(root), ("{split}.src.en",)).items():
-        rows = Rows(split, options.skip_bad_rows)
-        target = source.with_name(source.name.replace(".src.en", ".tgt.en"))
-        for where, src, tgt in iter_paired_lines(source, target, rows):
-            rows.add(Example((src.strip(),), tgt.strip(), where))
-        out[split] = rows.data
-    return out
+    def target_of(source: Path) -> Path:
+        return source.with_name(source.name.replace(".src.en", ".tgt.en"))
+
+    return paired_splits(_base(root), options.skip_bad_rows, "{split}.src.en", target_of, add_stripped_pair)
 
 
 def _read_jsonl(root: Path, options: ReadOptions) -> dict[str, SplitData]:
-    out = {}
-    for split, path in find_split_files(root, ("{split}.jsonl",)).items():
-        rows = Rows(split, options.skip_bad_rows)
-        for where, obj in iter_jsonl(path, rows):
-            source = json_str(obj, "source", where, rows)
-            target = json_str(obj, "target", where, rows) if source is not None else None
-            if source is not None and target is not None:
-                rows.add(Example((one_line(source),), one_line(target), where, str(obj.get("gem_id", ""))))
-        out[split] = rows.data
-    return out
+    def add(rows: Rows, where: str, obj: dict) -> None:
+        fields = json_strs(obj, ("source", "target"), where, rows)
+        if fields is not None:
+            rows.add(Example((one_line(fields[0]),), one_line(fields[1]), where, str(obj.get("gem_id", ""))))
+
+    return jsonl_splits(root, options.skip_bad_rows, add)
 
 
 register(

@@ -16,12 +16,13 @@ from ..records import (
     Rows,
     Seq2SeqFormatError,
     SplitData,
+    add_stripped_pair,
     find_split_files,
     first_existing,
-    iter_jsonl,
-    iter_paired_lines,
-    json_str,
+    json_strs,
+    jsonl_splits,
     one_line,
+    paired_splits,
     read_text,
     split_lines,
 )
@@ -113,28 +114,21 @@ def _read_summary(root: Path, options: ReadOptions) -> dict[str, SplitData]:
 
 def _read_jsonl(root: Path, options: ReadOptions) -> dict[str, SplitData]:
     """HF `xsum` exported: {"document", "summary", "id"}; the document keeps "\\n" between paragraphs."""
-    out = {}
-    for split, path in find_split_files(root, ("{split}.jsonl", "{split}.json")).items():
-        rows = Rows(split, options.skip_bad_rows)
-        for where, obj in iter_jsonl(path, rows):
-            document = json_str(obj, "document", where, rows)
-            summary = json_str(obj, "summary", where, rows) if document is not None else None
-            if document is not None and summary is not None:
-                rows.add(Example((one_line(document),), one_line(summary), where, str(obj.get("id", ""))))
-        out[split] = rows.data
-    return out
+
+    def add(rows: Rows, where: str, obj: dict) -> None:
+        fields = json_strs(obj, ("document", "summary"), where, rows)
+        if fields is not None:
+            rows.add(Example((one_line(fields[0]),), one_line(fields[1]), where, str(obj.get("id", ""))))
+
+    return jsonl_splits(root, options.skip_bad_rows, add, ("{split}.jsonl", "{split}.json"))
 
 
 def _read_source_target(root: Path, options: ReadOptions) -> dict[str, SplitData]:
     """The old HF tarball / BART layout: xsum/{train,val,test}.{source,target}, one example per line."""
     base = root / "xsum" if (root / "xsum").is_dir() else root
-    out = {}
-    for split, source in find_split_files(base, ("{split}.source",)).items():
-        rows = Rows(split, options.skip_bad_rows)
-        for where, src, tgt in iter_paired_lines(source, source.with_suffix(".target"), rows):
-            rows.add(Example((src.strip(),), tgt.strip(), where))
-        out[split] = rows.data
-    return out
+    return paired_splits(
+        base, options.skip_bad_rows, "{split}.source", lambda s: s.with_suffix(".target"), add_stripped_pair
+    )
 
 
 def _has_source(root: Path) -> bool:
