@@ -37,7 +37,8 @@ class IdEncoder:
             from fairseq.data.encoders.gpt2_bpe_utils import get_encoder
 
             self.bpe = get_encoder(spec.gpt2_encoder_json, spec.gpt2_vocab_bpe)
-            self.cache: dict[str, list[int]] = {}
+            self.cache: dict[str, list[int]] = {}  # first word of a text -> its ids
+            self.space_cache: dict[str, list[int]] = {}  # later word w -> ids of " " + w
             self.symbols = [str(i) for i in range(max(self.bpe.encoder.values()) + 1)]  # BART's dict.txt: ids
         elif spec.kind == "sentencepiece":
             import sentencepiece as spm
@@ -71,14 +72,16 @@ class IdEncoder:
         cached. Any other text goes through the regex as a whole."""
         if not text.isprintable() or "  " in text:
             return self._pieces(text)
-        cache, out = self.cache, []
-        for i, word in enumerate(text.split(" ")):
-            key = word if i == 0 else " " + word
-            ids = cache.get(key)
-            if ids is None:
-                ids = cache[key] = self._pieces(key)
-            out += ids
-        return out
+        words = text.split(" ")
+        # ids of the first word, then of " " + each later word (the later words' cache is keyed by the bare
+        # word: no string concatenation per word)
+        parts = [self.cache.get(words[0]), *map(self.space_cache.get, itertools.islice(words, 1, None))]
+        if None in parts:
+            for i, ids in enumerate(parts):
+                if ids is None:
+                    cache, key = (self.cache, words[0]) if i == 0 else (self.space_cache, words[i])
+                    parts[i] = cache[key] = self._pieces(key if i == 0 else " " + key)
+        return list(itertools.chain.from_iterable(parts))
 
 
 def lookup_table(encoder: IdEncoder, dictionary) -> np.ndarray:

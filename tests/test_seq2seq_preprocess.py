@@ -443,4 +443,4 @@ def test_gpt2_word_cache_equals_fairsegs_encoder_on_random_text(bart_files):
     for _ in range(3000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24)))
         assert encoder._gpt2(text) == encoder.bpe.encode(text), repr(text)
-    assert len(encoder.cache) > 100  # the cached path ran
+    assert len(encoder.space_cache) > 100  # the cached path ran
