@@ -23,7 +23,6 @@ noise is refused at its first step (KL would be 0 and R-Drop a doubled vanilla s
 
 from dataclasses import dataclass, field
 
-from fairseq import utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
@@ -110,35 +109,33 @@ class LabelSmoothedCrossEntropyRDropCriterion(LabelSmoothedCrossEntropyCriterion
         require_finite_nonnegative("--rdrop-alpha", cfg.rdrop_alpha)
         self.rdrop_alpha = float(cfg.rdrop_alpha)
         self._passes_checked = False
+        self._rdrop_kl = None  # this call's KL term (logged by forward)
 
     def forward(self, model, sample, reduce=True):
+        """fairseq's own forward (its logging, `--report-accuracy`); the second pass runs in `compute_loss`."""
+        self._rdrop_kl = None
         with hype_forward(model, self.hype_settings) as hype:
-            loss, sample_size, logging_output = self._forward(model, sample, reduce)
+            loss, sample_size, logging_output = super().forward(model, sample, reduce)
         logging_output.update(hype.logging_output)
+        if self._rdrop_kl is not None:
+            logging_output["rdrop_kl"] = self._rdrop_kl
         return loss, sample_size, logging_output
 
-    def _forward(self, model, sample, reduce):
-        net_output = model(**sample["net_input"])
-        loss, nll_loss = self.compute_loss(model, net_output, sample, reduce=reduce)
-        nsentences = sample["target"].size(0)
-        sample_size = nsentences if self.sentence_avg else sample["ntokens"]
-        logging_output = {"ntokens": sample["ntokens"], "nsentences": nsentences, "sample_size": sample_size}
-        if model.training:
-            if not self._passes_checked:
-                require_passes_differ(model, self.hype_settings.enabled)
-                self._passes_checked = True
-            output2 = model(**sample["net_input"])
-            loss2, nll_loss2 = self.compute_loss(model, output2, sample, reduce=reduce)
-            kl_sum = self._token_kl(model, sample, net_output, output2)
-            loss = loss + loss2 + 0.5 * self.rdrop_alpha * kl_sum
-            nll_loss = (nll_loss + nll_loss2) / 2
-            logging_output["rdrop_kl"] = kl_sum.detach()
-        logging_output.update(loss=loss.data, nll_loss=nll_loss.data)
-        if self.report_accuracy:
-            n_correct, total = self.compute_accuracy(model, net_output, sample)
-            logging_output["n_correct"] = utils.item(n_correct.data)
-            logging_output["total"] = utils.item(total.data)
-        return loss, sample_size, logging_output
+    def compute_loss(self, model, net_output, sample, reduce=True):
+        """Training: + the second pass's LS-CE + alpha/2 * KL; `nll_loss` is the mean of the two passes'.
+        fairseq's forward calls this once per batch, with the first pass's output (label_smoothed_cross_entropy.py
+        `forward`)."""
+        loss, nll_loss = super().compute_loss(model, net_output, sample, reduce=reduce)
+        if not model.training:
+            return loss, nll_loss
+        if not self._passes_checked:
+            require_passes_differ(model, self.hype_settings.enabled)
+            self._passes_checked = True
+        output2 = model(**sample["net_input"])
+        loss2, nll_loss2 = super().compute_loss(model, output2, sample, reduce=reduce)
+        kl_sum = self._token_kl(model, sample, net_output, output2)
+        self._rdrop_kl = kl_sum.detach()
+        return loss + loss2 + 0.5 * self.rdrop_alpha * kl_sum, (nll_loss + nll_loss2) / 2
 
     def _token_kl(self, model, sample, output1, output2):
         """Symmetric KL summed over the target tokens (pads and `--ignore-prefix-size` tokens excluded)."""

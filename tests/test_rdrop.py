@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 from fairseq.criterions.label_smoothed_cross_entropy_with_rdrop import RdropLabelSmoothedCrossEntropyCriterion
 from fairseq.modules import FairseqDropout
 
 import baselines_src  # noqa: F401  (registers the criterions)
 from baselines_src.rdrop import SentencePredictionRDropConfig, SentencePredictionRDropCriterion
-from tests.fairseq_helpers import REPO, TINY_ENCODER_DECODER, sentence_prediction_args
-from tests.test_distributed import make_t2t_data
+from tests.fairseq_helpers import sentence_prediction_args
+from tests.test_distributed import make_sp_data, make_t2t_data, method_argv
 from tests.test_r3f import HEAD, build, hand_symmetric_kl, reg_data  # noqa: F401  (reg_data: a fixture)
 
 ALPHA = 0.8
@@ -116,34 +117,9 @@ def test_bad_alpha_names_the_flag(cls, value):
 
 def test_seq2seq_loss_equals_fairseqs_own_rdrop_criterion(tmp_path):
     """fairseq ships R-Drop for translation (2B batch in one forward); on the same two outputs its loss
-    is ours: LS-CE of both + alpha/2 * symmetric KL over non-pad target tokens."""
-    data = make_t2t_data(tmp_path)
-    argv = [
-        data,
-        "--cpu",
-        "--user-dir",
-        REPO / "robustft",
-        "--task",
-        "translation",
-        "-s",
-        "src",
-        "-t",
-        "tgt",
-        "--arch",
-        "transformer",
-        *TINY_ENCODER_DECODER,
-        "--criterion",
-        "label_smoothed_cross_entropy_rdrop",
-        "--label-smoothing",
-        "0.1",
-        "--rdrop-alpha",
-        ALPHA,
-        "--optimizer",
-        "adam",
-        "--lr",
-        "1e-3",
-    ]
-    task, model, criterion, sample = build(argv)
+    is ours: LS-CE of both + alpha/2 * symmetric KL over non-pad target tokens (tiny hyperdecoder BART)."""
+    argv = method_argv("hyperdecoder_rdrop", make_sp_data(tmp_path), make_t2t_data(tmp_path), tmp_path, 1)
+    task, model, criterion, sample = build([*argv, "--rdrop-alpha", str(ALPHA)])
     model.train()
     torch.manual_seed(3)
     loss, sample_size, log = criterion(model, sample)
@@ -157,3 +133,7 @@ def test_seq2seq_loss_equals_fairseqs_own_rdrop_criterion(tmp_path):
     assert sample_size == sample["ntokens"]
     assert log["rdrop_kl"].item() == pytest.approx(2 * kl.item(), rel=1e-4)  # fairseq logs KL_S / 2
     assert log["nll_loss"].item() == pytest.approx(nll.item() / 2, rel=1e-5)  # ours: per pass
+    model.eval()  # eval: one pass, fairseq's label_smoothed_cross_entropy
+    ours, _, log = criterion(model, sample)
+    assert "rdrop_kl" not in log
+    assert ours.item() == LabelSmoothedCrossEntropyCriterion(task, False, 0.1)(model, sample)[0].item()
