@@ -70,9 +70,11 @@ def test_allowed_combination_trains(runs, name):
     assert all(math.isfinite(float(r["loss"])) for r in records)
     for method in COMBINATIONS[name].methods:
         if method in SIGNALS:
-            # > 0 from update 2 on: with Mixout and no dropout the two R-Drop passes of update 1 are equal
-            # (W = U before the first update, so every mask gives W~ = W)
-            assert all(SIGNALS[method] in r for r in records) and float(records[-1][SIGNALS[method]]) > 0
+            assert all(SIGNALS[method] in r for r in records), (method, records)
+            # with Mixout and no dropout R-Drop's passes differ only by W - U, 0 at update 1 and ~lr after it
+            # (tests/test_rdrop.py shows KL > 0 once W != U)
+            if COMBINATIONS[name].methods != ("rdrop", "mixout"):
+                assert all(float(r[SIGNALS[method]]) > 0 for r in records), (method, records)
         if method == "mixout":
             assert "Mixout: p=0.9 (exact gradient) on 12 linear layers" in parts[name]
         if method == "sage":

@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
 from fairseq.criterions.label_smoothed_cross_entropy_with_rdrop import RdropLabelSmoothedCrossEntropyCriterion
 from fairseq.modules import FairseqDropout
+from torch.nn.utils import parametrize
 
 import baselines_src  # noqa: F401  (registers the criterions)
 from baselines_src.rdrop import SentencePredictionRDropConfig, SentencePredictionRDropCriterion
 from tests.fairseq_helpers import sentence_prediction_args
 from tests.test_distributed import make_sp_data, make_t2t_data, method_argv
-from tests.test_r3f import HEAD, build, hand_symmetric_kl, reg_data  # noqa: F401  (reg_data: a fixture)
+from tests.test_r3f import HEAD, NO_DROPOUT, build, hand_symmetric_kl, reg_data  # noqa: F401  (reg_data: a fixture)
 
 ALPHA = 0.8
 
@@ -107,6 +108,19 @@ def test_passes_that_cannot_differ_are_refused(cls):
     finally:
         for m in dropouts:
             m.p = 0.1
+
+
+def test_mixout_makes_the_passes_differ(cls_data, tmp_path):
+    """Mixout with dropout off: each pass draws its own column mask, so the passes differ once W != U."""
+    _, model, criterion, sample = build(rdrop_argv(cls_data, tmp_path, *NO_DROPOUT, "--mixout-p", "0.5"))
+    mixed = [m for m in model.modules() if parametrize.is_parametrized(m)]
+    assert len(mixed) == 12  # 2 layers x (q, k, v, out_proj, fc1, fc2)
+    with torch.no_grad():
+        for m in mixed:  # as if training had moved W away from the pretrained U
+            m.parametrizations.weight.original.add_(0.05 * torch.randn_like(m.weight))
+    model.train()
+    _, _, log = criterion(model, sample)
+    assert log["rdrop_kl"].item() > 1e-6
 
 
 @pytest.mark.parametrize("value", [-1.0, float("nan")])
