@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
             "setup_s": round(setup_s, 1),
             "binarizer": summary["binarizer"],
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": "python benchmarks/preprocess_throughput.py " + " ".join(argv or []),
+            "command": "python benchmarks/preprocess_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
         }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
