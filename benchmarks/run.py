@@ -161,6 +161,8 @@ def stock(method: str, overrides: Mapping[str, str | None] | None = None) -> tup
 
 # HyPe's recipe turns dropout off; kept on here so that the ratio is the cost of the noise alone
 KEEP_DROPOUT = {"--dropout": None}
+# Mixout's recipe turns dropout off too: kept on, so that the ratio is the cost of the mixing alone
+MIXOUT_KEEP_DROPOUT = {"--dropout": None, "--attention-dropout": None}
 
 CONFIGS: list[Config] = [
     Config("vanilla", "robustft", "sp", stock("vanilla"), "sentence_prediction + adam (registry vanilla)"),
@@ -205,6 +207,33 @@ CONFIGS: list[Config] = [
         registry("hype_r3f", KEEP_DROPOUT),
         "sentence_prediction_r3f + HyPe-N (registry hype_r3f), dropout kept",
         baseline="vanilla",
+    ),
+    Config(
+        "rdrop",
+        "robustft",
+        "sp",
+        registry("rdrop"),
+        "sentence_prediction_rdrop, alpha 1 (registry rdrop): two passes",
+        baseline="vanilla",
+        target=2.0,
+    ),
+    Config(
+        "neftune",
+        "robustft",
+        "sp",
+        registry("neftune"),
+        "sentence_prediction_neftune, alpha 5 (registry neftune)",
+        baseline="vanilla",
+        target=1.02,
+    ),
+    Config(
+        "mixout",
+        "robustft",
+        "sp",
+        registry("mixout", MIXOUT_KEEP_DROPOUT),
+        "registry mixout (p 0.9 on every encoder linear), dropout kept",
+        baseline="vanilla",
+        target=1.15,
     ),
     Config(
         "adamax_pats",
