@@ -34,6 +34,8 @@ EXPECTED = [
     "freelb",
     "single_adapter",
     "hyperdecoder",
+    "bart_ls",
+    "bart_r3f",
     "ref_vanilla",
     "ref_r3f",
 ]
@@ -53,6 +55,7 @@ BASELINES = {
     "smart": "vanilla",
     "freelb": "vanilla",
     "hyperdecoder": "single_adapter",
+    "bart_r3f": "bart_ls",
     "ref_r3f": "ref_vanilla",
 }
 
@@ -115,6 +118,8 @@ def test_method_configurations_take_the_registry_flags(tiny):
         ("mixout", "mixout", {"--dropout": None, "--attention-dropout": None}),
         ("smart", "smart", {}),
         ("freelb", "freelb", {}),
+        ("bart_ls", "vanilla_seq2seq", {}),
+        ("bart_r3f", "r3f_seq2seq", {}),
         ("ref_r3f", "r3f", {}),
     ):
         flags = method_flags(method, overrides)
@@ -165,6 +170,8 @@ def test_ratios_match_the_raw_step_times(tiny):
         "mixout <= 1.15x vanilla",
         "adamax_pats <= 1.08x adamax",
         "hyperdecoder <= 1.15x single_adapter",
+        "bart_r3f <= 2.1x bart_ls",
+        "bart_r3f peak memory (peak_rss_over_before_mb) <= 2.5x bart_ls",
         "r3f x vanilla <= reference R3F x its vanilla",
     }
     for check in checks.values():
