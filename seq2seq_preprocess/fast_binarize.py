@@ -75,13 +75,16 @@ class IdEncoder:
         words = text.split(" ")
         # ids of the first word, then of " " + each later word (the later words' cache is keyed by the bare
         # word: no string concatenation per word)
-        parts = [self.cache.get(words[0]), *map(self.space_cache.get, itertools.islice(words, 1, None))]
+        parts: list[list[int] | None] = [
+            self.cache.get(words[0]),
+            *map(self.space_cache.get, itertools.islice(words, 1, None)),
+        ]
         if None in parts:
             for i, ids in enumerate(parts):
                 if ids is None:
                     cache, key = (self.cache, words[0]) if i == 0 else (self.space_cache, words[i])
                     parts[i] = cache[key] = self._pieces(key if i == 0 else " " + key)
-        return list(itertools.chain.from_iterable(parts))
+        return list(itertools.chain.from_iterable(parts))  # type: ignore[arg-type]  # no None is left
 
 
 def lookup_table(encoder: IdEncoder, dictionary) -> np.ndarray:
