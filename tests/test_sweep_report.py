@@ -174,7 +174,15 @@ def test_emit_jobs_one_command_per_run(toy_sweep, tmp_path):
 def test_unknown_method_is_rejected(tmp_path):
     with pytest.raises(SystemExit, match="unknown method 'not_a_method'"):
         sweep.main(
-            ["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "o"), "--methods", "not_a_method", "--dry-run"]
+            [
+                "--data-root",
+                str(tmp_path),
+                "--output-dir",
+                str(tmp_path / "o"),
+                "--methods",
+                "not_a_method",
+                "--dry-run",
+            ]
         )
 
 
