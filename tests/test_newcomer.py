@@ -423,3 +423,27 @@ def test_readme_issue18_cost_table_matches_its_benchmark():
         target = float(cells[4].split("<= ")[1].split(":")[0])
         assert cells[4].endswith("met" if configs[config]["cpu_x_baseline"] <= target else "missed")
     assert seen == set(ISSUE18_COST_ROWS.values())
+
+
+def test_pats_overhead_figures_match_their_committed_benchmark():
+    """pats_src/README's overhead table and the README's PATS sentence are the committed
+    benchmarks/results/pats-cpu run's figures (CPU ms, CPU / wall ratios, peak RSS)."""
+    configs = json.loads((REPO / "benchmarks" / "results" / "pats-cpu" / "base.json").read_text())["configs"]
+    text = (REPO / "pats_src" / "README.md").read_text()
+    section = text[text.index("## Overhead") :]
+    rows = {"fairseq `adamax`": "adamax", "`adamax_pats` (": "adamax_pats", "`adamax_pats_flat`": "adamax_pats_flat"}
+    seen = set()
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        matches = [c for prefix, c in rows.items() if cells[0].startswith(prefix)]
+        if len(cells) != 4 or not matches:
+            continue
+        c = configs[matches[0]]
+        seen.add(matches[0])
+        assert cells[1] == f"{c['cpu_median_ms']:.0f}" and cells[3] == f"{c['peak_rss_over_before_mb']:.0f}"
+        if "cpu_x_baseline" in c:
+            assert cells[2] == f"{c['cpu_x_baseline']:.3f} / {c['x_baseline']:.3f}"
+    assert seen == set(rows.values())
+    readme = (REPO / "README.md").read_text()
+    for config in ("adamax_pats", "adamax_pats_flat"):
+        assert f"{configs[config]['cpu_x_baseline']:.3f}x" in readme
