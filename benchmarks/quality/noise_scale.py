@@ -1,0 +1,192 @@
+"""How large is each method's noise next to what it perturbs, on the quality study's model and data?
+
+For the converted all-MiniLM-L6-v2 and a task's dev sentences (the quality study's binarized data), this
+measures, in eval mode (no dropout) and fp32:
+- the RMS of what each method perturbs: every Transformer layer's input (HyPe), the token embeddings (R3F,
+  NEFTune, SMART's initial delta);
+- the RMS of the method's noise at the registry's recipe value, and their ratio;
+- the effect on the classifier: mean |logit change| over mean |logit| and the share of dev predictions that
+  change, with the noise at the recipe value and at larger scales (the same hooks, eps x 10^k).
+
+    python benchmarks/quality/noise_scale.py --work-dir /work/qwork/study --task CoLA \
+        --out benchmarks/results/quality/noise_scale
+
+Writes OUT.md and OUT.json. The model is the one the quality study trains from (not fine-tuned): the
+question is whether the noise is large enough to change anything the fine-tuning sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from robustft_common import glue_tasks  # noqa: E402
+from robustft_common.methods import get_method  # noqa: E402
+
+
+def flag(method: str, name: str) -> str:
+    flags = get_method(method).flags
+    return flags[flags.index(name) + 1]
+
+
+def load(work: Path, task: str):
+    """The model exactly as a study run starts (its fairseq-train flags, the converted checkpoint's weights and
+    the head initialised from the pooler), in eval mode."""
+    from fairseq import checkpoint_utils, options, tasks
+    from fairseq.utils import import_user_module
+
+    from robustft_experiments import quality
+
+    data = work / "data" / "main" / glue_tasks.canonical_name(task)
+    data = data.with_name(data.name + "-bin")
+    if not data.exists():
+        raise SystemExit(f"--work-dir: {data} is missing; run the quality study's main stage for {task} first")
+    pretrained = quality.prepare_model(work)
+    argv = quality.train_command(task, "vanilla", 1, 1e-5, data, work / "noise_scale", pretrained, 1000)
+    argv = argv[argv.index(str(data)) :]
+    parser = options.get_training_parser()
+    import_user_module(argparse.Namespace(user_dir=str(REPO / "robustft")))
+    args = options.parse_args_and_arch(parser, argv)
+    task_obj = tasks.setup_task(args)
+    model = task_obj.build_model(args)
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(pretrained["model"]))
+    model.load_state_dict(state["model"], strict=False)
+    return model.eval(), task_obj, data
+
+
+def batches(task_obj, n: int, batch: int = 32):
+    task_obj.load_dataset("valid")
+    ds = task_obj.dataset("valid")
+    for start in range(0, min(n, len(ds)), batch):
+        yield ds.collater([ds[i] for i in range(start, min(start + batch, n, len(ds)))])
+
+
+def layers_of(model):
+    return model.encoder.sentence_encoder.layers
+
+
+def logits(model, sample) -> torch.Tensor:
+    out, _ = model(**sample["net_input"], features_only=True, classification_head_name="sentence_classification_head")
+    return out.float()
+
+
+def measure(model, samples, kind: str, scale: float, seed: int = 1):
+    """(RMS of the perturbed tensors, RMS of the noise, mean |dlogit| / mean |logit|, share of changed argmax)."""
+    gen = torch.Generator().manual_seed(seed)
+    sums = {"x2": 0.0, "n2": 0.0, "count": 0}
+
+    def noise_like(x):
+        if kind in ("hype_n",):
+            return torch.randn(x.shape, generator=gen) * scale
+        return (torch.rand(x.shape, generator=gen) * 2 - 1) * scale  # U(-scale, scale)
+
+    def perturb(x):
+        n = noise_like(x)
+        sums["x2"] += float(x.float().pow(2).sum())
+        sums["n2"] += float(n.pow(2).sum())
+        sums["count"] += x.numel()
+        return x + n
+
+    handles = []
+    if kind.startswith("hype"):
+        for layer in layers_of(model):
+            handles.append(layer.register_forward_pre_hook(lambda m, args: (perturb(args[0]), *args[1:])))
+    else:  # token embeddings (R3F's and NEFTune's hook point)
+        emb = model.encoder.sentence_encoder.embed_tokens
+        handles.append(emb.register_forward_hook(lambda m, args, out: perturb(out)))
+    diffs, mags, flips, total = 0.0, 0.0, 0, 0
+    with torch.no_grad():
+        for sample in samples:
+            clean = logits(model, sample)
+            noisy = logits(model, sample)
+            diffs += float((noisy - clean).abs().sum())
+            mags += float(clean.abs().sum())
+            flips += int((noisy.argmax(-1) != clean.argmax(-1)).sum())
+            total += clean.size(0)
+    for h in handles:
+        h.remove()
+    rms_x = math.sqrt(sums["x2"] / sums["count"])
+    rms_n = math.sqrt(sums["n2"] / sums["count"])
+    return {
+        "rms_perturbed": rms_x,
+        "rms_noise": rms_n,
+        "noise_over_signal": rms_n / rms_x,
+        "logit_change": diffs / mags,
+        "predictions_changed": flips / total,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", type=Path, required=True, help="the quality study's --work-dir")
+    p.add_argument("--task", default="CoLA")
+    p.add_argument("--n", type=int, default=256, help="dev sentences")
+    p.add_argument("--out", type=Path, required=True, help="OUT.md / OUT.json")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model, task_obj, data = load(args.work_dir.resolve(), args.task)
+    samples = list(batches(task_obj, args.n))
+    hype_eps = float(flag("hype_n", "--hype-eps"))
+    r3f_eps = float(flag("r3f", "--eps"))
+    tokens = sum(int(s["net_input"]["src_tokens"].size(1)) for s in samples) / len(samples)
+    dim = model.encoder.sentence_encoder.embed_tokens.embedding_dim
+    neftune_scale = float(flag("neftune", "--neftune-alpha")) / math.sqrt(tokens * dim)
+    rows = []
+    for method, kind, base in (
+        ("hype_n", "hype_n", hype_eps),
+        ("hype_u", "hype_u", hype_eps),
+        ("r3f", "embed", r3f_eps),
+        ("neftune", "embed", neftune_scale),
+    ):
+        for factor in (1, 10, 100, 1000, 10000):
+            row = {"method": method, "scale": base * factor, "x_recipe": factor}
+            row.update(measure(model, samples, kind, base * factor))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = {
+        "command": "python benchmarks/quality/noise_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "task": args.task,
+        "dev_sentences": sum(int(s["nsentences"]) for s in samples),
+        "mean_padded_length": tokens,
+        "rows": rows,
+    }
+    lines = [
+        f"# Noise scale against what it perturbs: all-MiniLM-L6-v2, {args.task} dev ({result['dev_sentences']} "
+        "sentences), eval mode, fp32",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        "Noise at the registry's recipe value (x 1) and larger. RMS over every perturbed entry; logit change = "
+        "mean |logit(noisy) - logit(clean)| / mean |logit(clean)|; predictions changed = share of dev "
+        "sentences whose argmax changes. The pretrained model with the study's fresh classification head "
+        "(pooler-initialised), before fine-tuning.",
+        "",
+        "| method | noise scale | x recipe | RMS perturbed | RMS noise | noise / signal | logit change | "
+        "predictions changed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['scale']:.3g} | {r['x_recipe']} | {r['rms_perturbed']:.3g} | {r['rms_noise']:.3g} | "
+            f"{r['noise_over_signal']:.2e} | {r['logit_change']:.2e} | {100 * r['predictions_changed']:.1f} % |"
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", "\n".join(lines) + "\n")):
+        tmp = args.out.with_suffix(suffix + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, args.out.with_suffix(suffix))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
