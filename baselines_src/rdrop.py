@@ -37,6 +37,7 @@ from baselines_src.neftune import NeftuneConfig, SentencePredictionNeftuneCriter
 from hype_src.perturbation import HypeConfig, hype_forward, validate_hype_config
 from robustft_common.kl import gaussian_symmetric_kl, symmetric_kl
 from robustft_common.mixout import MixoutConfig, mixout_state
+from robustft_common.refusals import RefusedR3FFlags, check_refused
 from robustft_common.utils import log_ratio_pairs, logged_sum, unwrap_model
 from robustft_common.validation import require, require_finite_nonnegative
 
@@ -60,7 +61,7 @@ def require_passes_differ(model, *noise_sources: bool) -> None:
 
 
 @dataclass
-class SentencePredictionRDropConfig(SentencePredictionConfig, HypeConfig, MixoutConfig, NeftuneConfig):
+class SentencePredictionRDropConfig(SentencePredictionConfig, HypeConfig, MixoutConfig, NeftuneConfig, RefusedR3FFlags):
     rdrop_alpha: float = field(default=1.0, metadata={"help": ALPHA_HELP})
 
 
@@ -73,6 +74,7 @@ class SentencePredictionRDropCriterion(SentencePredictionNeftuneCriterion):
 
     def __init__(self, cfg: SentencePredictionRDropConfig, task):
         super().__init__(cfg, task)
+        check_refused(cfg, "rdrop", RefusedR3FFlags)
         require_finite_nonnegative("--rdrop-alpha", cfg.rdrop_alpha)
         self.rdrop_alpha = float(cfg.rdrop_alpha)
         self._passes_checked = False

@@ -36,6 +36,7 @@ from omegaconf import II
 
 from hype_src.perturbation import HypeConfig, hype_forward, validate_hype_config
 from robustft_common.mixout import MixoutConfig
+from robustft_common.refusals import RefusedR3FFlags, check_refused
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
 from robustft_common.utils import unwrap_model
 from robustft_common.validation import require, require_choice, require_finite_nonnegative, require_positive
@@ -47,7 +48,7 @@ _TINY = 1e-30  # division guard of the normalised step (a token whose gradient i
 
 
 @dataclass
-class SentencePredictionSmartConfig(SentencePredictionConfig, HypeConfig, MixoutConfig):
+class SentencePredictionSmartConfig(SentencePredictionConfig, HypeConfig, MixoutConfig, RefusedR3FFlags):
     smart_lambda: float = field(default=1.0, metadata={"help": "lambda_s: weight of R_s (paper grid {1, 3, 5})"})
     smart_steps: int = field(default=1, metadata={"help": "ascent steps T on delta (paper and mt-dnn: 1)"})
     smart_step_size: float = field(default=1e-3, metadata={"help": "eta: ascent step size (paper 1e-3)"})
@@ -92,6 +93,7 @@ class SentencePredictionSmartCriterion(RobustSentencePredictionCriterion):
 
     def __init__(self, cfg: SentencePredictionSmartConfig, task):
         super().__init__(cfg, task)
+        check_refused(cfg, "smart", RefusedR3FFlags)
         self.hype_settings = validate_hype_config(cfg)
         self.lam, self.mu = float(cfg.smart_lambda), float(cfg.smart_mu)
         self.steps, self.eta = int(cfg.smart_steps), float(cfg.smart_step_size)

@@ -19,6 +19,7 @@ from omegaconf import II
 from pats_src.pats_adamax import PatsAdamax
 from pats_src.sage_adamax import SageAdamax
 from robustft_common import param_filters
+from robustft_common.refusals import RefusedChildTuningFlags, check_refused
 from robustft_common.validation import require, require_finite_nonnegative, require_positive, require_probability
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class AdamaxNoisyTuneConfig(AdamaxConfig):
 
 
 @dataclass
-class AdamaxPatsConfig(AdamaxNoisyTuneConfig):
+class AdamaxPatsConfig(AdamaxNoisyTuneConfig, RefusedChildTuningFlags):
     pats_noise: float = field(default=1e-6, metadata={"help": "PATS base noise std sigma; 0 = plain Adamax"})
     pats_beta: float = field(default=0.75, metadata={"help": "EMA decay beta of the sensitivity |theta*g|"})
     pats_margin: float = field(
@@ -328,6 +329,7 @@ class FairseqAdamaxPats(_SensitivityAdamaxOptimizer):
 
     def _validate(self, cfg):
         super()._validate(cfg)
+        check_refused(cfg, "pats", RefusedChildTuningFlags)
         require_finite_nonnegative("--pats-noise", cfg.pats_noise)
         require(0.0 <= cfg.pats_beta < 1.0, "--pats-beta", f"must be in [0, 1), got {cfg.pats_beta!r}")
         require_finite_nonnegative("--pats-margin", cfg.pats_margin)

@@ -725,10 +725,10 @@ def _bash(name: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"list": 0, "table": 0, "flags": 1, "show": 1, "bash": 1}
+    commands = {"list": 0, "table": 0, "combinations": 0, "flags": 1, "show": 1, "bash": 1}
     if not argv or argv[0] not in commands or len(argv) != 1 + commands[argv[0]]:
         print(
-            f"usage: python -m robustft_common.methods {{list|table|flags METHOD|show METHOD|bash METHOD}}; "
+            "usage: python -m robustft_common.methods {list|table|combinations|flags METHOD|show METHOD|bash METHOD}; "
             f"methods: {', '.join(METHODS)}",
             file=sys.stderr,
         )
@@ -739,6 +739,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("\n".join([*METHODS, *SEQ2SEQ_METHODS]))
         elif command == "table":
             print(methods_table_markdown(), end="")
+        elif command == "combinations":
+            for c in COMBINATIONS.values():
+                verdict = "allowed" if c.refused_by is None else f"refused (stops at {c.refused_by})"
+                print(f"{c.name}: {verdict}: {c.why}")
         elif command == "flags":
             print(shlex.join(method_flags(rest[0])))
         elif command == "show":

@@ -14,6 +14,7 @@ from fairseq.dataclass import ChoiceEnum
 from hype_src.perturbation import HypeConfig, hype_forward
 from robustft_common.kl import gaussian_symmetric_kl, symmetric_kl
 from robustft_common.mixout import MixoutConfig
+from robustft_common.refusals import RefusedNeftuneFlags, check_refused
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
 from robustft_common.spectral_norm_heads import check_dense_normalised
 from robustft_common.utils import unwrap_model
@@ -25,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SentencePredictionR3FConfig(SentencePredictionConfig, HypeConfig, MixoutConfig):
+class SentencePredictionR3FConfig(SentencePredictionConfig, HypeConfig, MixoutConfig, RefusedNeftuneFlags):
     # `--eps`, `--r3f-lambda`, `--noise-type`: the reference's flag names, kept for drop-in recipes
     # (no fairseq component defines `eps` / `noise_type`; a test checks the values arrive).
     eps: float = field(
@@ -65,6 +66,7 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
 
     def __init__(self, cfg: SentencePredictionR3FConfig, task):
         super().__init__(cfg, task)
+        check_refused(cfg, "r3f", RefusedNeftuneFlags)
         validate_r3f_flags(cfg)
         require_choice("--r3f-regression-kl", cfg.r3f_regression_kl, REGRESSION_KL)
         self.cfg = cfg

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from robustft_testing import shapes
+from robustft_testing import forkserver, shapes
 from robustft_testing.synthetic_data import write_sentence_prediction
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def run_tool(tool: str, *args, env=None, check=True, cwd=None) -> subprocess.Com
     """Run a console script of the venv (fairseq-train, fairseq-preprocess, ...) and capture output."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     full_env.update(env or {})
-    proc = subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd)
+    proc = forkserver.run([BIN / tool, *args], env=full_env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{tool} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
@@ -99,19 +99,17 @@ def run_hydra_train(*overrides, cwd, config_name="rte", check=True) -> subproces
     """`scripts/hydra_train.py` (fairseq-hydra-train with the plugin imported first) on a finetuning yaml of
     scripts/configs/finetuning, with hydra's own outputs in `cwd`."""
     full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(
+    proc = forkserver.run(
         [
             sys.executable,
-            str(REPO / "scripts" / "hydra_train.py"),
+            REPO / "scripts" / "hydra_train.py",
             "--config-dir",
-            str(REPO / "scripts" / "configs" / "finetuning"),
+            REPO / "scripts" / "configs" / "finetuning",
             "--config-name",
             config_name,
             f"hydra.run.dir={cwd}",
-            *map(str, overrides),
+            *overrides,
         ],
-        capture_output=True,
-        text=True,
         env=full_env,
         cwd=cwd,
     )

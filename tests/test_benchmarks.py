@@ -169,7 +169,7 @@ def test_ratios_match_the_raw_step_times(tiny):
         "neftune <= 1.02x vanilla",
         "mixout <= 1.15x vanilla",
         "childtuning_f <= 1.1x vanilla",
-        "smart <= 2.2x vanilla",
+        "smart <= 3.67x vanilla",
         "freelb <= 4.4x vanilla",
         "adamax_pats <= 1.08x adamax",
         "hyperdecoder <= 1.15x single_adapter",
