@@ -9,10 +9,8 @@ its config (its flags then parse, default None = not given) and calls `check_ref
 stops the run at startup naming the flag, both methods and the reason.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
 
@@ -29,31 +27,31 @@ def _refused(flag: str):
 class RefusedR3FFlags(FairseqDataclass):
     """R3F's criterion flags (rxf_src/sentence_prediction_r3f.py) on another consistency criterion."""
 
-    METHOD: ClassVar[str] = "r3f"
-    r3f_lambda: str | None = _refused("--r3f-lambda")
-    eps: str | None = _refused("--eps")
-    noise_type: str | None = _refused("--noise-type")
+    METHOD = "r3f"  # the registry method these flags belong to (not annotated: fairseq would make it a flag)
+    r3f_lambda: Optional[str] = _refused("--r3f-lambda")
+    eps: Optional[str] = _refused("--eps")
+    noise_type: Optional[str] = _refused("--noise-type")
 
 
 @dataclass
 class RefusedNeftuneFlags(FairseqDataclass):
     """NEFTune's flags (baselines_src/neftune.py) on a criterion that noises the same embeddings."""
 
-    METHOD: ClassVar[str] = "neftune"
-    neftune_alpha: str | None = _refused("--neftune-alpha")
-    neftune_length: str | None = _refused("--neftune-length")
+    METHOD = "neftune"
+    neftune_alpha: Optional[str] = _refused("--neftune-alpha")
+    neftune_length: Optional[str] = _refused("--neftune-length")
 
 
 @dataclass
 class RefusedChildTuningFlags(FairseqDataclass):
     """ChildTuning's optimizer flags (baselines_src/childtuning.py) on an optimizer without a child network."""
 
-    METHOD: ClassVar[str] = "childtuning_d"
-    childtuning_mode: str | None = _refused("--childtuning-mode")
-    childtuning_reserve_p: str | None = _refused("--childtuning-reserve-p")
-    childtuning_param_include: str | None = _refused("--childtuning-param-include")
-    childtuning_param_exclude: str | None = _refused("--childtuning-param-exclude")
-    childtuning_fisher_clip: str | None = _refused("--childtuning-fisher-clip")
+    METHOD = "childtuning_d"
+    childtuning_mode: Optional[str] = _refused("--childtuning-mode")
+    childtuning_reserve_p: Optional[str] = _refused("--childtuning-reserve-p")
+    childtuning_param_include: Optional[str] = _refused("--childtuning-param-include")
+    childtuning_param_exclude: Optional[str] = _refused("--childtuning-param-exclude")
+    childtuning_fisher_clip: Optional[str] = _refused("--childtuning-fisher-clip")
 
 
 def _combination(a: str, b: str):
@@ -67,10 +65,11 @@ def check_refused(cfg, own: str, *refused: type[FairseqDataclass]) -> None:
     """Stop if `cfg` carries a flag of a refused method (one of the `Refused*Flags` classes its config
     includes); `own` is the registry method of the component that refuses it."""
     for flags in refused:
-        given = [f.name for f in fields(flags) if getattr(cfg, f.name, None) is not None]
+        own_fields = [f.name for f in fields(flags) if not f.name.startswith("_")]  # not FairseqDataclass._name
+        given = [name for name in own_fields if getattr(cfg, name, None) is not None]
         if not given:
             continue
-        other: str = flags.METHOD  # type: ignore[attr-defined]
+        other: str = flags.METHOD
         combination = _combination(own, other)
         names = ", ".join("--" + name.replace("_", "-") for name in given)
         raise ValueError(

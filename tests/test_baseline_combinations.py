@@ -6,11 +6,13 @@ All runs share one launcher process (tests/test_distributed.py `run_launcher`): 
 tiny run. R-Drop, NEFTune and Mixout alone are in the data-parallel and resume matrices (registry methods).
 """
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from robustft_common import refusals
 from robustft_common.methods import COMBINATIONS
 from tests.fairseq_helpers import sentence_prediction_args
 from tests.test_distributed import job_error, load_state, run_launcher, split_by_job, train_records
@@ -21,6 +23,12 @@ pytestmark = pytest.mark.e2e
 UPDATES = 2
 ALLOWED = [c.name for c in COMBINATIONS.values() if c.refused_by is None]
 REFUSED = [c.name for c in COMBINATIONS.values() if c.refused_by is not None]
+REFUSAL_FLAGS = {  # flags a component accepts only to refuse them (robustft_common/refusals.py)
+    "--" + f.name.replace("_", "-")
+    for flags in (refusals.RefusedR3FFlags, refusals.RefusedNeftuneFlags, refusals.RefusedChildTuningFlags)
+    for f in dataclasses.fields(flags)
+    if not f.name.startswith("_")
+}
 
 
 def _argv(data, save_dir, *flags):
@@ -86,6 +94,9 @@ def test_refused_combination_names_the_flag(runs, name):
     _, parts = runs
     assert job_error(parts[name]) is not None, f"{name} trained"
     assert COMBINATIONS[name].refused_by in parts[name]
+    assert "unrecognized arguments" not in parts[name]  # argparse's bare message says nothing of why
+    if COMBINATIONS[name].refused_by in REFUSAL_FLAGS:  # another component's flags: the registry's reason
+        assert COMBINATIONS[name].why in parts[name]
     assert not train_records(parts[name])  # refused before the first update
 
 

@@ -408,7 +408,7 @@ def test_readme_issue18_cost_table_matches_its_benchmark():
     """R-Drop / NEFTune / Mixout were measured in a run of their own: their README rows (CPU time and peak
     memory over vanilla) are that run's committed figures."""
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("| method (issue 18) |") :]
+    section = readme[readme.index("| baseline method |") :]
     section = section[: section.index("\n\n")]
     result = "benchmarks/results/base-rdrop-neftune-mixout.json"
     assert result in readme
