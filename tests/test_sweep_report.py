@@ -97,7 +97,8 @@ def test_task_flags_follow_metric():
 
 
 @pytest.fixture(scope="module")
-def toy_sweep(tmp_path_factory):
+def toy_sweep_args(tmp_path_factory):
+    """The toy sweep's data and command line, not run (emitting jobs needs no finished run)."""
     root = tmp_path_factory.mktemp("sweep")
     data = make_sentence_prediction_data(root / "toy", n_train=32, n_valid=16)
     (root / "data").mkdir()
@@ -130,8 +131,13 @@ def toy_sweep(tmp_path_factory):
         "--extra-args",
         " ".join(map(str, TINY_ROBERTA)),
     ]
-    rc = sweep.main(argv)
-    return root, argv, rc
+    return root, argv
+
+
+@pytest.fixture(scope="module")
+def toy_sweep(toy_sweep_args):
+    root, argv = toy_sweep_args
+    return root, argv, sweep.main(argv)
 
 
 @pytest.mark.e2e
@@ -162,8 +168,8 @@ def test_sweep_restart_skips_finished_runs(toy_sweep):
     assert json.loads((run_dir / "r3f" / "seed1" / "status.json").read_text())["status"] == "ok"
 
 
-def test_emit_jobs_one_command_per_run(toy_sweep, tmp_path):
-    root, argv, _ = toy_sweep
+def test_emit_jobs_one_command_per_run(toy_sweep_args, tmp_path):
+    root, argv = toy_sweep_args
     jobs = tmp_path / "jobs.txt"
     assert sweep.main(argv + ["--seeds", "1,2", "--emit-jobs", str(jobs)]) == 0
     lines = jobs.read_text().splitlines()
