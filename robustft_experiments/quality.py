@@ -106,6 +106,21 @@ CONTROLS: dict[str, Control] = {
             ("--dropout", "0.0"),
             "HyPe's recipe sets --dropout 0.0; vanilla with only that change",
         ),
+        Control(
+            "vanilla_nodropout",
+            "Vanilla, every dropout 0 (control)",
+            "vanilla",
+            ("--dropout", "0.0", "--attention-dropout", "0.0"),
+            "no random draw left in the forward pass: the reference for hype_n_nodropout",
+        ),
+        Control(
+            "hype_n_nodropout",
+            "HyPe-N, attention dropout 0 too (control)",
+            "hype_n",
+            ("--attention-dropout", "0.0"),
+            "HyPe-N keeps attention dropout 0.1, whose masks move when the noise draws advance the global RNG; "
+            "with it off, HyPe-N and vanilla_nodropout differ only by the noise values",
+        ),
     )
 }
 
@@ -580,6 +595,12 @@ def write_report(
             + " | ".join("pending" if lrs[task][f] is None else f"{lrs[task][f]:g}" for f in families)
             + " |"
         )
+    if (results / "FINDINGS.md").exists():
+        head += [
+            "",
+            "What these tables do and do not show, and the investigations behind that (hand-written, each figure "
+            "with its source): [FINDINGS.md](FINDINGS.md).",
+        ]
     body = []
     for task in tasks:
         floor, label = floor_of(task)

@@ -189,6 +189,9 @@ class ForkServer:
             text=True,
             env=env,
             cwd=str(Path(__file__).resolve().parents[1]),
+            # its own process group: a test that signals the worker's group does not reach it (it would be
+            # restarted, at the cost of its imports); it exits when the worker closes its stdin
+            start_new_session=True,
         )
         assert self.proc.stdout is not None
         hello = self.proc.stdout.readline()
