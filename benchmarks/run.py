@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from robustft_common.methods import method_flags
+from robustft_testing import shapes
 from robustft_testing.shapes import TINY_ENCODER_DECODER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,20 +67,7 @@ class Size:
     summ_tgt_len: int = 64
 
 
-TINY_ROBERTA = (
-    "--arch",
-    "roberta_base",
-    "--encoder-layers",
-    "2",
-    "--encoder-embed-dim",
-    "64",
-    "--encoder-ffn-embed-dim",
-    "128",
-    "--encoder-attention-heads",
-    "2",
-    "--max-positions",
-    "128",
-)
+TINY_ROBERTA = (*shapes.TINY_ROBERTA, "--max-positions", "128")
 
 SIZES: dict[str, Size] = {
     "tiny": Size(

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from robustft_common.methods import ADAM, flag_value, method_flags
 from robustft_common.methods import METHODS as REGISTRY
+from robustft_testing import shapes
 from robustft_testing.synthetic_data import toy_classification
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,18 +96,7 @@ def adamax_family(method: str) -> bool:
     return method in REGISTRY and REGISTRY[method].optimizer_family == "adamax"
 
 
-TINY_ROBERTA = [
-    "--arch",
-    "roberta_base",
-    "--encoder-layers",
-    "2",
-    "--encoder-embed-dim",
-    "64",
-    "--encoder-ffn-embed-dim",
-    "128",
-    "--encoder-attention-heads",
-    "2",
-]
+TINY_ROBERTA = list(shapes.TINY_ROBERTA)
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -17,20 +17,7 @@ BIN = Path(sys.executable).parent
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", REPO.parent / "shared" / "data" / "glue"))
 
 # 2 layers, dim 64: the tiny RoBERTa every end-to-end test trains.
-TINY_ROBERTA = [
-    "--arch",
-    "roberta_base",
-    "--encoder-layers",
-    "2",
-    "--encoder-embed-dim",
-    "64",
-    "--encoder-ffn-embed-dim",
-    "128",
-    "--encoder-attention-heads",
-    "2",
-    "--max-positions",
-    "64",
-]
+TINY_ROBERTA = [*shapes.TINY_ROBERTA, "--max-positions", "64"]
 
 
 # 2 + 2 layers, dim 64: the tiny encoder-decoder shape of the BART / transformer tests (add --arch); defined in
