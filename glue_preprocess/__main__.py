@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import run_preprocess
 from .core import FORMATS, preprocess
 from .tasks import TASKS, GlueFormatError
 from .tokenization import TOKENIZERS
@@ -51,19 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    kwargs = {k: v for k, v in vars(args).items()}
-    try:
-        preprocess(**kwargs)
-    except GlueFormatError as e:
-        print(
-            f"glue_preprocess: error: {e}\n(fix the row, or pass --skip-bad-rows to skip and count such rows)",
-            file=sys.stderr,
-        )
-        return 2
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"glue_preprocess: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_preprocess("glue_preprocess", preprocess, vars(args), GlueFormatError)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from glue_preprocess.cli import run_preprocess
+
 from .core import TOKENIZERS, preprocess
 from .records import Seq2SeqFormatError
 from .registry import all_datasets
@@ -40,18 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        preprocess(**vars(args))
-    except Seq2SeqFormatError as e:
-        print(
-            f"seq2seq_preprocess: error: {e}\n(fix the row, or pass --skip-bad-rows to skip and count such rows)",
-            file=sys.stderr,
-        )
-        return 2
-    except (ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"seq2seq_preprocess: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_preprocess("seq2seq_preprocess", preprocess, vars(args), Seq2SeqFormatError)
 
 
 if __name__ == "__main__":
