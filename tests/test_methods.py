@@ -231,3 +231,26 @@ def test_glue_recipe_dry_run_uses_the_registry(method, checks, tmp_path):
         assert flag_value(args, flag) == value, (flag, args)
     assert all(f in args for f in METHODS[method].flags)  # every registry flag reached the command
     assert "--report-mcc" in args and "--num-classes" in args  # CoLA's flags from the GLUE task table
+
+
+def test_refused_flags_stop_with_the_registry_reason():
+    """A component that refuses another method's flags (robustft_common/refusals.py) names every given flag,
+    both methods and the registry's reason; without those flags it says nothing."""
+    from types import SimpleNamespace
+
+    from robustft_common import refusals
+
+    refusals.check_refused(SimpleNamespace(r3f_lambda=None, eps=None), "rdrop", refusals.RefusedR3FFlags)
+    with pytest.raises(ValueError) as err:
+        refusals.check_refused(SimpleNamespace(r3f_lambda="0.7", eps="1e-5"), "rdrop", refusals.RefusedR3FFlags)
+    text = str(err.value)
+    assert text.startswith("--r3f-lambda, --eps: R-Drop and R3F do not run together")
+    assert methods.COMBINATIONS["rdrop+r3f"].why in text
+    # every refusal class belongs to a method some refused pair names, with the flag the pair says stops it
+    for flags in (refusals.RefusedR3FFlags, refusals.RefusedNeftuneFlags, refusals.RefusedChildTuningFlags):
+        pairs = [
+            c
+            for c in methods.COMBINATIONS.values()
+            if c.refused_by and c.refused_by.lstrip("-").replace("-", "_") in flags.__dataclass_fields__
+        ]
+        assert pairs and all(flags.METHOD in c.methods for c in pairs), flags
