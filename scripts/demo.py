@@ -53,7 +53,7 @@ SCHEDULES: dict[str, dict] = {
     "demo": quality.PROTOCOL
     | {
         "train_subset": 1000,
-        "epochs": 1,  # 63 updates at batch 16: ~12 min for the 9 runs on 2 cores
+        "epochs": 1,  # 63 updates at batch 16: the whole demo 9 min on 2 idle cores (results/demo/TIME.md)
         "seeds": (1, 2, 3),
         "source": "`scripts/demo.py` (`SCHEDULES['demo']`, the quality study's protocol at demo size)",
     },
@@ -182,7 +182,7 @@ def main(argv=None) -> int:
         "--schedule",
         choices=sorted(SCHEDULES),
         default="demo",
-        help="demo: ~12 min on 2 cores; tiny: a few updates (CI)",
+        help="demo: about 9 min on 2 idle cores; tiny: a few updates (CI)",
     )
     p.add_argument("--methods", default=",".join(DEMO_METHODS), help="from the method registry")
     p.add_argument("--seeds", help="comma list (default: the schedule's)")

@@ -462,3 +462,26 @@ def test_pats_overhead_figures_match_their_committed_benchmark():
     readme = (REPO / "README.md").read_text()
     for config in ("adamax_pats", "adamax_pats_flat"):
         assert f"{configs[config]['cpu_x_baseline']:.3f}x" in readme
+
+
+def test_readme_demo_table_is_the_committed_demo_result():
+    """The README's demo table: each method's mean ± std and paired difference as the committed
+    benchmarks/results/demo/results.md reports them; the time as benchmarks/results/demo/TIME.md."""
+    readme = (REPO / "README.md").read_text()
+    result = (REPO / "benchmarks" / "results" / "demo" / "results.md").read_text()
+    rows = {}
+    for line in result.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and "(n=" in cells[1]:
+            rows[cells[0]] = (cells[1].split(" (n=")[0], cells[2].replace(" (vs Vanilla)", "").replace("wins ", ""))
+    section = readme[readme.index("| method | accuracy, mean ± std (n=3) |") :]
+    section = section[: section.index("\n\n")]
+    seen = set()
+    for line in section.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        mean, diff = rows[cells[0]]
+        assert cells[1] == mean, cells
+        assert cells[2] == ("" if diff == "baseline" else diff), cells
+        seen.add(cells[0])
+    assert seen == set(rows) and len(seen) == 3
+    assert "9 min 4 s" in readme and "9:03.76" in (REPO / "benchmarks" / "results" / "demo" / "TIME.md").read_text()
