@@ -148,6 +148,15 @@ def sentence_prediction_args(
         "--separator-token",
         "2",
         *TINY_ROBERTA,
+        *tiny_run_flags(save_dir, max_update),
+        *extra,
+    ]
+
+
+def tiny_run_flags(save_dir: Path, max_update=8) -> list:
+    """Schedule, optimizer and logging flags every tiny CPU test run shares (batch 16, adam 1e-3, json logs
+    every update, seed 1, legacy DDP)."""
+    return [
         "--batch-size",
         "16",
         "--required-batch-size-multiple",
@@ -171,7 +180,6 @@ def sentence_prediction_args(
         "--no-epoch-checkpoints",
         "--ddp-backend",
         "legacy_ddp",
-        *extra,
     ]
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from robustft_common.methods import method_flags
 from robustft_testing.synthetic_data import toy_classification
-from tests.fairseq_helpers import REPO, json_logs, sentence_prediction_args
+from tests.fairseq_helpers import REPO, json_logs, sentence_prediction_args, tiny_run_flags
 
 # fairseq-train runs / training in-process: deselected by -m 'not e2e'
 pytestmark = pytest.mark.e2e
@@ -125,29 +125,7 @@ def method_argv(method: str, sp_data: Path, t2t_data: Path, save_dir: Path, max_
             "--arch",
             "hyperdecoder_bart_tiny",
             *SEQ2SEQ_METHODS[method],
-            "--batch-size",
-            "16",
-            "--required-batch-size-multiple",
-            "1",
-            "--max-update",
-            max_update,
-            "--lr",
-            "1e-3",
-            "--optimizer",
-            "adam",
-            "--save-dir",
-            save_dir,
-            "--log-format",
-            "json",
-            "--log-interval",
-            "1",
-            "--seed",
-            "1",
-            "--num-workers",
-            "0",
-            "--no-epoch-checkpoints",
-            "--ddp-backend",
-            "legacy_ddp",
+            *tiny_run_flags(save_dir, max_update),
         ]
     return [str(a) for a in (*args, *extra)]
 

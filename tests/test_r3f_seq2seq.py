@@ -11,7 +11,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import label_smoothed_nll_l
 
 import rxf_src  # noqa: F401
 from rxf_src.embedding_noise import EncoderEmbeddingNoise, noised_forward
-from tests.fairseq_helpers import REPO, TINY_ENCODER_DECODER, json_logs, run_tool
+from tests.fairseq_helpers import REPO, TINY_ENCODER_DECODER, json_logs, run_tool, tiny_run_flags
 from tests.test_r3f import build, hand_symmetric_kl
 
 # fairseq-train runs / training in-process: deselected by -m 'not e2e'
@@ -69,29 +69,7 @@ def mt_args(data, save_dir, arch, *extra, max_update=4):
         "label_smoothed_cross_entropy_r3f",
         "--label-smoothing",
         "0.1",
-        "--batch-size",
-        "16",
-        "--required-batch-size-multiple",
-        "1",
-        "--max-update",
-        max_update,
-        "--optimizer",
-        "adam",
-        "--lr",
-        "1e-3",
-        "--save-dir",
-        save_dir,
-        "--log-format",
-        "json",
-        "--log-interval",
-        "1",
-        "--seed",
-        "1",
-        "--num-workers",
-        "0",
-        "--no-epoch-checkpoints",
-        "--ddp-backend",
-        "legacy_ddp",
+        *tiny_run_flags(save_dir, max_update),
         *extra,
     ]
 
