@@ -24,6 +24,8 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -84,7 +86,6 @@ def _run_child(request: dict) -> int:
     """In the forked child: become the requested process, run it, return its exit status."""
     import logging
     import runpy
-    import signal
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_DFL)
@@ -220,7 +221,7 @@ class ForkServer:
             return False
         return all(env.get(key) == self.base_env.get(key) for key in STARTUP_ONLY)
 
-    def run(self, argv, env: dict, cwd=None, timeout=None) -> subprocess.CompletedProcess:
+    def run(self, argv, env: dict, cwd=None, timeout: float | None = None) -> subprocess.CompletedProcess:
         argv = [str(a) for a in argv]
         with self.lock, tempfile.TemporaryDirectory(prefix="forkserver-") as tmp:
             if self.proc is None or self.proc.poll() is not None:
@@ -230,6 +231,11 @@ class ForkServer:
             request = {"argv": argv, "env": dict(env), "cwd": str(cwd or os.getcwd()), "stdout": out, "stderr": err}
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
+            if timeout is not None and not select.select([self.proc.stdout], [], [], timeout)[0]:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the server's session: the server and the run
+                self.proc.wait()
+                self.proc = None
+                raise subprocess.TimeoutExpired(argv, timeout)
             reply = self.proc.stdout.readline()
             if not reply:
                 self.proc = None
@@ -242,7 +248,7 @@ class ForkServer:
 _SERVER: ForkServer | None = None
 
 
-def run(argv, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+def run(argv, env: dict | None = None, cwd=None, timeout: float | None = None) -> subprocess.CompletedProcess:
     """`subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)`, through the fork server
     when the command allows it (a venv console script or `python script.py` / `python -m module` with the
     server's interpreter), else as a new process."""
@@ -252,8 +258,8 @@ def run(argv, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
         _SERVER = ForkServer(sys.executable)
     argv = [str(a) for a in argv]
     if _SERVER.usable(argv, env):
-        return _SERVER.run(argv, env, cwd)
-    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)
+        return _SERVER.run(argv, env, cwd, timeout)
+    return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 
 import pytest
 
+from robustft_testing import forkserver
 from tests.fairseq_helpers import REPO
 
 # fairseq-train runs / training in-process: deselected by -m 'not e2e'
@@ -61,13 +61,7 @@ BASELINES = {
 
 
 def _run(*args):
-    return subprocess.run(
-        [sys.executable, str(RUN), *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    return forkserver.run([sys.executable, RUN, *args], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from robustft_common.methods import method_flags
+from robustft_testing import forkserver
 from robustft_testing.synthetic_data import toy_classification
 from tests.fairseq_helpers import REPO, json_logs, sentence_prediction_args, tiny_run_flags
 
@@ -518,11 +519,9 @@ def test_two_rank_resume_is_exact(ddp_runs, ddp_resumed, variant):
 
 def test_fp16_check_script_cpu_smoke(tmp_path):
     out = tmp_path / "fp16"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "fp16_check.py"), "--out-dir", str(out), "--cpu-smoke"],
+    proc = forkserver.run(
+        [sys.executable, REPO / "scripts" / "fp16_check.py", "--out-dir", out, "--cpu-smoke"],
         cwd=REPO,
-        capture_output=True,
-        text=True,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
         timeout=420,
     )

@@ -73,3 +73,14 @@ def test_startup_only_settings_start_a_real_process():
     assert not server.usable(["/usr/bin/python3", "x.py"], dict(server.base_env))  # another interpreter
     assert not server.usable([sys.executable, "-c", "pass"], dict(server.base_env))
     assert not server.usable(["/usr/bin/env"], dict(server.base_env))
+
+
+def test_timeout_kills_the_run_and_the_next_run_starts_a_new_server(tmp_path):
+    script = tmp_path / "sleep.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with pytest.raises(subprocess.TimeoutExpired):
+        forkserver.run([sys.executable, str(script)], env=env, cwd=tmp_path, timeout=3)
+    probe = tmp_path / "ok.py"
+    probe.write_text("print('alive')\n")
+    assert forkserver.run([sys.executable, str(probe)], env=env, cwd=tmp_path, timeout=60).stdout == "alive\n"

@@ -7,7 +7,6 @@ import csv
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from robustft_common.methods import METHODS, method_flags
 from robustft_experiments import report, sweep
+from robustft_testing import forkserver
 from tests.fairseq_helpers import REPO, TINY_ROBERTA, make_sentence_prediction_data
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sweep_logs"
@@ -216,7 +216,5 @@ def test_scripts_are_thin_entry_points_without_path_hacks():
     for path in (REPO / "scripts").rglob("*.py"):
         assert "sys.path.insert" not in path.read_text(), path
     for name in ("sweep", "report"):
-        proc = subprocess.run(
-            [sys.executable, str(REPO / "scripts" / f"{name}.py"), "--help"], capture_output=True, text=True, cwd="/"
-        )
+        proc = forkserver.run([sys.executable, REPO / "scripts" / f"{name}.py", "--help"], cwd="/")
         assert proc.returncode == 0 and re.search(r"usage: \S+", proc.stdout), proc.stderr[-2000:]
