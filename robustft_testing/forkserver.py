@@ -229,14 +229,15 @@ class ForkServer:
             assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
             out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
             request = {"argv": argv, "env": dict(env), "cwd": str(cwd or os.getcwd()), "stdout": out, "stderr": err}
-            self.proc.stdin.write(json.dumps(request) + "\n")
-            self.proc.stdin.flush()
-            if timeout is not None and not select.select([self.proc.stdout], [], [], timeout)[0]:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the server's session: the server and the run
-                self.proc.wait()
+            server, requests, replies = self.proc, self.proc.stdin, self.proc.stdout
+            requests.write(json.dumps(request) + "\n")
+            requests.flush()
+            if timeout is not None and not select.select([replies], [], [], timeout)[0]:
+                os.killpg(server.pid, signal.SIGKILL)  # the server's session: the server and the run
+                server.wait()
                 self.proc = None
                 raise subprocess.TimeoutExpired(argv, timeout)
-            reply = self.proc.stdout.readline()
+            reply = replies.readline()
             if not reply:
                 self.proc = None
                 raise RuntimeError(f"the fork server died while running {argv}")
