@@ -336,6 +336,19 @@ def execute_all(runs: Sequence[dict], jobs: int, retry_failed: bool, echo: bool 
         list(pool.map(one, todo))
 
 
+def planned_run(task, method, seed, lr, run_dir: Path, data: Path, pretrained, n_train: int, protocol) -> dict:
+    """One run of the study: what `execute_all` needs (its folder and complete command) and what the report
+    keys it by."""
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        "lr": lr,
+        "dir": run_dir,
+        "cmd": train_command(task, method, seed, lr, data, run_dir, pretrained, n_train, protocol),
+    }
+
+
 def grid_runs(
     work: Path, runs_root: Path, glue_dir: Path, tasks, families, pretrained, protocol=PROTOCOL
 ) -> list[dict]:
@@ -348,16 +361,7 @@ def grid_runs(
             for lr in protocol["lr_grid"][family]:
                 for seed in protocol["grid_seeds"]:
                     run_dir = runs_root / "grid" / task / f"{method}@lr{lr:g}" / f"seed{seed}"
-                    runs.append(
-                        {
-                            "task": task,
-                            "method": method,
-                            "seed": seed,
-                            "lr": lr,
-                            "dir": run_dir,
-                            "cmd": train_command(task, method, seed, lr, data, run_dir, pretrained, n, protocol),
-                        }
-                    )
+                    runs.append(planned_run(task, method, seed, lr, run_dir, data, pretrained, n, protocol))
     return runs
 
 
@@ -399,16 +403,7 @@ def main_runs(
                 if lr is None:
                     continue
                 run_dir = runs_root / "main" / task / method / f"seed{seed}"
-                runs.append(
-                    {
-                        "task": task,
-                        "method": method,
-                        "seed": seed,
-                        "lr": lr,
-                        "dir": run_dir,
-                        "cmd": train_command(task, method, seed, lr, data, run_dir, pretrained, n, protocol),
-                    }
-                )
+                runs.append(planned_run(task, method, seed, lr, run_dir, data, pretrained, n, protocol))
     return runs
 
 
@@ -420,16 +415,7 @@ def anchor_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, lrs, pretrai
             continue
         data = prepare_data(work, glue_dir, task, "anchor", pretrained["model"].parent, protocol)
         run_dir = runs_root / "anchor" / task / "vanilla" / "seed1"
-        runs.append(
-            {
-                "task": task,
-                "method": "vanilla",
-                "seed": 1,
-                "lr": lr,
-                "dir": run_dir,
-                "cmd": train_command(task, "vanilla", 1, lr, data, run_dir, pretrained, train_size(data), protocol),
-            }
-        )
+        runs.append(planned_run(task, "vanilla", 1, lr, run_dir, data, pretrained, train_size(data), protocol))
     return runs
 
 
