@@ -22,6 +22,7 @@ Protocol: the server reads one JSON request per line on stdin ({"argv", "env", "
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import select
@@ -71,6 +72,7 @@ PRELOAD = (
 
 
 # --------------------------------------------------------------------------------------------- server
+@functools.cache  # the client asks once per command; the metadata scan need not repeat
 def _console_entry(script: str):
     """The function a venv console script (e.g. .../bin/fairseq-train) calls, from its package metadata."""
     from importlib.metadata import entry_points
