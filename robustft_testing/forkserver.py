@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import types
 from pathlib import Path
 
 # read by the interpreter or by torch when the process starts, so a child cannot take a new value
@@ -68,6 +69,10 @@ PRELOAD = (
     "fairseq.distributed",
     "fairseq.sequence_generator",
     "fairseq.logging.progress_bar",
+    # torch.optim.Optimizer.__init__ is wrapped in torch._disable_dynamo, whose first call imports
+    # torch._dynamo (torch/_compile.py): ~3 s of every run that builds an optimizer, more than a tiny
+    # run's own work
+    "torch._dynamo",
 )
 
 
@@ -115,6 +120,12 @@ def _run_child(request: dict) -> int:
                 sys.argv = [argv[2], *argv[3:]]
                 sys.path[0] = os.getcwd()
                 runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+            elif argv[1] == "-c":  # python -c CODE [ARG ...]: argv[0] is "-c", the path's head ""
+                sys.argv = ["-c", *argv[3:]]
+                sys.path[0] = ""
+                main = types.ModuleType("__main__")
+                sys.modules["__main__"] = main
+                exec(compile(argv[2], "<string>", "exec"), main.__dict__)
             else:
                 script = os.path.abspath(argv[1])
                 sys.argv = [script, *argv[2:]]
@@ -217,7 +228,7 @@ class ForkServer:
         if first.name.startswith("python"):
             if os.path.realpath(argv[0]) != os.path.realpath(self.python) or len(argv) < 2:
                 return False
-            if argv[1].startswith("-") and argv[1] != "-m":
+            if argv[1].startswith("-") and argv[1] not in ("-m", "-c"):
                 return False
         elif first.parent.resolve() != Path(self.python).parent.resolve() or _console_entry(argv[0]) is None:
             return False
@@ -253,8 +264,8 @@ _SERVER: ForkServer | None = None
 
 def run(argv, env: dict | None = None, cwd=None, timeout: float | None = None) -> subprocess.CompletedProcess:
     """`subprocess.run(argv, capture_output=True, text=True, env=env, cwd=cwd)`, through the fork server
-    when the command allows it (a venv console script or `python script.py` / `python -m module` with the
-    server's interpreter), else as a new process."""
+    when the command allows it (a venv console script or `python script.py` / `python -m module` /
+    `python -c code` with the server's interpreter), else as a new process."""
     global _SERVER
     env = dict(os.environ if env is None else env)
     if _SERVER is None:

@@ -3,15 +3,21 @@
 Most cases are built in-process exactly the way `fairseq_cli.train.main` does (parse -> task -> model ->
 criterion -> Trainer -> optimizer; flags checked at the first forward go through one training-mode
 forward of the criterion); three go through the real `fairseq-train` to pin the CLI contract
-(non-zero exit, flag named on stderr).
+(non-zero exit, flag named on stderr; forked from the tests' fork server, tests/test_forkserver.py).
 """
 
-import subprocess
+import os
 
 import pytest
 
+from robustft_testing import forkserver
 from tests.fairseq_helpers import BIN, REPO, sentence_prediction_args
 from tests.test_distributed import make_sp_data, make_t2t_data, method_argv
+
+# Every case starts fairseq's training stack in-process (config, task, model, criterion, Trainer, one
+# forward and backward: about a second each), the three CLI cases a fairseq-train: end-to-end, deselected
+# by -m 'not e2e' with the other runs of fairseq's training machinery
+pytestmark = pytest.mark.e2e
 
 R3F = ["--criterion", "sentence_prediction_r3f"]
 HYPE = ["--criterion", "hype_sentence_prediction"]
@@ -212,24 +218,11 @@ CLI_CASES = [
 ]
 
 
-@pytest.mark.e2e
 def test_real_cli_exits_nonzero_naming_the_flag(data):
-    procs = []
-    for i, (extra, _) in enumerate(CLI_CASES):
+    for i, (extra, text) in enumerate(CLI_CASES):
         argv = _sp_argv(data, extra)
         argv[argv.index("--save-dir") + 1] = str(data[2] / f"cli{i}")
-        procs.append(
-            subprocess.Popen(
-                [str(BIN / "fairseq-train"), *map(str, argv)],
-                cwd=REPO,
-                text=True,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env={"OMP_NUM_THREADS": "1", "PATH": str(BIN)},
-            )
-        )
-    for p, (extra, text) in zip(procs, CLI_CASES):
-        out, err = p.communicate(timeout=300)
-        assert p.returncode != 0, extra
-        assert text in err, err[-3000:]
-        assert "num_updates" not in out + err  # refused before the first update was logged
+        proc = forkserver.run([BIN / "fairseq-train", *argv], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode != 0, extra
+        assert text in proc.stderr, proc.stderr[-3000:]
+        assert "num_updates" not in proc.stdout + proc.stderr  # refused before the first update was logged

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.e2e
 
 SCRIPT = """
 import atexit, logging, os, sys
-print("argv", sys.argv[1:])
+print("argv", sys.argv[1:], os.path.basename(sys.argv[0]), repr(os.path.basename(sys.path[0])), __name__)
 print("cwd", os.getcwd())
 print("env", os.environ.get("FORKSERVER_PROBE"), "HOME" in os.environ)
 print("root handlers", len(logging.getLogger().handlers), logging.getLogger().level)
@@ -28,8 +28,9 @@ sys.exit(int(sys.argv[2]))
 """
 
 
+@pytest.mark.parametrize("form", ["script", "-c"])
 @pytest.mark.parametrize("status", [0, 3])
-def test_forked_script_equals_a_new_process(tmp_path, status):
+def test_forked_script_equals_a_new_process(tmp_path, status, form):
     script = tmp_path / "probe.py"
     script.write_text(SCRIPT)
     env = {k: v for k, v in os.environ.items() if k != "HOME"}
@@ -37,7 +38,8 @@ def test_forked_script_equals_a_new_process(tmp_path, status):
     runs = {}
     for how in ("fork", "new"):
         marker = tmp_path / f"atexit-{how}"
-        argv = [sys.executable, str(script), str(marker), str(status)]
+        program = [str(script)] if form == "script" else ["-c", SCRIPT]
+        argv = [sys.executable, *program, str(marker), str(status)]
         if how == "fork":
             assert forkserver._SERVER is None or forkserver._SERVER.usable(argv, env)
             runs[how] = forkserver.run(argv, env=env, cwd=tmp_path)
@@ -71,7 +73,7 @@ def test_startup_only_settings_start_a_real_process():
     assert not server.usable(argv, dict(server.base_env, PYTHONPATH="/elsewhere"))
     assert not server.usable(argv, dict(server.base_env, OMP_NUM_THREADS="2"))
     assert not server.usable(["/usr/bin/python3", "x.py"], dict(server.base_env))  # another interpreter
-    assert not server.usable([sys.executable, "-c", "pass"], dict(server.base_env))
+    assert not server.usable([sys.executable, "-X", "importtime", "x.py"], dict(server.base_env))  # a start-up option
     assert not server.usable(["/usr/bin/env"], dict(server.base_env))
 
 

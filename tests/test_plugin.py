@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from robustft_testing import forkserver
 from tests.fairseq_helpers import (
     REPO,
     json_logs,
@@ -24,11 +25,19 @@ def data(sp_data):
 
 
 def _python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    """`python -c code` in a process that has imported torch and fairseq but nothing of the plugin (the tests'
+    fork server: what a new interpreter whose code starts by importing fairseq would be)."""
+    return forkserver.run([sys.executable, "-c", code], cwd=REPO)
 
 
 def test_missing_fairseq_gives_install_hint():
-    proc = _python("import sys; sys.modules['fairseq'] = None; import robustft_common")
+    # a new interpreter: fairseq must never have been imported for this one
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['fairseq'] = None; import robustft_common"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.returncode != 0
     assert "robustft needs fairseq>=0.12.2" in proc.stderr and "make install" in proc.stderr
 
@@ -44,7 +53,7 @@ def test_old_fairseq_is_rejected():
 
 @pytest.mark.parametrize("user_dir", ["rxf_src", "hype_src", "pats_src", "hyperdecoder_src", "robustft"])
 def test_each_package_is_a_standalone_user_dir(user_dir):
-    # A fresh interpreter importing only this user dir, the way fairseq-train does.
+    # A process with only torch and fairseq imported loads this one user dir, the way fairseq-train does.
     proc = _python(
         "import argparse; from fairseq import utils\n"
         f"utils.import_user_module(argparse.Namespace(user_dir={str(REPO / user_dir)!r}))\n"
