@@ -26,7 +26,7 @@ $(STAMP): requirements.txt requirements-test.txt requirements-nodeps.txt setup.p
 test: install
 	bash scripts/run_tests.sh $(PYTEST_ARGS)
 
-# the unit tests alone (no fairseq-train runs), about two minutes on 2 cores
+# the unit tests alone (no fairseq-train runs, no in-process training stack), under two minutes on 2 cores
 test-unit: install
 	bash scripts/run_tests.sh -m "not e2e" $(PYTEST_ARGS)
 
