@@ -222,7 +222,9 @@ def test_real_cli_exits_nonzero_naming_the_flag(data):
     for i, (extra, text) in enumerate(CLI_CASES):
         argv = _sp_argv(data, extra)
         argv[argv.index("--save-dir") + 1] = str(data[2] / f"cli{i}")
-        proc = forkserver.run([BIN / "fairseq-train", *argv], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        proc = forkserver.run(
+            [BIN / "fairseq-train", *argv], cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300
+        )
         assert proc.returncode != 0, extra
         assert text in proc.stderr, proc.stderr[-3000:]
         assert "num_updates" not in proc.stdout + proc.stderr  # refused before the first update was logged
