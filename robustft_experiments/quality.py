@@ -17,7 +17,9 @@ Protocol (HyPe paper and README, hype.md §2; the `PROTOCOL` dict below is the o
 - learning rate: per optimizer family, a small grid is run for the family's baseline (vanilla /
   vanilla_adamax) on seeds that are not reported, trained on a 1,000-example subset of the train set
   minus 500 held-out train examples and scored on those 500; the lr with the best mean there is used by
-  every method of the family. The GLUE dev set is never used to choose anything.
+  every method of the family. A control with `lr_factors` (SAGE, whose authors prescribe a larger lr)
+  chooses its own the same way, among those multiples of its family's lr. The GLUE dev set is never used
+  to choose anything.
 
 Stages (each restartable: a run whose status.json says ok is never redone):
   grid    the learning-rate grid          RESULTS/runs/grid/<TASK>/<method>@lr<LR>/seed<S>/
@@ -84,6 +86,9 @@ class Control:
     base: str
     extra: tuple
     why: str
+    # Multiples of the family's chosen lr among which this control picks its own on the held-out grid
+    # (the family's rule: best mean final value, ties to the smaller); empty: the family's lr.
+    lr_factors: tuple = ()
 
     @property
     def baseline(self) -> str:
@@ -121,6 +126,15 @@ CONTROLS: dict[str, Control] = {
             "HyPe-N keeps attention dropout 0.1, whose masks move when the noise draws advance the global RNG; "
             "with it off, HyPe-N and vanilla_nodropout differ only by the noise values",
         ),
+        Control(
+            "sage_own_lr",
+            "SAGE at its own lr (control)",
+            "sage",
+            (),
+            "SAGE's README (pats.md §2): its lr is 'usually 2 to 5 times larger' than plain Adamax's; at the "
+            "family's lr SAGE's step U/(Ibar + e^2) x Adamax's is smaller, so it gets its own held-out choice",
+            lr_factors=(1, 2, 5),
+        ),
     )
 }
 
@@ -128,6 +142,23 @@ CONTROLS: dict[str, Control] = {
 def spec_of(name: str):
     """The registered method or the study control called `name` (label, baseline, optimizer family)."""
     return CONTROLS[name] if name in CONTROLS else get_method(name)
+
+
+def lr_group(name: str) -> str:
+    """Whose held-out choice a method's lr is: its optimizer family's, or its own (a control with
+    `lr_factors`)."""
+    spec = spec_of(name)
+    return name if getattr(spec, "lr_factors", ()) else spec.optimizer_family
+
+
+def grid_candidates(group: str, family_lrs: dict, protocol=PROTOCOL) -> tuple[str, tuple]:
+    """(method whose grid runs score the candidates, candidate lrs) of an lr group; a control's candidates
+    are multiples of its family's chosen lr, none until that is known."""
+    if group in FAMILY_BASELINE:
+        return FAMILY_BASELINE[group], tuple(protocol["lr_grid"][group])
+    control = CONTROLS[group]
+    base_lr = family_lrs.get(control.optimizer_family)
+    return control.base, () if base_lr is None else tuple(float(f"{f * base_lr:g}") for f in control.lr_factors)
 
 
 RESULTS_DIR = REPO / "benchmarks" / "results" / "quality"
@@ -349,33 +380,34 @@ def planned_run(task, method, seed, lr, run_dir: Path, data: Path, pretrained, n
     }
 
 
-def grid_runs(
-    work: Path, runs_root: Path, glue_dir: Path, tasks, families, pretrained, protocol=PROTOCOL
-) -> list[dict]:
+def grid_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, groups, pretrained, protocol=PROTOCOL) -> list[dict]:
+    """The grid runs of `groups` (families first; a control's only once its family's lr is chosen)."""
     runs = []
     for task in tasks:
         data = prepare_data(work, glue_dir, task, "grid", pretrained["model"].parent, protocol)
         n = train_size(data)
-        for family in families:
-            method = FAMILY_BASELINE[family]
-            for lr in protocol["lr_grid"][family]:
+        family_lrs = chosen_lrs(runs_root, [task], [g for g in groups if g in FAMILY_BASELINE], protocol)[task]
+        for group in groups:
+            method, candidates = grid_candidates(group, family_lrs, protocol)
+            for lr in candidates:
                 for seed in protocol["grid_seeds"]:
                     run_dir = runs_root / "grid" / task / f"{method}@lr{lr:g}" / f"seed{seed}"
                     runs.append(planned_run(task, method, seed, lr, run_dir, data, pretrained, n, protocol))
     return runs
 
 
-def chosen_lrs(runs: Path, tasks, families, protocol=PROTOCOL) -> dict[str, dict[str, float | None]]:
-    """{task: {family: lr}}: the grid lr with the best mean held-out metric (ties: the smaller lr);
-    None until every grid run of that task and family has finished."""
+def chosen_lrs(runs: Path, tasks, groups, protocol=PROTOCOL) -> dict[str, dict[str, float | None]]:
+    """{task: {group: lr}} for lr groups (optimizer families, controls with `lr_factors`): the grid lr with
+    the best mean held-out metric (ties: the smaller lr); None until every grid run of it has finished."""
     out: dict[str, dict[str, float | None]] = {}
     for task in tasks:
         metric = glue_tasks.resolve_task(task).best_metric
         out[task] = {}
-        for family in families:
-            method = FAMILY_BASELINE[family]
+        needed = set(groups) | {CONTROLS[g].optimizer_family for g in groups if g in CONTROLS}
+        for group in sorted(needed, key=lambda g: (g not in FAMILY_BASELINE, g)):  # families first
+            method, candidates = grid_candidates(group, out[task], protocol)
             means: dict[float, float] = {}
-            for lr in protocol["lr_grid"][family]:
+            for lr in candidates:
                 vals = [
                     run_result(runs / "grid" / task / f"{method}@lr{lr:g}" / f"seed{s}", metric)
                     for s in protocol["grid_seeds"]
@@ -385,7 +417,7 @@ def chosen_lrs(runs: Path, tasks, families, protocol=PROTOCOL) -> dict[str, dict
                     means = {}
                     break
                 means[lr] = statistics.fmean(finished)
-            out[task][family] = max(sorted(means), key=means.__getitem__) if means else None
+            out[task][group] = max(sorted(means), key=means.__getitem__) if means else None
     return out
 
 
@@ -399,7 +431,7 @@ def main_runs(
         n = train_size(data)
         for seed in seeds:
             for method in methods:
-                lr = lrs[task][spec_of(method).optimizer_family]
+                lr = lrs[task][lr_group(method)]
                 if lr is None:
                     continue
                 run_dir = runs_root / "main" / task / method / f"seed{seed}"
@@ -410,7 +442,7 @@ def main_runs(
 def anchor_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, lrs, pretrained, protocol=PROTOCOL) -> list[dict]:
     runs = []
     for task in tasks:
-        lr = lrs[task]["adam"]
+        lr = lrs[task].get("adam")
         if lr is None:
             continue
         data = prepare_data(work, glue_dir, task, "anchor", pretrained["model"].parent, protocol)
@@ -515,6 +547,16 @@ def plot_task(task: str, rows: list[dict], methods, path: Path, title: str, prot
     plt.close(fig)
 
 
+def lr_column(group: str, protocol=PROTOCOL, grid: bool = True) -> str:
+    """The lr table's header for an lr group, with its grid."""
+    if group in FAMILY_BASELINE:
+        cands = ", ".join(f"{x:g}" for x in protocol["lr_grid"][group])
+        return f"{group} lr" + (f" (grid {cands})" if grid else "")
+    control = CONTROLS[group]
+    factors = ", ".join(f"x{f:g}" for f in control.lr_factors)
+    return f"{control.label}: lr" + (f" (grid {factors} of the {control.optimizer_family} lr)" if grid else "")
+
+
 def git_commit() -> str:
     def git(*args):
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -540,8 +582,8 @@ def write_report(
     elsewhere (`make demo` uses the study's)."""
     results.mkdir(parents=True, exist_ok=True)
     rows = collect(runs, tasks, methods)
-    families = sorted({spec_of(m).optimizer_family for m in methods})
-    lrs = fixed_lrs if fixed_lrs is not None else chosen_lrs(runs, tasks, families, protocol)
+    groups = sorted({lr_group(m) for m in methods}, key=lambda g: (g not in FAMILY_BASELINE, g))
+    lrs = fixed_lrs if fixed_lrs is not None else chosen_lrs(runs, tasks, groups, protocol)
     n_train = f"{int(protocol['train_subset']):,}"
     anchors = {}
     for task in tasks:
@@ -565,20 +607,20 @@ def write_report(
         or "Learning rate per optimizer family, chosen on a grid of the family's baseline, seeds "
         f"{', '.join(map(str, protocol['grid_seeds']))} (not reported), trained on a {n_train}-example subset of "
         f"train minus {protocol['grid_heldout']} held-out train examples and scored on those: never on the dev "
-        "numbers below.",
+        "numbers below."
+        + (
+            " A control with its own lr chooses it the same way, among multiples of its family's chosen lr."
+            if any(g not in FAMILY_BASELINE for g in groups)
+            else ""
+        ),
         "",
-        "| task | "
-        + " | ".join(
-            f"{f} lr" + ("" if fixed_lrs else f" (grid {', '.join(f'{x:g}' for x in protocol['lr_grid'][f])})")
-            for f in families
-        )
-        + " |",
-        "|---|" + "---|" * len(families),
+        "| task | " + " | ".join(lr_column(g, protocol, grid=not fixed_lrs) for g in groups) + " |",
+        "|---|" + "---|" * len(groups),
     ]
     for task in tasks:
         head.append(
             f"| {task} | "
-            + " | ".join("pending" if lrs[task][f] is None else f"{lrs[task][f]:g}" for f in families)
+            + " | ".join("pending" if lrs[task].get(g) is None else f"{lrs[task][g]:g}" for g in groups)
             + " |"
         )
     if (results / "FINDINGS.md").exists():
@@ -664,15 +706,18 @@ def main(argv=None) -> int:
     if unknown:
         raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from grid, main, anchor, report")
     work = args.work_dir.resolve()
+    groups = sorted({lr_group(m) for m in methods}, key=lambda g: (g not in FAMILY_BASELINE, g))
     families = sorted({spec_of(m).optimizer_family for m in methods})
     needs_runs = bool(set(stages) - {"report"})
     pretrained = prepare_model(work) if needs_runs else None
     runs_root = args.results.resolve() / "runs"
     if "grid" in stages:
-        execute_all(
-            grid_runs(work, runs_root, args.glue_dir, tasks, families, pretrained), args.jobs, args.retry_failed
-        )
-    lrs = chosen_lrs(runs_root, tasks, families)
+        # families first: a control's candidates are multiples of its family's chosen lr
+        for part in (families, [g for g in groups if g not in FAMILY_BASELINE]):
+            if part:
+                runs = grid_runs(work, runs_root, args.glue_dir, tasks, part, pretrained)
+                execute_all(runs, args.jobs, args.retry_failed)
+    lrs = chosen_lrs(runs_root, tasks, groups)
     log(f"learning rates: {lrs}")
     if "main" in stages:
         execute_all(

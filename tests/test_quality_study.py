@@ -48,6 +48,33 @@ def test_lr_is_chosen_on_the_grid_mean_and_waits_for_every_grid_run(tmp_path):
     assert quality.chosen_lrs(tmp_path, ["CoLA"], ["adam"], protocol) == {"CoLA": {"adam": 1e-5}}
 
 
+def test_a_control_with_lr_factors_chooses_its_own_lr_among_multiples_of_its_family_lr(tmp_path):
+    protocol = dict(quality.PROTOCOL, lr_grid={"adamax": (1e-4, 2e-4)}, grid_seeds=(101, 102))
+    control = quality.CONTROLS["sage_own_lr"]
+    assert control.base == "sage" and control.lr_factors == (1, 2, 5)
+    assert quality.lr_group("sage_own_lr") == "sage_own_lr" and quality.lr_group("sage") == "adamax"
+    grid = tmp_path / "grid" / "CoLA"
+    # nothing to choose among until the family's lr is chosen
+    assert quality.grid_candidates("sage_own_lr", {"adamax": None}, protocol) == ("sage", ())
+    for seed, (a, b) in {101: (5, 9), 102: (7, 3)}.items():  # adamax: 1e-4 -> 6, 2e-4 -> 6: tie, smaller
+        _log(grid / f"vanilla_adamax@lr{1e-4:g}" / f"seed{seed}", "mcc", [a])
+        _log(grid / f"vanilla_adamax@lr{2e-4:g}" / f"seed{seed}", "mcc", [b])
+    assert quality.chosen_lrs(tmp_path, ["CoLA"], ["sage_own_lr"], protocol)["CoLA"] == {
+        "adamax": 1e-4,
+        "sage_own_lr": None,
+    }
+    assert quality.grid_candidates("sage_own_lr", {"adamax": 1e-4}, protocol) == ("sage", (1e-4, 2e-4, 5e-4))
+    for seed, vals in {101: (1, 8, 4), 102: (2, 6, 9)}.items():  # means 1.5, 7, 6.5
+        for lr, v in zip(("0.0001", "0.0002", "0.0005"), vals):
+            _log(grid / f"sage@lr{lr}" / f"seed{seed}", "mcc", [50, v])
+    lrs = quality.chosen_lrs(tmp_path, ["CoLA"], ["adamax", "sage_own_lr"], protocol)
+    assert lrs == {"CoLA": {"adamax": 1e-4, "sage_own_lr": 2e-4}}
+    # the control trains SAGE's registry flags, unchanged, at its own lr
+    assert quality.study_flags("sage_own_lr") == quality.study_flags("sage")
+    header = quality.lr_column("sage_own_lr", protocol)
+    assert header == "SAGE at its own lr (control): lr (grid x1, x2, x5 of the adamax lr)"
+
+
 def test_study_flags_apply_the_protocol_optimizer_settings():
     flags = quality.study_flags("r3f")
     assert flags[flags.index("--weight-decay") + 1] == "0.01"

@@ -3,10 +3,13 @@
 For the converted all-MiniLM-L6-v2 and a task's dev sentences (the quality study's binarized data), this
 measures, in eval mode (no dropout) and fp32:
 - the RMS of what each method perturbs: every Transformer layer's input (HyPe), the token embeddings (R3F,
-  NEFTune, SMART's initial delta);
+  NEFTune, SMART's initial delta), every weight (NoisyTune, applied once before training);
 - the RMS of the method's noise at the registry's recipe value, and their ratio;
+- the effect on the sentence representation the classifier reads (the last layer's output at the first
+  token): RMS of its change over its RMS;
 - the effect on the classifier: mean |logit change| over mean |logit| and the share of dev predictions that
-  change, with the noise at the recipe value and at larger scales (the same hooks, eps x 10^k).
+  change, with the noise at the recipe value and at larger scales (the same hooks, eps x 10^k; NoisyTune
+  at lambda x 10^-k, its recipe being a large perturbation already).
 
     python benchmarks/quality/noise_scale.py --work-dir /work/qwork/study --task CoLA \
         --out benchmarks/results/quality/noise_scale
@@ -79,10 +82,43 @@ def logits(model, sample) -> torch.Tensor:
     return out.float()
 
 
+def forward(model, sample) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sentence representation, logits): the classification head's input at the first token, and its output."""
+    feats: list = []
+    head = model.classification_heads["sentence_classification_head"]
+    hook = head.register_forward_pre_hook(lambda m, args: feats.append(args[0][:, 0, :].detach().float()))
+    try:
+        out = logits(model, sample)
+    finally:
+        hook.remove()
+    return feats[0], out
+
+
+def compare(clean_pass, noisy_pass, samples) -> dict:
+    """Each pass maps a sample to (representation, logits)."""
+    diffs, mags, flips, total, h_d2, h_2 = 0.0, 0.0, 0, 0, 0.0, 0.0
+    with torch.no_grad():
+        for sample in samples:
+            h_clean, clean = clean_pass(sample)
+            h_noisy, noisy = noisy_pass(sample)
+            diffs += float((noisy - clean).abs().sum())
+            mags += float(clean.abs().sum())
+            flips += int((noisy.argmax(-1) != clean.argmax(-1)).sum())
+            total += clean.size(0)
+            h_d2 += float((h_noisy - h_clean).pow(2).sum())
+            h_2 += float(h_clean.pow(2).sum())
+    return {
+        "representation_change": math.sqrt(h_d2 / h_2),
+        "logit_change": diffs / mags,
+        "predictions_changed": flips / total,
+    }
+
+
 def measure(model, samples, kind: str, scale: float, seed: int = 1):
-    """(RMS of the perturbed tensors, RMS of the noise, mean |dlogit| / mean |logit|, share of changed argmax)."""
+    """(RMS of the perturbed tensors, RMS of the noise, their ratio, representation / logit change, share of
+    changed argmax) for noise added in the forward pass."""
     gen = torch.Generator().manual_seed(seed)
-    sums = {"x2": 0.0, "n2": 0.0, "count": 0}
+    sums = {"x2": 0.0, "n2": 0.0, "count": 0, "on": False}
 
     def noise_like(x):
         if kind in ("hype_n",):
@@ -90,6 +126,8 @@ def measure(model, samples, kind: str, scale: float, seed: int = 1):
         return (torch.rand(x.shape, generator=gen) * 2 - 1) * scale  # U(-scale, scale)
 
     def perturb(x):
+        if not sums["on"]:
+            return x
         n = noise_like(x)
         sums["x2"] += float(x.float().pow(2).sum())
         sums["n2"] += float(n.pow(2).sum())
@@ -103,26 +141,39 @@ def measure(model, samples, kind: str, scale: float, seed: int = 1):
     else:  # token embeddings (R3F's and NEFTune's hook point)
         emb = model.encoder.sentence_encoder.embed_tokens
         handles.append(emb.register_forward_hook(lambda m, args, out: perturb(out)))
-    diffs, mags, flips, total = 0.0, 0.0, 0, 0
-    with torch.no_grad():
-        for sample in samples:
-            clean = logits(model, sample)
-            noisy = logits(model, sample)
-            diffs += float((noisy - clean).abs().sum())
-            mags += float(clean.abs().sum())
-            flips += int((noisy.argmax(-1) != clean.argmax(-1)).sum())
-            total += clean.size(0)
+
+    def noisy_pass(sample):
+        sums["on"] = True
+        try:
+            return forward(model, sample)
+        finally:
+            sums["on"] = False
+
+    effect = compare(lambda sample: forward(model, sample), noisy_pass, samples)
     for h in handles:
         h.remove()
     rms_x = math.sqrt(sums["x2"] / sums["count"])
     rms_n = math.sqrt(sums["n2"] / sums["count"])
-    return {
-        "rms_perturbed": rms_x,
-        "rms_noise": rms_n,
-        "noise_over_signal": rms_n / rms_x,
-        "logit_change": diffs / mags,
-        "predictions_changed": flips / total,
-    }
+    return {"rms_perturbed": rms_x, "rms_noise": rms_n, "noise_over_signal": rms_n / rms_x, **effect}
+
+
+def measure_noisytune(model, samples, noise_lambda: float, seed: int = 1):
+    """NoisyTune's one-off weight perturbation (the plugin's own kernel, `SensitivityAdamax.noisytune_`, on
+    every tensor as the registry's recipe selects them) applied to a copy of the model."""
+    import copy
+
+    from pats_src.sensitivity_adamax import SensitivityAdamax
+
+    noisy = copy.deepcopy(model)
+    before = [p.detach().clone() for p in noisy.parameters()]
+    with torch.no_grad():
+        SensitivityAdamax(list(noisy.parameters()), seed=seed).noisytune_(noise_lambda)
+    x2 = sum(float(b.pow(2).sum()) for b in before if b.numel() > 1)
+    n2 = sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(noisy.parameters(), before) if b.numel() > 1)
+    count = sum(b.numel() for b in before if b.numel() > 1)
+    effect = compare(lambda sample: forward(model, sample), lambda sample: forward(noisy, sample), samples)
+    rms_x, rms_n = math.sqrt(x2 / count), math.sqrt(n2 / count)
+    return {"rms_perturbed": rms_x, "rms_noise": rms_n, "noise_over_signal": rms_n / rms_x, **effect}
 
 
 def main(argv=None) -> int:
@@ -152,6 +203,12 @@ def main(argv=None) -> int:
             row.update(measure(model, samples, kind, base * factor))
             rows.append(row)
             print(json.dumps(row), flush=True)
+    noisytune_lambda = float(flag("noisytune", "--noisytune-lambda"))
+    for factor in (0.01, 0.1, 1):
+        row = {"method": "noisytune", "scale": noisytune_lambda * factor, "x_recipe": factor}
+        row.update(measure_noisytune(model, samples, noisytune_lambda * factor))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     result = {
         "command": "python benchmarks/quality/noise_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "task": args.task,
@@ -165,19 +222,22 @@ def main(argv=None) -> int:
         "",
         f"Command: `{result['command']}`",
         "",
-        "Noise at the registry's recipe value (x 1) and larger. RMS over every perturbed entry; logit change = "
-        "mean |logit(noisy) - logit(clean)| / mean |logit(clean)|; predictions changed = share of dev "
-        "sentences whose argmax changes. The pretrained model with the study's fresh classification head "
-        "(pooler-initialised), before fine-tuning.",
+        "Noise at the registry's recipe value (x 1) and larger (NoisyTune: smaller). RMS over every perturbed "
+        "entry (NoisyTune: every weight of two or more entries, its lambda scales each tensor's std); "
+        "representation change = RMS of the change of the last layer's output at the first token (what the "
+        "head reads) over its RMS; logit change = mean |logit(noisy) - logit(clean)| / mean |logit(clean)|; "
+        "predictions changed = share of dev sentences whose argmax changes. The pretrained model with the "
+        "study's fresh classification head (pooler-initialised), before fine-tuning.",
         "",
-        "| method | noise scale | x recipe | RMS perturbed | RMS noise | noise / signal | logit change | "
-        "predictions changed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | noise scale | x recipe | RMS perturbed | RMS noise | noise / signal | representation change | "
+        "logit change | predictions changed |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['scale']:.3g} | {r['x_recipe']} | {r['rms_perturbed']:.3g} | {r['rms_noise']:.3g} | "
-            f"{r['noise_over_signal']:.2e} | {r['logit_change']:.2e} | {100 * r['predictions_changed']:.1f} % |"
+            f"{r['noise_over_signal']:.2e} | {r['representation_change']:.2e} | {r['logit_change']:.2e} | "
+            f"{100 * r['predictions_changed']:.1f} % |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", "\n".join(lines) + "\n")):

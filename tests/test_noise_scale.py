@@ -1,0 +1,87 @@
+"""benchmarks/quality/noise_scale.py on the tiny fairseq model: the clean pass has no noise, the noisy pass
+has exactly the method's noise, and NoisyTune's perturbation is measured on a copy (checked against
+passes and sums computed here by hand)."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from tests.fairseq_helpers import REPO, sentence_prediction_args
+
+pytestmark = pytest.mark.e2e  # builds the tiny fairseq model through its hydra config
+
+
+def _noise_scale():
+    spec = importlib.util.spec_from_file_location("noise_scale", REPO / "benchmarks" / "quality" / "noise_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(sp_data, tmp_path_factory):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    import robustft  # noqa: F401  (the plugin, as --user-dir imports it)
+
+    argv = [str(a) for a in sentence_prediction_args(sp_data, tmp_path_factory.mktemp("ns"))]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model).eval()
+    task.load_dataset("valid")
+    ds = task.dataset("valid")
+    samples = [ds.collater([ds[i] for i in range(start, start + 8)]) for start in (0, 8)]
+    return model, samples
+
+
+def test_clean_pass_is_noise_free_and_noisy_pass_adds_the_method_noise(tiny):
+    ns = _noise_scale()
+    model, samples = tiny
+    scale = 0.05
+    got = ns.measure(model, samples, "hype_n", scale, seed=3)
+
+    # by hand: the same N(0, scale^2) draws, in the same order, added to every layer's input
+    gen = torch.Generator().manual_seed(3)
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, args: (args[0] + torch.randn(args[0].shape, generator=gen) * scale, *args[1:])
+        )
+        for layer in ns.layers_of(model)
+    ]
+    noisy = []
+    with torch.no_grad():
+        for sample in samples:
+            noisy.append(ns.logits(model, sample))
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        clean = [ns.logits(model, sample) for sample in samples]
+    diff = sum(float((n - c).abs().sum()) for n, c in zip(noisy, clean))
+    mag = sum(float(c.abs().sum()) for c in clean)
+    assert got["logit_change"] == pytest.approx(diff / mag, rel=1e-5)
+    assert got["logit_change"] > 0
+    assert got["rms_noise"] == pytest.approx(scale, rel=0.05)
+    # the hooks are gone: the model's own pass is the clean one again
+    with torch.no_grad():
+        assert torch.equal(ns.logits(model, samples[0]), clean[0])
+    # no noise, no change
+    zero = ns.measure(model, samples, "hype_u", 0.0)
+    assert zero["logit_change"] == 0 and zero["representation_change"] == 0
+
+
+def test_noisytune_is_measured_on_a_copy_with_the_papers_scale(tiny):
+    ns = _noise_scale()
+    model, samples = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    got = ns.measure_noisytune(model, samples, 0.15)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # U(-l/2, l/2) * std(W): variance (l std)^2 / 12 per entry, summed over the tensors of >= 2 entries
+    big = [p for p in before.values() if p.numel() > 1]
+    expected_n2 = sum(p.numel() * (0.15 * float(p.float().std())) ** 2 / 12 for p in big)
+    count = sum(p.numel() for p in big)
+    assert got["rms_noise"] == pytest.approx(math.sqrt(expected_n2 / count), rel=0.05)
+    assert got["representation_change"] > 0 and got["logit_change"] > 0
