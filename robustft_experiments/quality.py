@@ -161,6 +161,36 @@ def grid_candidates(group: str, family_lrs: dict, protocol=PROTOCOL) -> tuple[st
     return control.base, () if base_lr is None else tuple(float(f"{f * base_lr:g}") for f in control.lr_factors)
 
 
+@dataclass(frozen=True)
+class Diagnostic:
+    """A question about why a method does what the table shows, answered on the held-out grid split
+    (`grid`: trained on the grid's train subset, scored on its 500 held-out train examples) with the grid
+    seeds, so that nothing reported is looked at: `methods` (each paired with the first, its baseline)
+    at their study lr, with the protocol changed by `changes` and the extra fairseq flags `extra`."""
+
+    name: str
+    methods: tuple
+    question: str
+    changes: tuple = ()  # (PROTOCOL key, value) pairs
+    extra: tuple = ()
+
+    def protocol(self, protocol=PROTOCOL) -> dict:
+        return {**protocol, **dict(self.changes), "extra_args": tuple(self.extra)}
+
+
+DIAGNOSTICS: dict[str, Diagnostic] = {
+    d.name: d
+    for d in (
+        Diagnostic(
+            "pats_10_epochs",
+            ("vanilla_adamax", "pats"),
+            "Does PATS's noise change anything at its paper's 10 epochs (pats.md §1.5), where it accumulates "
+            "over 3.3x the updates? (At 3 epochs PATS equals vanilla Adamax to the printed digit.)",
+            changes=(("epochs", 10),),
+        ),
+    )
+}
+
 RESULTS_DIR = REPO / "benchmarks" / "results" / "quality"
 
 
@@ -451,6 +481,63 @@ def anchor_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, lrs, pretrai
     return runs
 
 
+def diagnostic_runs(
+    work: Path, runs_root: Path, glue_dir: Path, tasks, names, lrs, pretrained, protocol=PROTOCOL
+) -> list[dict]:
+    """RESULTS/runs/diagnostics/<TASK>/<name>/<method>/seed<S>/ for the grid seeds, once the lrs are known."""
+    runs = []
+    for task in tasks:
+        data = prepare_data(work, glue_dir, task, "grid", pretrained["model"].parent, protocol)
+        n = train_size(data)
+        for name in names:
+            diag = DIAGNOSTICS[name]
+            changed = diag.protocol(protocol)
+            for seed in protocol["grid_seeds"]:
+                for method in diag.methods:
+                    lr = lrs[task].get(lr_group(method))
+                    if lr is None:
+                        continue
+                    run_dir = runs_root / "diagnostics" / task / name / method / f"seed{seed}"
+                    runs.append(planned_run(task, method, seed, lr, run_dir, data, pretrained, n, changed))
+    return runs
+
+
+def diagnostic_table(runs_root: Path, task: str, diag: Diagnostic, protocol=PROTOCOL) -> str | None:
+    """Per method: the held-out metric after each epoch (mean over the grid seeds) and, for all but the
+    first method, the paired difference of the final value to the first; None before any run finished."""
+    metric = glue_tasks.resolve_task(task).best_metric
+    per_epoch: dict[str, dict[int, list[float]]] = {}
+    for method in diag.methods:
+        per_epoch[method] = {}
+        for seed in protocol["grid_seeds"]:
+            run_dir = runs_root / "diagnostics" / task / diag.name / method / f"seed{seed}"
+            if run_status(run_dir) != "ok":
+                continue
+            records = parse_valid_records((run_dir / "train.log").read_text(errors="replace"))
+            per_epoch[method][seed] = [r[metric] for r in records if metric in r]
+    if not any(per_epoch.values()):
+        return None
+    epochs = max(len(v) for seeds in per_epoch.values() for v in seeds.values())
+    finals = {m: {s: v[-1] for s, v in seeds.items() if v} for m, seeds in per_epoch.items()}
+    base = diag.methods[0]
+    lines = [
+        f"| method | held-out {metric} after epoch 1 … {epochs}, mean over seeds | final, per seed | "
+        f"vs {spec_of(base).label}: paired diff, wins |",
+        "|---|---|---|---|",
+    ]
+    for method in diag.methods:
+        seeds = per_epoch[method]
+        curve = " / ".join(
+            f"{statistics.fmean(v[e] for v in seeds.values() if len(v) > e):.1f}"
+            for e in range(epochs)
+            if any(len(v) > e for v in seeds.values())
+        )
+        each = ", ".join(f"{finals[method][s]:g} (seed {s})" for s in sorted(finals[method]))
+        diff = "baseline" if method == base else stats.paired(finals[method], finals[base]).text()
+        lines.append(f"| {spec_of(method).label} | {curve or '–'} | {each or '–'} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------------------- report
 def collect(runs: Path, tasks, methods) -> list[dict]:
     rows = []
@@ -653,6 +740,19 @@ def write_report(
                 protocol,
             )
             body.append(f"![{task}]({png.name})")
+        for diag in DIAGNOSTICS.values():
+            table = diagnostic_table(runs, task, diag, protocol)
+            if table is not None:
+                changes = ", ".join(f"{k} {v}" for k, v in diag.changes) or "none"
+                body += [
+                    "",
+                    f"### {task} diagnostic `{diag.name}` (held-out train split, grid seeds: not the dev set above)",
+                    "",
+                    f"{diag.question} Protocol changes: {changes}; extra flags: "
+                    f"{' '.join(diag.extra) or 'none'}; each method at its study lr.",
+                    "",
+                    table,
+                ]
     text = "\n".join(head + body) + "\n"
     (results / "results.md").write_text(text)
     (results / "results.json").write_text(
@@ -685,7 +785,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"'all' or a comma list of {', '.join(METHODS)} and the controls {', '.join(CONTROLS)}",
     )
     p.add_argument("--seeds", default=",".join(str(s) for s in SEEDS))
-    p.add_argument("--stages", default="grid,main,anchor,report")
+    p.add_argument("--stages", default="grid,main,anchor,report", help="of grid, main, anchor, diagnostics, report")
+    p.add_argument(
+        "--diagnostics",
+        default="all",
+        help=f"'all' or a comma list of {', '.join(DIAGNOSTICS)} (the diagnostics stage's runs)",
+    )
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     p.add_argument("--retry-failed", action="store_true")
     return p
@@ -702,10 +807,16 @@ def main(argv=None) -> int:
     )
     seeds = [int(s) for s in args.seeds.split(",") if s]
     stages = [s for s in args.stages.split(",") if s]
-    unknown = set(stages) - {"grid", "main", "anchor", "report"}
+    unknown = set(stages) - {"grid", "main", "anchor", "diagnostics", "report"}
     if unknown:
-        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from grid, main, anchor, report")
+        raise SystemExit(f"--stages: unknown {sorted(unknown)}; choose from grid, main, anchor, diagnostics, report")
+    diagnostics = list(DIAGNOSTICS) if args.diagnostics == "all" else [d for d in args.diagnostics.split(",") if d]
+    unknown = set(diagnostics) - set(DIAGNOSTICS)
+    if unknown:
+        raise SystemExit(f"--diagnostics: unknown {sorted(unknown)}; choose from {', '.join(DIAGNOSTICS)}")
     work = args.work_dir.resolve()
+    if "diagnostics" in stages:  # their methods need their lrs
+        methods += [m for d in diagnostics for m in DIAGNOSTICS[d].methods if m not in methods]
     groups = sorted({lr_group(m) for m in methods}, key=lambda g: (g not in FAMILY_BASELINE, g))
     families = sorted({spec_of(m).optimizer_family for m in methods})
     needs_runs = bool(set(stages) - {"report"})
@@ -727,6 +838,9 @@ def main(argv=None) -> int:
         )
     if "anchor" in stages:
         execute_all(anchor_runs(work, runs_root, args.glue_dir, tasks, lrs, pretrained), args.jobs, args.retry_failed)
+    if "diagnostics" in stages:
+        runs = diagnostic_runs(work, runs_root, args.glue_dir, tasks, diagnostics, lrs, pretrained)
+        execute_all(runs, args.jobs, args.retry_failed)
     if "report" in stages:
         print(write_report(runs_root, args.results.resolve(), tasks, methods, command))
     return 0

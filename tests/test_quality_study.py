@@ -75,6 +75,55 @@ def test_a_control_with_lr_factors_chooses_its_own_lr_among_multiples_of_its_fam
     assert header == "SAGE at its own lr (control): lr (grid x1, x2, x5 of the adamax lr)"
 
 
+def test_diagnostic_runs_change_only_the_protocol_they_name_and_score_on_held_out_train(tmp_path, monkeypatch):
+    diag = quality.DIAGNOSTICS["pats_10_epochs"]
+    assert diag.methods == ("vanilla_adamax", "pats") and dict(diag.changes) == {"epochs": 10}
+    data = tmp_path / "grid-bin"
+    (data / "label").mkdir(parents=True)
+    (data / "label" / "train.label").write_text("1\n" * 1000)
+    pretrained = {"model": tmp_path / "m" / "model.pt", "train_args": []}
+    monkeypatch.setattr(quality, "prepare_data", lambda *a, **k: data)  # no binarization in this unit test
+    runs = quality.diagnostic_runs(
+        tmp_path, tmp_path / "runs", tmp_path, ["CoLA"], ["pats_10_epochs"], {"CoLA": {"adamax": 2e-4}}, pretrained
+    )
+    assert [(r["method"], r["seed"]) for r in runs] == [
+        ("vanilla_adamax", 101),
+        ("pats", 101),
+        ("vanilla_adamax", 102),
+        ("pats", 102),
+    ]
+    study = quality.train_command("CoLA", "pats", 101, 2e-4, data, tmp_path / "x", pretrained, 1000)
+    cmd = runs[1]["cmd"]
+    assert cmd[cmd.index("--max-epoch") + 1] == "10" and cmd[cmd.index("--max-update") + 1] == str(10 * 63)
+    assert cmd[cmd.index("--warmup-updates") + 1] == "63"
+
+    # everything else is the study's command of the same run
+    def rest(c):
+        c = list(c)
+        for flag in ("--max-epoch", "--max-update", "--total-num-update", "--warmup-updates", "--save-dir"):
+            del c[c.index(flag) : c.index(flag) + 2]
+        return c
+
+    assert rest(cmd) == rest(study)
+    assert runs[1]["dir"] == tmp_path / "runs" / "diagnostics" / "CoLA" / "pats_10_epochs" / "pats" / "seed101"
+
+
+def test_diagnostic_table_pairs_final_held_out_values(tmp_path):
+    diag = quality.DIAGNOSTICS["pats_10_epochs"]
+    root = tmp_path / "diagnostics" / "CoLA" / "pats_10_epochs"
+    assert quality.diagnostic_table(tmp_path, "CoLA", diag) is None
+    _log(root / "vanilla_adamax" / "seed101", "mcc", [0, 10, 20])
+    _log(root / "vanilla_adamax" / "seed102", "mcc", [0, 14, 30])
+    _log(root / "pats" / "seed101", "mcc", [0, 12, 23])
+    _log(root / "pats" / "seed102", "mcc", [2, 12, 29])
+    table = quality.diagnostic_table(tmp_path, "CoLA", diag)
+    adamax = next(line for line in table.splitlines() if line.startswith("| Vanilla (Adamax) |"))
+    assert "| 0.0 / 12.0 / 25.0 |" in adamax and "20 (seed 101), 30 (seed 102)" in adamax
+    pats = next(line for line in table.splitlines() if line.startswith(f"| {get_method('pats').label} |"))
+    # diffs +3, -1: mean +1, sd 2.83, t(0.975, 1) = 12.706 -> half-width 25.41
+    assert "| 1.0 / 12.0 / 26.0 |" in pats and "+1.00 [-24.41, +26.41], wins 1/2" in pats
+
+
 def test_study_flags_apply_the_protocol_optimizer_settings():
     flags = quality.study_flags("r3f")
     assert flags[flags.index("--weight-decay") + 1] == "0.01"
