@@ -416,7 +416,7 @@ def grid_runs(work: Path, runs_root: Path, glue_dir: Path, tasks, groups, pretra
     for task in tasks:
         data = prepare_data(work, glue_dir, task, "grid", pretrained["model"].parent, protocol)
         n = train_size(data)
-        family_lrs = chosen_lrs(runs_root, [task], [g for g in groups if g in FAMILY_BASELINE], protocol)[task]
+        family_lrs = chosen_lrs(runs_root, [task], groups, protocol)[task]  # with every group's family
         for group in groups:
             method, candidates = grid_candidates(group, family_lrs, protocol)
             for lr in candidates:

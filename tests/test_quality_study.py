@@ -48,7 +48,10 @@ def test_lr_is_chosen_on_the_grid_mean_and_waits_for_every_grid_run(tmp_path):
     assert quality.chosen_lrs(tmp_path, ["CoLA"], ["adam"], protocol) == {"CoLA": {"adam": 1e-5}}
 
 
-def test_a_control_with_lr_factors_chooses_its_own_lr_among_multiples_of_its_family_lr(tmp_path):
+def test_a_control_with_lr_factors_chooses_its_own_lr_among_multiples_of_its_family_lr(tmp_path, monkeypatch):
+    data = tmp_path / "grid-bin"
+    (data / "label").mkdir(parents=True)
+    (data / "label" / "train.label").write_text("1\n" * 1000)
     protocol = dict(quality.PROTOCOL, lr_grid={"adamax": (1e-4, 2e-4)}, grid_seeds=(101, 102))
     control = quality.CONTROLS["sage_own_lr"]
     assert control.base == "sage" and control.lr_factors == (1, 2, 5)
@@ -69,6 +72,14 @@ def test_a_control_with_lr_factors_chooses_its_own_lr_among_multiples_of_its_fam
             _log(grid / f"sage@lr{lr}" / f"seed{seed}", "mcc", [50, v])
     lrs = quality.chosen_lrs(tmp_path, ["CoLA"], ["adamax", "sage_own_lr"], protocol)
     assert lrs == {"CoLA": {"adamax": 1e-4, "sage_own_lr": 2e-4}}
+    # the grid stage asked for the control alone plans its runs from its family's finished grid
+    monkeypatch.setattr(quality, "prepare_data", lambda *a, **k: data)
+    pretrained = {"model": tmp_path / "m" / "model.pt", "train_args": []}
+    runs = quality.grid_runs(tmp_path, tmp_path, tmp_path, ["CoLA"], ["sage_own_lr"], pretrained, protocol)
+    assert [(r["method"], r["lr"], r["seed"]) for r in runs] == [
+        ("sage", lr, seed) for lr in (1e-4, 2e-4, 5e-4) for seed in (101, 102)
+    ]
+    assert runs[2]["dir"] == grid / "sage@lr0.0002" / "seed101"
     # the control trains SAGE's registry flags, unchanged, at its own lr
     assert quality.study_flags("sage_own_lr") == quality.study_flags("sage")
     header = quality.lr_column("sage_own_lr", protocol)
