@@ -89,6 +89,9 @@ class Control:
     # Multiples of the family's chosen lr among which this control picks its own on the held-out grid
     # (the family's rule: best mean final value, ties to the smaller); empty: the family's lr.
     lr_factors: tuple = ()
+    # (method, reference) pairs the report compares per seed because of this control, beside the table's
+    # comparison with the baseline
+    comparisons: tuple = ()
 
     @property
     def baseline(self) -> str:
@@ -110,6 +113,7 @@ CONTROLS: dict[str, Control] = {
             "vanilla",
             ("--dropout", "0.0"),
             "HyPe's recipe sets --dropout 0.0; vanilla with only that change",
+            comparisons=(("hype_n", "vanilla_dropout0"), ("hype_r3f", "vanilla_dropout0")),
         ),
         Control(
             "vanilla_nodropout",
@@ -125,6 +129,17 @@ CONTROLS: dict[str, Control] = {
             ("--attention-dropout", "0.0"),
             "HyPe-N keeps attention dropout 0.1, whose masks move when the noise draws advance the global RNG; "
             "with it off, HyPe-N and vanilla_nodropout differ only by the noise values",
+            comparisons=(("hype_n_nodropout", "vanilla_nodropout"),),
+        ),
+        Control(
+            "hype_n_eps0",
+            "HyPe-N, eps 0 (control)",
+            "hype_n",
+            ("--hype-eps", "0"),
+            "HyPe-N drawing its noise (the same random numbers, so the same dropout masks as HyPe-N) but adding "
+            "0: separates the noise's effect (hype_n vs this) from the shift of the random stream (this vs "
+            "vanilla_dropout0)",
+            comparisons=(("hype_n", "hype_n_eps0"), ("hype_n_eps0", "vanilla_dropout0")),
         ),
         Control(
             "sage_own_lr",
@@ -134,6 +149,7 @@ CONTROLS: dict[str, Control] = {
             "SAGE's README (pats.md §2): its lr is 'usually 2 to 5 times larger' than plain Adamax's; at the "
             "family's lr SAGE's step U/(Ibar + e^2) x Adamax's is smaller, so it gets its own held-out choice",
             lr_factors=(1, 2, 5),
+            comparisons=(("sage_own_lr", "sage"),),
         ),
     )
 }
@@ -205,9 +221,16 @@ def num_updates(n_train: int, protocol=PROTOCOL) -> int:
 
 def study_flags(method: str, protocol=PROTOCOL) -> list[str]:
     """The method's registry flags with the protocol's optimizer settings (betas, weight decay); a
-    control's extra flags come last."""
+    control's extra (flag, value) pairs replace the base's value or come last."""
     if method in CONTROLS:
-        return study_flags(CONTROLS[method].base, protocol) + list(CONTROLS[method].extra)
+        flags = study_flags(CONTROLS[method].base, protocol)
+        extra = list(CONTROLS[method].extra)
+        for i in range(0, len(extra), 2):  # a flag the base has gets the control's value in its place
+            if extra[i] in flags:
+                flags[flags.index(extra[i]) + 1] = extra[i + 1]
+            else:
+                flags += extra[i : i + 2]
+        return flags
     family = get_method(method).optimizer_family
     overrides = {"--weight-decay": str(protocol["weight_decay"])}
     if family == "adam":
@@ -598,6 +621,22 @@ def task_table(task: str, rows: list[dict], methods, protocol=PROTOCOL) -> str:
     return "\n".join(lines) + "\n"
 
 
+def comparisons_table(task: str, rows: list[dict], methods) -> str | None:
+    """The paired comparisons the controls among `methods` ask for, where both rows have finished seeds."""
+    per = stats.by_seed([r for r in rows if r["task"] == task])
+    lines = []
+    for name in methods:
+        if name not in CONTROLS:
+            continue
+        for a, b in CONTROLS[name].comparisons:
+            if per.get((task, a)) and per.get((task, b)):
+                diff = stats.paired(per[(task, a)], per[(task, b)]).text()
+                lines.append(f"| {spec_of(a).label} − {spec_of(b).label} | {diff} | {name} |")
+    if not lines:
+        return None
+    return "\n".join(["| comparison | mean paired diff [95 % CI], wins | asked by |", "|---|---|---|", *lines]) + "\n"
+
+
 def plot_task(task: str, rows: list[dict], methods, path: Path, title: str, protocol=PROTOCOL) -> None:
     import logging
 
@@ -728,6 +767,9 @@ def write_report(
                 f"(best epoch {anchors[task]['best']:.2f}).  "
             )
         body += ["", task_table(task, rows, methods, protocol)]
+        compared = comparisons_table(task, rows, methods)
+        if compared:
+            body += ["Controls, compared per seed:", "", compared]
         if any(r["value"] is not None for r in rows if r["task"] == task):
             png = results / f"{task}.png"
             plot_task(

@@ -177,3 +177,22 @@ def test_dropout_control_is_vanilla_with_only_dropout_off():
     assert quality.spec_of("vanilla_dropout0").optimizer_family == "adam"
     with pytest.raises(ValueError, match="unknown method"):
         quality.spec_of("nope")
+
+
+def test_eps0_control_replaces_hype_eps_and_report_compares_it(tmp_path):
+    hype, control = quality.study_flags("hype_n"), quality.study_flags("hype_n_eps0")
+    assert control.count("--hype-eps") == 1 and control[control.index("--hype-eps") + 1] == "0"
+    i = hype.index("--hype-eps")
+    assert control[: i + 1] + control[i + 2 :] == hype[: i + 1] + hype[i + 2 :]
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for seed, (v, d, h, e) in {1: (1, 5, 3, 3), 2: (2, 7, 4, 4), 3: (0, 6, 5, 5)}.items():
+        for method, value in (("vanilla", v), ("vanilla_dropout0", d), ("hype_n", h), ("hype_n_eps0", e)):
+            _log(runs / "main" / "CoLA" / method / f"seed{seed}", "mcc", [value])
+    methods = ["vanilla", "hype_n", "vanilla_dropout0", "hype_n_eps0"]
+    text = quality.write_report(runs, results, ["CoLA"], methods, "python run.py")
+    lines = text.splitlines()
+    same = next(line for line in lines if line.startswith("| HyPe-N − HyPe-N, eps 0 (control) |"))
+    assert "+0.00 [+0.00, +0.00], wins 0/3" in same
+    # eps 0 - dropout 0: -2, -3, -1: mean -2, sd 1, half-width 4.3027 / sqrt(3) = 2.48
+    stream = next(line for line in lines if line.startswith("| HyPe-N, eps 0 (control) − Vanilla, dropout 0"))
+    assert "-2.00 [-4.48, +0.48], wins 0/3" in stream
