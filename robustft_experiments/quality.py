@@ -151,6 +151,16 @@ CONTROLS: dict[str, Control] = {
             lr_factors=(1, 2, 5),
             comparisons=(("sage_own_lr", "sage"),),
         ),
+        Control(
+            "vanilla_adamax_own_lr",
+            "Vanilla (Adamax) at its own lr (control)",
+            "vanilla_adamax",
+            (),
+            "sage_own_lr's reference: plain Adamax given the same choice (x1/x2/x5 its family's lr, held-out), "
+            "so that SAGE's gain at a larger lr is not just the larger lr",
+            lr_factors=(1, 2, 5),
+            comparisons=(("sage_own_lr", "vanilla_adamax_own_lr"),),
+        ),
     )
 }
 
