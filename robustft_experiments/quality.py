@@ -45,6 +45,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -648,6 +649,8 @@ def comparisons_table(task: str, rows: list[dict], methods) -> str | None:
 
 
 def plot_task(task: str, rows: list[dict], methods, path: Path, title: str, protocol=PROTOCOL) -> None:
+    """One row per method (top to bottom in `methods` order): every seed's point and the mean; the metric
+    axis starts at the task's floor (majority class, MCC 0), lower only when a seed falls below it."""
     import logging
 
     import matplotlib
@@ -659,27 +662,29 @@ def plot_task(task: str, rows: list[dict], methods, path: Path, title: str, prot
     per = stats.by_seed([r for r in rows if r["task"] == task])
     shown = [m for m in methods if per.get((task, m))]
     floor, floor_label = floor_of(task)
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(shown) + 2), 4))
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(shown) + 1.6))
     low = floor
-    for x, method in enumerate(shown):
+    for y, method in enumerate(shown):
         seeds = sorted(per[(task, method)])
-        ys = [per[(task, method)][s] for s in seeds]
-        offsets = [(i - (len(ys) - 1) / 2) * 0.08 for i in range(len(ys))]
-        ax.scatter([x + o for o in offsets], ys, s=18, color="tab:blue", zorder=3, label="one seed" if x == 0 else "")
-        ax.hlines(
-            statistics.fmean(ys), x - 0.3, x + 0.3, color="k", zorder=4, label="mean over seeds" if x == 0 else ""
+        xs = [per[(task, method)][s] for s in seeds]
+        offsets = [(i - (len(xs) - 1) / 2) * 0.06 for i in range(len(xs))]
+        ax.scatter(xs, [y + o for o in offsets], s=16, color="tab:blue", zorder=3, label="one seed" if y == 0 else "")
+        ax.vlines(
+            statistics.fmean(xs), y - 0.3, y + 0.3, color="k", zorder=4, label="mean over seeds" if y == 0 else ""
         )
-        low = min(low, min(ys))
+        low = min(low, min(xs))
     if floor_label:
-        ax.axhline(floor, color="tab:red", linestyle="--", linewidth=1, label=f"{floor_label} ({floor:.1f})")
-    ax.set_ylim(math.floor(low) - 1, None)  # starts at the floor, or lower if a seed fell below it
-    ax.set_xticks(range(len(shown)))
-    ax.set_xticklabels([spec_of(m).label for m in shown], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"dev {glue_tasks.resolve_task(task).best_metric} after {protocol['epochs']} epochs")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+        ax.axvline(floor, color="tab:red", linestyle="--", linewidth=1, label=f"{floor_label} ({floor:.1f})")
+    ax.set_xlim(math.floor(low) - 1, None)  # starts at the floor, or lower if a seed fell below it
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([f"{spec_of(m).label} (n={len(per[(task, m)])})" for m in shown], fontsize=8)
+    ax.set_ylim(len(shown) - 0.5, -0.5)  # first method on top
+    ax.grid(axis="x", linewidth=0.3)
+    ax.set_xlabel(f"dev {glue_tasks.resolve_task(task).best_metric} after {protocol['epochs']} epochs")
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.9 / fig.get_figheight()), ncol=3, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
