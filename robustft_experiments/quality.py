@@ -178,6 +178,16 @@ def lr_group(name: str) -> str:
     return name if getattr(spec, "lr_factors", ()) else spec.optimizer_family
 
 
+def families_first(group: str) -> tuple:
+    """Sort key of lr groups: a control's candidates need its family's choice first."""
+    return (group not in FAMILY_BASELINE, group)
+
+
+def lr_groups(methods) -> list[str]:
+    """The lr groups `methods` train with, families first."""
+    return sorted({lr_group(m) for m in methods}, key=families_first)
+
+
 def grid_candidates(group: str, family_lrs: dict, protocol=PROTOCOL) -> tuple[str, tuple]:
     """(method whose grid runs score the candidates, candidate lrs) of an lr group; a control's candidates
     are multiples of its family's chosen lr, none until that is known."""
@@ -233,20 +243,19 @@ def num_updates(n_train: int, protocol=PROTOCOL) -> int:
 def study_flags(method: str, protocol=PROTOCOL) -> list[str]:
     """The method's registry flags with the protocol's optimizer settings (betas, weight decay); a
     control's extra (flag, value) pairs replace the base's value or come last."""
-    if method in CONTROLS:
-        flags = study_flags(CONTROLS[method].base, protocol)
-        extra = list(CONTROLS[method].extra)
-        for i in range(0, len(extra), 2):  # a flag the base has gets the control's value in its place
-            if extra[i] in flags:
-                flags[flags.index(extra[i]) + 1] = extra[i + 1]
-            else:
-                flags += extra[i : i + 2]
-        return flags
-    family = get_method(method).optimizer_family
+    control = CONTROLS.get(method)
+    base = control.base if control else method
     overrides = {"--weight-decay": str(protocol["weight_decay"])}
-    if family == "adam":
+    if get_method(base).optimizer_family == "adam":
         overrides["--adam-betas"] = str(protocol["adam_betas"])
-    return method_flags(method, overrides)
+    extra = list(control.extra) if control else []
+    appended: list[str] = []
+    for flag, value in zip(extra[::2], extra[1::2]):  # a flag the base has gets the control's value in place
+        if flag in get_method(base).flags:
+            overrides[flag] = value
+        else:
+            appended += [flag, value]
+    return method_flags(base, overrides) + appended
 
 
 def train_command(
@@ -468,7 +477,7 @@ def chosen_lrs(runs: Path, tasks, groups, protocol=PROTOCOL) -> dict[str, dict[s
         metric = glue_tasks.resolve_task(task).best_metric
         out[task] = {}
         needed = set(groups) | {CONTROLS[g].optimizer_family for g in groups if g in CONTROLS}
-        for group in sorted(needed, key=lambda g: (g not in FAMILY_BASELINE, g)):  # families first
+        for group in sorted(needed, key=families_first):
             method, candidates = grid_candidates(group, out[task], protocol)
             means: dict[float, float] = {}
             for lr in candidates:
@@ -723,7 +732,7 @@ def write_report(
     elsewhere (`make demo` uses the study's)."""
     results.mkdir(parents=True, exist_ok=True)
     rows = collect(runs, tasks, methods)
-    groups = sorted({lr_group(m) for m in methods}, key=lambda g: (g not in FAMILY_BASELINE, g))
+    groups = lr_groups(methods)
     lrs = fixed_lrs if fixed_lrs is not None else chosen_lrs(runs, tasks, groups, protocol)
     n_train = f"{int(protocol['train_subset']):,}"
     anchors = {}
@@ -874,7 +883,7 @@ def main(argv=None) -> int:
     work = args.work_dir.resolve()
     if "diagnostics" in stages:  # their methods need their lrs
         methods += [m for d in diagnostics for m in DIAGNOSTICS[d].methods if m not in methods]
-    groups = sorted({lr_group(m) for m in methods}, key=lambda g: (g not in FAMILY_BASELINE, g))
+    groups = lr_groups(methods)
     families = sorted({spec_of(m).optimizer_family for m in methods})
     needs_runs = bool(set(stages) - {"report"})
     pretrained = prepare_model(work) if needs_runs else None
