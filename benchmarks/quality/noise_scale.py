@@ -168,9 +168,10 @@ def measure_noisytune(model, samples, noise_lambda: float, seed: int = 1):
     before = [p.detach().clone() for p in noisy.parameters()]
     with torch.no_grad():
         SensitivityAdamax(list(noisy.parameters()), seed=seed).noisytune_(noise_lambda)
-    x2 = sum(float(b.pow(2).sum()) for b in before if b.numel() > 1)
-    n2 = sum(float((p.detach() - b).pow(2).sum()) for p, b in zip(noisy.parameters(), before) if b.numel() > 1)
-    count = sum(b.numel() for b in before if b.numel() > 1)
+    perturbed = [(p.detach(), b) for p, b in zip(noisy.parameters(), before) if b.numel() > 1]  # as noisytune_
+    x2 = sum(float(b.pow(2).sum()) for _, b in perturbed)
+    n2 = sum(float((p - b).pow(2).sum()) for p, b in perturbed)
+    count = sum(b.numel() for _, b in perturbed)
     effect = compare(lambda sample: forward(model, sample), lambda sample: forward(noisy, sample), samples)
     rms_x, rms_n = math.sqrt(x2 / count), math.sqrt(n2 / count)
     return {"rms_perturbed": rms_x, "rms_noise": rms_n, "noise_over_signal": rms_n / rms_x, **effect}
