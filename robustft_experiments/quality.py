@@ -697,6 +697,25 @@ def plot_task(task: str, rows: list[dict], methods, path: Path, title: str, prot
     plt.close(fig)
 
 
+def grid_edge(group: str, lrs: dict, protocol=PROTOCOL) -> str | None:
+    """'top' / 'bottom' when an lr group's choice is the largest / smallest of its candidates (a larger or
+    smaller lr, not tried, might score better on the held-out examples), else None."""
+    lr = lrs.get(group)
+    candidates = grid_candidates(group, lrs, protocol)[1]
+    if lr is None or len(candidates) < 2:
+        return None
+    return "top" if lr == max(candidates) else "bottom" if lr == min(candidates) else None
+
+
+def lr_cell(group: str, lrs: dict, protocol=PROTOCOL, grid: bool = True) -> str:
+    """An lr table cell: the choice, marked when it lies at its grid's edge."""
+    lr = lrs.get(group)
+    if lr is None:
+        return "pending"
+    edge = grid_edge(group, lrs, protocol) if grid else None
+    return f"{lr:g}" + (f" (grid's {edge})" if edge else "")
+
+
 def lr_column(group: str, protocol=PROTOCOL, grid: bool = True) -> str:
     """The lr table's header for an lr group, with its grid."""
     if group in FAMILY_BASELINE:
@@ -769,10 +788,16 @@ def write_report(
     ]
     for task in tasks:
         head.append(
-            f"| {task} | "
-            + " | ".join("pending" if lrs[task].get(g) is None else f"{lrs[task][g]:g}" for g in groups)
-            + " |"
+            f"| {task} | " + " | ".join(lr_cell(g, lrs[task], protocol, grid=not fixed_lrs) for g in groups) + " |"
         )
+    if not fixed_lrs and any(grid_edge(g, lrs[t], protocol) for t in tasks for g in groups):
+        head += [
+            "",
+            "A choice at its grid's edge: a larger (smaller) lr, not tried, might score better on the held-out "
+            "examples. Every method of a family trains at the family's choice, so its paired difference is "
+            "measured at that lr; where the own-lr controls were run, they show what a method and its baseline "
+            "do when each may choose again.",
+        ]
     if (results / "FINDINGS.md").exists():
         head += [
             "",

@@ -196,3 +196,22 @@ def test_eps0_control_replaces_hype_eps_and_report_compares_it(tmp_path):
     # eps 0 - dropout 0: -2, -3, -1: mean -2, sd 1, half-width 4.3027 / sqrt(3) = 2.48
     stream = next(line for line in lines if line.startswith("| HyPe-N, eps 0 (control) − Vanilla, dropout 0"))
     assert "-2.00 [-4.48, +0.48], wins 0/3" in stream
+
+
+def test_lr_table_marks_a_choice_at_the_grid_edge(tmp_path):
+    protocol = dict(quality.PROTOCOL, lr_grid={"adam": (1e-5, 2e-5, 4e-5)}, grid_seeds=(101,))
+    grid = tmp_path / "runs" / "grid" / "CoLA"
+    for lr, v in ((1e-5, 3), (2e-5, 5), (4e-5, 9)):  # the largest wins
+        _log(grid / f"vanilla@lr{lr:g}" / "seed101", "mcc", [v])
+    lrs = quality.chosen_lrs(tmp_path / "runs", ["CoLA"], ["adam"], protocol)["CoLA"]
+    assert quality.grid_edge("adam", lrs, protocol) == "top"
+    assert quality.lr_cell("adam", lrs, protocol) == "4e-05 (grid's top)"
+    assert quality.lr_cell("adam", lrs, protocol, grid=False) == "4e-05"  # an lr fixed elsewhere has no grid
+    assert quality.grid_edge("adam", {"adam": 2e-5}, protocol) is None
+    assert quality.grid_edge("adam", {"adam": 1e-5}, protocol) == "bottom"
+    assert quality.lr_cell("adam", {"adam": None}, protocol) == "pending"
+    text = quality.write_report(
+        tmp_path / "runs", tmp_path / "results", ["CoLA"], ["vanilla"], "python run.py", protocol
+    )
+    assert "| CoLA | 4e-05 (grid's top) |" in text
+    assert "A choice at its grid's edge" in text
