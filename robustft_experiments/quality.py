@@ -153,6 +153,15 @@ CONTROLS: dict[str, Control] = {
             comparisons=(("sage_own_lr", "sage"),),
         ),
         Control(
+            "vanilla_own_lr",
+            "Vanilla (Adam) at its own lr (control)",
+            "vanilla",
+            (),
+            "where the Adam family's grid is won at its top (SST-2), vanilla given a second held-out choice "
+            "(x1, x2, x5 the family's lr) shows whether the family's lr undersells the baseline",
+            lr_factors=(1, 2, 5),
+        ),
+        Control(
             "vanilla_adamax_own_lr",
             "Vanilla (Adamax) at its own lr (control)",
             "vanilla_adamax",

@@ -215,3 +215,11 @@ def test_lr_table_marks_a_choice_at_the_grid_edge(tmp_path):
     )
     assert "| CoLA | 4e-05 (grid's top) |" in text
     assert "A choice at its grid's edge" in text
+
+
+def test_vanilla_own_lr_control_is_vanilla_choosing_again_among_multiples():
+    assert quality.study_flags("vanilla_own_lr") == quality.study_flags("vanilla")
+    assert quality.lr_group("vanilla_own_lr") == "vanilla_own_lr"
+    assert quality.spec_of("vanilla_own_lr").baseline == "vanilla"
+    protocol = quality.PROTOCOL
+    assert quality.grid_candidates("vanilla_own_lr", {"adam": 1e-4}, protocol) == ("vanilla", (1e-4, 2e-4, 5e-4))
