@@ -716,12 +716,10 @@ def grid_edge(group: str, lrs: dict, protocol=PROTOCOL) -> str | None:
     return "top" if lr == max(candidates) else "bottom" if lr == min(candidates) else None
 
 
-def lr_cell(group: str, lrs: dict, protocol=PROTOCOL, grid: bool = True) -> str:
-    """An lr table cell: the choice, marked when it lies at its grid's edge."""
-    lr = lrs.get(group)
+def lr_cell(lr: float | None, edge: str | None) -> str:
+    """An lr table cell: the choice, marked when it lies at its grid's edge (`grid_edge`)."""
     if lr is None:
         return "pending"
-    edge = grid_edge(group, lrs, protocol) if grid else None
     return f"{lr:g}" + (f" (grid's {edge})" if edge else "")
 
 
@@ -795,11 +793,11 @@ def write_report(
         "| task | " + " | ".join(lr_column(g, protocol, grid=not fixed_lrs) for g in groups) + " |",
         "|---|" + "---|" * len(groups),
     ]
+    # an lr fixed elsewhere (`fixed_lrs`) has no grid here, so no edge
+    edges = {} if fixed_lrs else {(t, g): grid_edge(g, lrs[t], protocol) for t in tasks for g in groups}
     for task in tasks:
-        head.append(
-            f"| {task} | " + " | ".join(lr_cell(g, lrs[task], protocol, grid=not fixed_lrs) for g in groups) + " |"
-        )
-    if not fixed_lrs and any(grid_edge(g, lrs[t], protocol) for t in tasks for g in groups):
+        head.append(f"| {task} | " + " | ".join(lr_cell(lrs[task].get(g), edges.get((task, g))) for g in groups) + " |")
+    if any(edges.values()):
         head += [
             "",
             "A choice at its grid's edge: a larger (smaller) lr, not tried, might score better on the held-out "

@@ -205,11 +205,11 @@ def test_lr_table_marks_a_choice_at_the_grid_edge(tmp_path):
         _log(grid / f"vanilla@lr{lr:g}" / "seed101", "mcc", [v])
     lrs = quality.chosen_lrs(tmp_path / "runs", ["CoLA"], ["adam"], protocol)["CoLA"]
     assert quality.grid_edge("adam", lrs, protocol) == "top"
-    assert quality.lr_cell("adam", lrs, protocol) == "4e-05 (grid's top)"
-    assert quality.lr_cell("adam", lrs, protocol, grid=False) == "4e-05"  # an lr fixed elsewhere has no grid
+    assert quality.lr_cell(lrs["adam"], "top") == "4e-05 (grid's top)"
+    assert quality.lr_cell(lrs["adam"], None) == "4e-05"  # an lr fixed elsewhere has no grid
     assert quality.grid_edge("adam", {"adam": 2e-5}, protocol) is None
     assert quality.grid_edge("adam", {"adam": 1e-5}, protocol) == "bottom"
-    assert quality.lr_cell("adam", {"adam": None}, protocol) == "pending"
+    assert quality.lr_cell(None, None) == "pending"
     text = quality.write_report(
         tmp_path / "runs", tmp_path / "results", ["CoLA"], ["vanilla"], "python run.py", protocol
     )
@@ -223,3 +223,19 @@ def test_vanilla_own_lr_control_is_vanilla_choosing_again_among_multiples():
     assert quality.spec_of("vanilla_own_lr").baseline == "vanilla"
     protocol = quality.PROTOCOL
     assert quality.grid_candidates("vanilla_own_lr", {"adam": 1e-4}, protocol) == ("vanilla", (1e-4, 2e-4, 5e-4))
+
+
+def test_an_lr_fixed_elsewhere_is_not_marked_as_a_grid_edge(tmp_path):
+    protocol = dict(quality.PROTOCOL, lr_grid={"adam": (1e-5, 2e-5, 4e-5)})
+    text = quality.write_report(
+        tmp_path / "runs",
+        tmp_path / "results",
+        ["CoLA"],
+        ["vanilla"],
+        "python run.py",
+        protocol,
+        fixed_lrs={"CoLA": {"adam": 4e-5}},  # the grid's top, but chosen elsewhere (as `make demo` does)
+        lr_source="lr from the study",
+    )
+    assert "| CoLA | 4e-05 |" in text
+    assert "grid's" not in text
