@@ -143,6 +143,16 @@ CONTROLS: dict[str, Control] = {
             comparisons=(("hype_n", "hype_n_eps0"), ("hype_n_eps0", "vanilla_dropout0")),
         ),
         Control(
+            "r4f_head_only",
+            "R4F's head, no R3F term (control)",
+            "r4f",
+            ("--r3f-lambda", "0"),
+            "R4F = R3F + spectral-norm head (dense and out_proj); with lambda 0 the noised pass still runs "
+            "(same passes and draws as R4F) but adds nothing to the gradient, so this is vanilla with R4F's head: "
+            "it splits an R4F gain into the head's and R3F's term's",
+            comparisons=(("r4f", "r4f_head_only"), ("r4f", "r3f")),
+        ),
+        Control(
             "sage_own_lr",
             "SAGE at its own lr (control)",
             "sage",

@@ -239,3 +239,25 @@ def test_an_lr_fixed_elsewhere_is_not_marked_as_a_grid_edge(tmp_path):
     )
     assert "| CoLA | 4e-05 |" in text
     assert "grid's" not in text
+
+
+def test_r4f_head_only_control_is_r4f_with_the_kl_weight_zero_and_splits_r4f(tmp_path):
+    r4f, control = quality.study_flags("r4f"), quality.study_flags("r4f_head_only")
+    i = r4f.index("--r3f-lambda")
+    assert r4f[i + 1] == "0.7" and control.count("--r3f-lambda") == 1 and control[i + 1] == "0"
+    assert control[: i + 1] + control[i + 2 :] == r4f[: i + 1] + r4f[i + 2 :]  # head flags, eps, lr: R4F's
+    assert {"--spectral-norm-classification-head", "--r4f-spectral-norm-dense"} <= set(control)
+    assert quality.spec_of("r4f_head_only").baseline == "vanilla"
+    assert quality.lr_group("r4f_head_only") == "adam"
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    for seed, (v, r3, r4, h) in {1: (80, 80, 82, 81), 2: (81, 82, 83, 83), 3: (82, 81, 84, 82)}.items():
+        for method, value in (("vanilla", v), ("r3f", r3), ("r4f", r4), ("r4f_head_only", h)):
+            _log(runs / "main" / "SST-2" / method / f"seed{seed}", "accuracy", [value])
+    text = quality.write_report(runs, results, ["SST-2"], ["vanilla", "r3f", "r4f", "r4f_head_only"], "python run.py")
+    lines = text.splitlines()
+    # R4F - head only: 1, 0, 2 -> mean 1, sd 1, half-width 4.3027 / sqrt(3) = 2.48
+    term = next(line for line in lines if line.startswith("| R4F − R4F's head, no R3F term (control) |"))
+    assert "+1.00 [-1.48, +3.48], wins 2/3" in term
+    # R4F - R3F: 2, 1, 3 -> mean 2, sd 1
+    head = next(line for line in lines if line.startswith("| R4F − R3F |"))
+    assert "+2.00 [-0.48, +4.48], wins 3/3" in head
