@@ -726,10 +726,23 @@ def grid_edge(group: str, lrs: dict, protocol=PROTOCOL) -> str | None:
     return "top" if lr == max(candidates) else "bottom" if lr == min(candidates) else None
 
 
-def lr_cell(lr: float | None, edge: str | None) -> str:
-    """An lr table cell: the choice, marked when it lies at its grid's edge (`grid_edge`)."""
+def group_started(runs: Path, task: str, group: str, methods, family_lrs: dict, protocol=PROTOCOL) -> bool:
+    """Whether anything of an lr group has run on `task`: a main run of one of its methods, or a grid run of
+    its own (a control's candidates that its family's grid did not already run)."""
+    if any((runs / "main" / task / m).is_dir() for m in methods if lr_group(m) == group):
+        return True
+    method, candidates = grid_candidates(group, family_lrs, protocol)
+    family = {(FAMILY_BASELINE[f], lr) for f, grid in protocol["lr_grid"].items() for lr in grid}
+    return any(
+        (runs / "grid" / task / f"{method}@lr{lr:g}").is_dir() for lr in candidates if (method, lr) not in family
+    )
+
+
+def lr_cell(lr: float | None, edge: str | None, started: bool = True) -> str:
+    """An lr table cell: the choice, marked when it lies at its grid's edge (`grid_edge`); without one,
+    "pending" while its runs are under way, "not run" when none has started."""
     if lr is None:
-        return "pending"
+        return "pending" if started else "not run"
     return f"{lr:g}" + (f" (grid's {edge})" if edge else "")
 
 
@@ -806,7 +819,11 @@ def write_report(
     # an lr fixed elsewhere (`fixed_lrs`) has no grid here, so no edge
     edges = {} if fixed_lrs else {(t, g): grid_edge(g, lrs[t], protocol) for t in tasks for g in groups}
     for task in tasks:
-        head.append(f"| {task} | " + " | ".join(lr_cell(lrs[task].get(g), edges.get((task, g))) for g in groups) + " |")
+        cells = (
+            lr_cell(lrs[task].get(g), edges.get((task, g)), group_started(runs, task, g, methods, lrs[task], protocol))
+            for g in groups
+        )
+        head.append(f"| {task} | " + " | ".join(cells) + " |")
     if any(edges.values()):
         head += [
             "",

@@ -261,3 +261,23 @@ def test_r4f_head_only_control_is_r4f_with_the_kl_weight_zero_and_splits_r4f(tmp
     # R4F - R3F: 2, 1, 3 -> mean 2, sd 1
     head = next(line for line in lines if line.startswith("| R4F − R3F |"))
     assert "+2.00 [-0.48, +4.48], wins 3/3" in head
+
+
+def test_an_own_lr_control_that_never_ran_on_a_task_reads_not_run_not_pending(tmp_path):
+    protocol = dict(quality.PROTOCOL, lr_grid={"adam": (1e-5, 2e-5, 4e-5)}, grid_seeds=(101,))
+    grid = tmp_path / "runs" / "grid" / "CoLA"
+    for lr, v in ((1e-5, 3), (2e-5, 5), (4e-5, 1)):  # adam chooses 2e-5; vanilla_own_lr's x1, x2 are in the grid
+        _log(grid / f"vanilla@lr{lr:g}" / "seed101", "mcc", [v])
+
+    def own_lr_cell():
+        text = quality.write_report(
+            tmp_path / "runs", tmp_path / "results", ["CoLA"], ["vanilla", "vanilla_own_lr"], "python run.py", protocol
+        )
+        return next(line for line in text.splitlines() if line.startswith("| CoLA |"))
+
+    assert own_lr_cell() == "| CoLA | 2e-05 | not run |"
+    _log(grid / "vanilla@lr0.0001" / "seed101", "mcc", [2], status="failed")  # x5 started (here: failed)
+    assert own_lr_cell() == "| CoLA | 2e-05 | pending |"
+    _log(grid / "vanilla@lr0.0001" / "seed101", "mcc", [2])
+    # x1 2e-5 (held-out 5), x2 4e-5 (1), x5 1e-4 (2): x1 wins, the smallest of the control's candidates
+    assert own_lr_cell() == "| CoLA | 2e-05 | 2e-05 (grid's bottom) |"
