@@ -513,6 +513,16 @@ def chosen_lrs(runs: Path, tasks, groups, protocol=PROTOCOL) -> dict[str, dict[s
     return out
 
 
+def runs_as_base(method: str, lrs: dict) -> str | None:
+    """The base method whose runs an own-lr control would repeat command for command (it adds no flag and
+    chose its family's lr, e.g. vanilla_own_lr picking x1), else None: such a control is not run again."""
+    control = CONTROLS.get(method)
+    if control is None or control.extra or not control.lr_factors:
+        return None
+    lr = lrs.get(method)
+    return control.base if lr is not None and lr == lrs.get(control.optimizer_family) else None
+
+
 def main_runs(
     work: Path, runs_root: Path, glue_dir: Path, tasks, methods, seeds, lrs, pretrained, protocol=PROTOCOL
 ) -> list[dict]:
@@ -524,7 +534,7 @@ def main_runs(
         for seed in seeds:
             for method in methods:
                 lr = lrs[task][lr_group(method)]
-                if lr is None:
+                if lr is None or runs_as_base(method, lrs[task]):
                     continue
                 run_dir = runs_root / "main" / task / method / f"seed{seed}"
                 runs.append(planned_run(task, method, seed, lr, run_dir, data, pretrained, n, protocol))
@@ -720,7 +730,11 @@ def grid_edge(group: str, lrs: dict, protocol=PROTOCOL) -> str | None:
     """'top' / 'bottom' when an lr group's choice is the largest / smallest of its candidates (a larger or
     smaller lr, not tried, might score better on the held-out examples), else None."""
     lr = lrs.get(group)
-    candidates = grid_candidates(group, lrs, protocol)[1]
+    method, candidates = grid_candidates(group, lrs, protocol)
+    if group in CONTROLS and method == FAMILY_BASELINE[CONTROLS[group].optimizer_family]:
+        # the family's grid ran the same method on the same split and seeds, and the control's x1 is that
+        # grid's winner: the control's choice is the best of both grids' lrs
+        candidates += tuple(protocol["lr_grid"][CONTROLS[group].optimizer_family])
     if lr is None or len(candidates) < 2:
         return None
     return "top" if lr == max(candidates) else "bottom" if lr == min(candidates) else None
@@ -831,6 +845,14 @@ def write_report(
             "examples. Every method of a family trains at the family's choice, so its paired difference is "
             "measured at that lr; where the own-lr controls were run, they show what a method and its baseline "
             "do when each may choose again.",
+        ]
+    repeats = [] if fixed_lrs else [(t, m) for t in tasks for m in methods if runs_as_base(m, lrs[t])]
+    for task, method in repeats:
+        base = spec_of(runs_as_base(method, lrs[task])).label
+        head += [
+            "",
+            f"On {task}, {spec_of(method).label} chose its family's lr: its runs would repeat {base}'s command "
+            "for command, so they are not run and it has no row there.",
         ]
     if (results / "FINDINGS.md").exists():
         head += [

@@ -279,5 +279,37 @@ def test_an_own_lr_control_that_never_ran_on_a_task_reads_not_run_not_pending(tm
     _log(grid / "vanilla@lr0.0001" / "seed101", "mcc", [2], status="failed")  # x5 started (here: failed)
     assert own_lr_cell() == "| CoLA | 2e-05 | pending |"
     _log(grid / "vanilla@lr0.0001" / "seed101", "mcc", [2])
-    # x1 2e-5 (held-out 5), x2 4e-5 (1), x5 1e-4 (2): x1 wins, the smallest of the control's candidates
-    assert own_lr_cell() == "| CoLA | 2e-05 | 2e-05 (grid's bottom) |"
+    # x1 2e-5 (held-out 5), x2 4e-5 (1), x5 1e-4 (2): x1 wins; with the family's grid (1e-5 lost to it) it is
+    # inside the lrs vanilla tried, so not an edge
+    assert own_lr_cell() == "| CoLA | 2e-05 | 2e-05 |"
+
+
+def test_an_own_lr_control_that_chose_its_familys_lr_is_not_run_again(tmp_path, monkeypatch):
+    assert quality.runs_as_base("vanilla_own_lr", {"adam": 1e-4, "vanilla_own_lr": 1e-4}) == "vanilla"
+    assert quality.runs_as_base("sage_own_lr", {"adamax": 2e-4, "sage_own_lr": 2e-4}) == "sage"
+    assert quality.runs_as_base("vanilla_own_lr", {"adam": 1e-4, "vanilla_own_lr": 2e-4}) is None
+    assert quality.runs_as_base("vanilla_own_lr", {"adam": 1e-4, "vanilla_own_lr": None}) is None
+    assert quality.runs_as_base("vanilla_dropout0", {"adam": 1e-4}) is None  # adds a flag: always its own runs
+    assert quality.runs_as_base("vanilla", {"adam": 1e-4}) is None
+    protocol = dict(quality.PROTOCOL, lr_grid={"adam": (1e-5, 2e-5)}, grid_seeds=(101,))
+    for lr, v in ((1e-5, 3), (2e-5, 5), (4e-5, 4), (1e-4, 2)):
+        _log(tmp_path / "runs" / "grid" / "SST-2" / f"vanilla@lr{lr:g}" / "seed101", "accuracy", [v])
+    for seed in (1, 2):
+        _log(tmp_path / "runs" / "main" / "SST-2" / "vanilla" / f"seed{seed}", "accuracy", [80 + seed])
+    text = quality.write_report(
+        tmp_path / "runs", tmp_path / "results", ["SST-2"], ["vanilla", "vanilla_own_lr"], "python run.py", protocol
+    )
+    assert "| SST-2 | 2e-05 (grid's top) | 2e-05 |" in text  # the family's top, inside the control's candidates
+    assert "Vanilla (Adam) at its own lr (control) chose its family's lr: its runs would repeat Vanilla's" in text
+    data = tmp_path / "main-bin"
+    (data / "label").mkdir(parents=True)
+    (data / "label" / "train.label").write_text("1\n" * 1000)
+    monkeypatch.setattr(quality, "prepare_data", lambda *a, **k: data)
+    pretrained = {"model": tmp_path / "m" / "model.pt", "train_args": []}
+    methods = ["vanilla", "vanilla_own_lr"]
+    lrs = {"SST-2": {"adam": 2e-5, "vanilla_own_lr": 2e-5}}
+    runs = quality.main_runs(tmp_path, tmp_path, tmp_path, ["SST-2"], methods, (1, 2), lrs, pretrained, protocol)
+    assert [(r["method"], r["seed"]) for r in runs] == [("vanilla", 1), ("vanilla", 2)]
+    lrs["SST-2"]["vanilla_own_lr"] = 4e-5  # x2: a run of its own
+    runs = quality.main_runs(tmp_path, tmp_path, tmp_path, ["SST-2"], methods, (1,), lrs, pretrained, protocol)
+    assert [(r["method"], r["lr"]) for r in runs] == [("vanilla", 2e-5), ("vanilla_own_lr", 4e-5)]
