@@ -846,13 +846,14 @@ def write_report(
             "measured at that lr; where the own-lr controls were run, they show what a method and its baseline "
             "do when each may choose again.",
         ]
-    repeats = [] if fixed_lrs else [(t, m) for t in tasks for m in methods if runs_as_base(m, lrs[t])]
-    for task, method in repeats:
-        base = spec_of(runs_as_base(method, lrs[task])).label
+    repeats = [] if fixed_lrs else [(t, m, runs_as_base(m, lrs[t])) for t in tasks for m in methods]
+    for task, method, base in repeats:
+        if base is None:
+            continue
         head += [
             "",
-            f"On {task}, {spec_of(method).label} chose its family's lr: its runs would repeat {base}'s command "
-            "for command, so they are not run and it has no row there.",
+            f"On {task}, {spec_of(method).label} chose its family's lr: its runs would repeat {spec_of(base).label}'s "
+            "command for command, so they are not run and it has no row there.",
         ]
     if (results / "FINDINGS.md").exists():
         head += [
