@@ -22,6 +22,20 @@ def _log(path: Path, metric: str, values, status="ok"):
     )
 
 
+def _main_report(tmp_path: Path, task: str, metric: str, per_seed: dict) -> list[str]:
+    """results.md lines of a report over hand-written main runs: per_seed = {seed: {method: final value}}."""
+    runs = tmp_path / "runs"
+    for seed, values in per_seed.items():
+        for method, value in values.items():
+            _log(runs / "main" / task / method / f"seed{seed}", metric, [value])
+    methods = list(next(iter(per_seed.values())))
+    return quality.write_report(runs, tmp_path / "results", [task], methods, "python run.py").splitlines()
+
+
+def _line(lines: list[str], prefix: str) -> str:
+    return next(line for line in lines if line.startswith(prefix))
+
+
 def test_final_value_is_the_last_validation_not_the_best():
     text = "\n".join(
         f"| valid on 'valid' subset | loss 1 | mcc {v} | num_updates {n}"
@@ -184,18 +198,12 @@ def test_eps0_control_replaces_hype_eps_and_report_compares_it(tmp_path):
     assert control.count("--hype-eps") == 1 and control[control.index("--hype-eps") + 1] == "0"
     i = hype.index("--hype-eps")
     assert control[: i + 1] + control[i + 2 :] == hype[: i + 1] + hype[i + 2 :]
-    runs, results = tmp_path / "runs", tmp_path / "results"
-    for seed, (v, d, h, e) in {1: (1, 5, 3, 3), 2: (2, 7, 4, 4), 3: (0, 6, 5, 5)}.items():
-        for method, value in (("vanilla", v), ("vanilla_dropout0", d), ("hype_n", h), ("hype_n_eps0", e)):
-            _log(runs / "main" / "CoLA" / method / f"seed{seed}", "mcc", [value])
-    methods = ["vanilla", "hype_n", "vanilla_dropout0", "hype_n_eps0"]
-    text = quality.write_report(runs, results, ["CoLA"], methods, "python run.py")
-    lines = text.splitlines()
-    same = next(line for line in lines if line.startswith("| HyPe-N − HyPe-N, eps 0 (control) |"))
-    assert "+0.00 [+0.00, +0.00], wins 0/3" in same
+    methods = ("vanilla", "hype_n", "vanilla_dropout0", "hype_n_eps0")
+    per_seed = {1: (1, 3, 5, 3), 2: (2, 4, 7, 4), 3: (0, 5, 6, 5)}
+    lines = _main_report(tmp_path, "CoLA", "mcc", {s: dict(zip(methods, v)) for s, v in per_seed.items()})
+    assert "+0.00 [+0.00, +0.00], wins 0/3" in _line(lines, "| HyPe-N − HyPe-N, eps 0 (control) |")
     # eps 0 - dropout 0: -2, -3, -1: mean -2, sd 1, half-width 4.3027 / sqrt(3) = 2.48
-    stream = next(line for line in lines if line.startswith("| HyPe-N, eps 0 (control) − Vanilla, dropout 0"))
-    assert "-2.00 [-4.48, +0.48], wins 0/3" in stream
+    assert "-2.00 [-4.48, +0.48], wins 0/3" in _line(lines, "| HyPe-N, eps 0 (control) − Vanilla, dropout 0")
 
 
 def test_lr_table_marks_a_choice_at_the_grid_edge(tmp_path):
@@ -249,18 +257,13 @@ def test_r4f_head_only_control_is_r4f_with_the_kl_weight_zero_and_splits_r4f(tmp
     assert {"--spectral-norm-classification-head", "--r4f-spectral-norm-dense"} <= set(control)
     assert quality.spec_of("r4f_head_only").baseline == "vanilla"
     assert quality.lr_group("r4f_head_only") == "adam"
-    runs, results = tmp_path / "runs", tmp_path / "results"
-    for seed, (v, r3, r4, h) in {1: (80, 80, 82, 81), 2: (81, 82, 83, 83), 3: (82, 81, 84, 82)}.items():
-        for method, value in (("vanilla", v), ("r3f", r3), ("r4f", r4), ("r4f_head_only", h)):
-            _log(runs / "main" / "SST-2" / method / f"seed{seed}", "accuracy", [value])
-    text = quality.write_report(runs, results, ["SST-2"], ["vanilla", "r3f", "r4f", "r4f_head_only"], "python run.py")
-    lines = text.splitlines()
+    methods = ("vanilla", "r3f", "r4f", "r4f_head_only")
+    per_seed = {1: (80, 80, 82, 81), 2: (81, 82, 83, 83), 3: (82, 81, 84, 82)}
+    lines = _main_report(tmp_path, "SST-2", "accuracy", {s: dict(zip(methods, v)) for s, v in per_seed.items()})
     # R4F - head only: 1, 0, 2 -> mean 1, sd 1, half-width 4.3027 / sqrt(3) = 2.48
-    term = next(line for line in lines if line.startswith("| R4F − R4F's head, no R3F term (control) |"))
-    assert "+1.00 [-1.48, +3.48], wins 2/3" in term
+    assert "+1.00 [-1.48, +3.48], wins 2/3" in _line(lines, "| R4F − R4F's head, no R3F term (control) |")
     # R4F - R3F: 2, 1, 3 -> mean 2, sd 1
-    head = next(line for line in lines if line.startswith("| R4F − R3F |"))
-    assert "+2.00 [-0.48, +4.48], wins 3/3" in head
+    assert "+2.00 [-0.48, +4.48], wins 3/3" in _line(lines, "| R4F − R3F |")
 
 
 def test_an_own_lr_control_that_never_ran_on_a_task_reads_not_run_not_pending(tmp_path):
