@@ -742,11 +742,13 @@ def grid_edge(group: str, lrs: dict, protocol=PROTOCOL) -> str | None:
 
 def group_started(runs: Path, task: str, group: str, methods, family_lrs: dict, protocol=PROTOCOL) -> bool:
     """Whether anything of an lr group has run on `task`: a main run of one of its methods, or a grid run of
-    its own (a control's candidates that its family's grid did not already run)."""
+    its own (a family's grid; a control's candidates that its family's grid did not already run)."""
     if any((runs / "main" / task / m).is_dir() for m in methods if lr_group(m) == group):
         return True
     method, candidates = grid_candidates(group, family_lrs, protocol)
-    family = {(FAMILY_BASELINE[f], lr) for f, grid in protocol["lr_grid"].items() for lr in grid}
+    family = set()
+    if group not in FAMILY_BASELINE:  # a family grid run is the control's only if its family is the group
+        family = {(FAMILY_BASELINE[f], lr) for f, grid in protocol["lr_grid"].items() for lr in grid}
     return any(
         (runs / "grid" / task / f"{method}@lr{lr:g}").is_dir() for lr in candidates if (method, lr) not in family
     )

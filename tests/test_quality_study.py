@@ -266,7 +266,7 @@ def test_r4f_head_only_control_is_r4f_with_the_kl_weight_zero_and_splits_r4f(tmp
     assert "+2.00 [-0.48, +4.48], wins 3/3" in _line(lines, "| R4F − R3F |")
 
 
-def test_an_own_lr_control_that_never_ran_on_a_task_reads_not_run_not_pending(tmp_path):
+def test_an_lr_cell_reads_not_run_before_its_groups_runs_start_and_pending_after(tmp_path):
     protocol = dict(quality.PROTOCOL, lr_grid={"adam": (1e-5, 2e-5, 4e-5)}, grid_seeds=(101,))
     grid = tmp_path / "runs" / "grid" / "CoLA"
     for lr, v in ((1e-5, 3), (2e-5, 5), (4e-5, 1)):  # adam chooses 2e-5; vanilla_own_lr's x1, x2 are in the grid
@@ -279,6 +279,13 @@ def test_an_own_lr_control_that_never_ran_on_a_task_reads_not_run_not_pending(tm
         return next(line for line in text.splitlines() if line.startswith("| CoLA |"))
 
     assert own_lr_cell() == "| CoLA | 2e-05 | not run |"
+    # a family whose grid has started but not finished is pending, not "not run" (RTE at 2 of 3 adam lrs)
+    rte = tmp_path / "runs" / "grid" / "RTE"
+    _log(rte / "vanilla@lr1e-05" / "seed101", "accuracy", [55])
+    text = quality.write_report(
+        tmp_path / "runs", tmp_path / "results", ["RTE"], ["vanilla", "vanilla_own_lr"], "python run.py", protocol
+    )
+    assert "| RTE | pending | not run |" in text.splitlines()
     _log(grid / "vanilla@lr0.0001" / "seed101", "mcc", [2], status="failed")  # x5 started (here: failed)
     assert own_lr_cell() == "| CoLA | 2e-05 | pending |"
     _log(grid / "vanilla@lr0.0001" / "seed101", "mcc", [2])
