@@ -1,8 +1,8 @@
 """Outputs that appear whole or not at all: a file or a folder is built under a temp name beside its final
 place and renamed into place once complete (rename is atomic within a file system).
 
-Used by checkpoint writing (`checkpoint_files`), glue_preprocess / seq2seq_preprocess output folders and
-hf2fairseq conversions.
+Used by checkpoint writing (`checkpoint_files`), glue_preprocess / seq2seq_preprocess output folders,
+hf2fairseq conversions, and the sweep / quality-study run records and reports (`robustft_experiments`).
 """
 
 from __future__ import annotations
@@ -53,6 +53,11 @@ def write_file(final, write) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(final, text: str) -> None:
+    """`write_file` for a text file (UTF-8): a report, a run's status.json."""
+    write_file(final, lambda f: f.write(text.encode("utf-8")))
 
 
 @contextmanager

@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from robustft_common import glue_tasks
+from robustft_common import atomic_files, glue_tasks
 from robustft_common.methods import METHODS, get_method, method_flags
 from robustft_experiments import stats
 from robustft_experiments.report import parse_valid_records
@@ -397,7 +397,7 @@ def prepare_data(work: Path, glue_dir: Path, task: str, kind: str, model_dir: Pa
         overwrite=True,
         **options,
     )
-    stamp.write_text(json.dumps(want))
+    atomic_files.write_text(stamp, json.dumps(want))
     return data
 
 
@@ -722,7 +722,7 @@ def plot_task(task: str, rows: list[dict], methods, path: Path, title: str, prot
     ax.set_title(textwrap.fill(title, 80), fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.9 / fig.get_figheight()), ncol=3, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    atomic_files.write_file(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
 
@@ -904,8 +904,9 @@ def write_report(
                     table,
                 ]
     text = "\n".join(head + body) + "\n"
-    (results / "results.md").write_text(text)
-    (results / "results.json").write_text(
+    atomic_files.write_text(results / "results.md", text)
+    atomic_files.write_text(
+        results / "results.json",
         json.dumps(
             {
                 "command": command,
@@ -917,7 +918,7 @@ def write_report(
             },
             indent=1,
             default=str,
-        )
+        ),
     )
     return text
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import re
 import statistics
 from pathlib import Path
 
-from robustft_common import glue_tasks
+from robustft_common import atomic_files, glue_tasks
 from robustft_common.methods import METHODS
 
 # report order and table labels: the method registry; metric per task: the GLUE task table
@@ -262,7 +263,7 @@ def plot(rows: list[dict], path: Path, cells: dict | None = None, title: str = "
     import matplotlib.pyplot as plt
 
     fig = figure(rows, cells, title)
-    fig.savefig(path, dpi=120)
+    atomic_files.write_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -287,10 +288,11 @@ def write_report(sweep_dir: Path, title: str = "GLUE dev") -> dict:
         "returncode",
         "log",
     ]
-    with open(sweep_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_text = io.StringIO(newline="")
+    writer = csv.DictWriter(csv_text, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_files.write_text(sweep_dir / "results.csv", csv_text.getvalue())
     summary = [
         {
             "method": m,
@@ -299,14 +301,15 @@ def write_report(sweep_dir: Path, title: str = "GLUE dev") -> dict:
         }
         for (m, t), c in sorted(cells.items())
     ]
-    (sweep_dir / "results.json").write_text(json.dumps({"runs": rows, "summary": summary}, indent=1))
+    atomic_files.write_text(sweep_dir / "results.json", json.dumps({"runs": rows, "summary": summary}, indent=1))
     table = markdown_table(rows, cells)
     tasks = _ordered([r["task"] for r in rows], TASK_ORDER)
     levels = [f"{t} {task_metric(t)} {majority_score(t):.2f}" for t in tasks if majority_score(t) is not None]
     majority = f"\nMajority class (always its label) on dev: {', '.join(levels)}.\n" if levels else ""
-    (sweep_dir / "results.md").write_text(
+    atomic_files.write_text(
+        sweep_dir / "results.md",
         f"# {title}\n\nBest dev metric per run, mean ± std over seeds (sample std; n = finished runs; no std "
-        f"for n = 1).\n\n{table}{majority}"
+        f"for n = 1).\n\n{table}{majority}",
     )
     plot(rows, sweep_dir / "results.png", cells, title)
     print(table)

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from robustft_common import glue_tasks
+from robustft_common import atomic_files, glue_tasks
 from robustft_common.methods import METHODS, get_method, method_flags
 from robustft_experiments.report import canonical_task, write_report
 
@@ -199,8 +199,9 @@ def execute(run: dict, echo: bool = True, threads: str | None = None) -> str:
     run_dir = Path(run["dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "status.json").unlink(missing_ok=True)
-    (run_dir / "command.json").write_text(
-        json.dumps({k: run[k] for k in ("task", "method", "seed")} | {"cmd": [str(c) for c in run["cmd"]]}, indent=1)
+    atomic_files.write_text(
+        run_dir / "command.json",
+        json.dumps({k: run[k] for k in ("task", "method", "seed")} | {"cmd": [str(c) for c in run["cmd"]]}, indent=1),
     )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if threads:
@@ -219,8 +220,9 @@ def execute(run: dict, echo: bool = True, threads: str | None = None) -> str:
                 sys.stdout.flush()
         rc = proc.wait()
     status = "ok" if rc == 0 else "failed"
-    (run_dir / "status.json").write_text(
-        json.dumps({"status": status, "returncode": rc, "seconds": round(time.time() - start, 1)})
+    atomic_files.write_text(  # whole or absent: a restarted study reads it to skip finished runs
+        run_dir / "status.json",
+        json.dumps({"status": status, "returncode": rc, "seconds": round(time.time() - start, 1)}),
     )
     return status
 

@@ -323,3 +323,35 @@ def test_an_own_lr_control_that_chose_its_familys_lr_is_not_run_again(tmp_path, 
     lrs["SST-2"]["vanilla_own_lr"] = 4e-5  # x2: a run of its own
     runs = quality.main_runs(tmp_path, tmp_path, tmp_path, ["SST-2"], methods, (1,), lrs, pretrained, protocol)
     assert [(r["method"], r["lr"]) for r in runs] == [("vanilla", 2e-5), ("vanilla_own_lr", 4e-5)]
+
+
+def test_a_report_that_fails_while_writing_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    from robustft_common import atomic_files
+
+    _main_report(tmp_path, "SST-2", "accuracy", {1: {"vanilla": 80, "r3f": 81}})
+    results = tmp_path / "results"
+    before = {p.name: p.read_bytes() for p in results.iterdir()}
+    assert {"results.md", "results.json", "SST-2.png"} <= set(before)
+
+    def crash(src, dst):  # the disk fills up at the rename: nothing may reach the final names
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic_files.os, "replace", crash)
+    with pytest.raises(OSError, match="No space"):
+        _main_report(tmp_path, "SST-2", "accuracy", {2: {"vanilla": 70, "r3f": 90}})
+    assert {p.name: p.read_bytes() for p in results.iterdir()} == before  # no temp file left either
+
+
+def test_a_run_record_appears_whole(tmp_path):
+    from robustft_common import atomic_files
+
+    final = tmp_path / "status.json"
+    atomic_files.write_text(final, '{"status": "ok"}')
+
+    def half_then_crash(f):
+        f.write(b'{"stat')
+        raise KeyboardInterrupt  # a study stopped with ^C mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_files.write_file(final, half_then_crash)
+    assert final.read_text() == '{"status": "ok"}' and [p.name for p in tmp_path.iterdir()] == ["status.json"]
