@@ -874,7 +874,10 @@ def write_report(
                 f"Anchor: vanilla on the full train set, seed 1: {anchors[task]['final']:.2f} "
                 f"(best epoch {anchors[task]['best']:.2f}).  "
             )
-        body += ["", task_table(task, rows, methods, protocol)]
+        if any(r["task"] == task and (r["value"] is not None or r["status"] == "failed") for r in rows):
+            body += ["", task_table(task, rows, methods, protocol)]
+        else:  # an empty table would read as a result
+            body += ["", "No main run has finished yet (each needs its learning rate: the table above).", ""]
         compared = comparisons_table(task, rows, methods)
         if compared:
             body += ["Controls, compared per seed:", "", compared]

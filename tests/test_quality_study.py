@@ -286,6 +286,7 @@ def test_an_lr_cell_reads_not_run_before_its_groups_runs_start_and_pending_after
         tmp_path / "runs", tmp_path / "results", ["RTE"], ["vanilla", "vanilla_own_lr"], "python run.py", protocol
     )
     assert "| RTE | pending | not run |" in text.splitlines()
+    assert "No main run has finished yet" in text and "| method |" not in text  # no empty table
     _log(grid / "vanilla@lr0.0001" / "seed101", "mcc", [2], status="failed")  # x5 started (here: failed)
     assert own_lr_cell() == "| CoLA | 2e-05 | pending |"
     _log(grid / "vanilla@lr0.0001" / "seed101", "mcc", [2])
