@@ -1,7 +1,8 @@
-"""benchmarks/quality/noise_scale.py on the tiny fairseq model: the clean pass has no noise, the noisy pass
-has exactly the method's noise, and NoisyTune's perturbation is measured on a copy (checked against
-passes and sums computed here by hand)."""
+"""benchmarks/quality/noise_scale.py and head_scale.py on the tiny fairseq model: the clean pass has no noise,
+the noisy pass has exactly the method's noise, NoisyTune's perturbation is measured on a copy; the head's
+rebuilt pass is the model's, its Jacobian and R4F's first power iteration are as computed here by hand."""
 
+import copy
 import importlib.util
 import math
 
@@ -13,11 +14,15 @@ from tests.fairseq_helpers import REPO, sentence_prediction_args
 pytestmark = pytest.mark.e2e  # builds the tiny fairseq model through its hydra config
 
 
-def _noise_scale():
-    spec = importlib.util.spec_from_file_location("noise_scale", REPO / "benchmarks" / "quality" / "noise_scale.py")
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "quality" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _noise_scale():
+    return _script("noise_scale")
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +90,42 @@ def test_noisytune_is_measured_on_a_copy_with_the_papers_scale(tiny):
     count = sum(p.numel() for p in big)
     assert got["rms_noise"] == pytest.approx(math.sqrt(expected_n2 / count), rel=0.05)
     assert got["representation_change"] > 0 and got["logit_change"] > 0
+
+
+def test_head_scale_rebuilds_the_head_and_its_jacobian(tiny):
+    hs = _script("head_scale")
+    model, samples = tiny
+    head = model.classification_heads[hs.HEAD_NAME]
+    features, logits = _noise_scale().forward(model, samples[0])
+    out = hs.head_pass(head, features, {"dense": 1.0, "out_proj": 1.0})
+    assert torch.allclose(out["logits"], logits, atol=1e-6)  # the model's own head, rebuilt
+    # by hand: d logits / d x = W_out diag(1 - tanh(z)^2) W_dense, with the matrices scaled
+    scales = {"dense": 2.0, "out_proj": 0.5}
+    out = hs.head_pass(head, features, scales)
+    w_d, w_o = head.dense.weight.detach() * 2.0, head.out_proj.weight.detach() * 0.5
+    z = features @ w_d.T + head.dense.bias.detach()
+    assert torch.allclose(out["pre_activation"], z, atol=1e-6)
+    for i in range(features.size(0)):
+        expected = w_o @ torch.diag(1 - torch.tanh(z[i]) ** 2) @ w_d
+        assert torch.allclose(out["jacobian"][i], expected, atol=1e-6)
+    got = hs.measure(model, samples[:1], scales)
+    norms = [float(torch.linalg.matrix_norm(out["jacobian"][i].double(), ord=2)) for i in range(features.size(0))]
+    assert got["mean_jacobian_norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-9)
+    assert got["mean_abs_logit"] == pytest.approx(float(out["logits"].abs().mean()), rel=1e-6)
+
+
+def test_head_scale_first_forward_sigma_is_one_power_iteration(tiny):
+    hs = _script("head_scale")
+    model, _ = tiny
+    linear = model.classification_heads[hs.HEAD_NAME].dense
+    w = linear.weight.detach().double()
+    # the fresh u the copy starts from (torch draws it when spectral_norm is applied), then one iteration by hand
+    torch.manual_seed(4)
+    probe = torch.nn.utils.spectral_norm(copy.deepcopy(linear))
+    u0 = probe.weight_u.detach().double()
+    v = torch.nn.functional.normalize(w.T @ u0, dim=0, eps=1e-12)
+    u = torch.nn.functional.normalize(w @ v, dim=0, eps=1e-12)
+    assert hs.first_forward_sigma(linear, seed=4) == pytest.approx(float(u @ w @ v), rel=1e-5)
+    assert hs.first_forward_sigma(linear, seed=4) <= hs.sigma(linear.weight) * (1 + 1e-6)  # power iteration: below
+    assert hs.sigma(linear.weight) == pytest.approx(float(torch.linalg.svdvals(w)[0]))
+    assert not hasattr(linear, "weight_orig")  # the model's layer is untouched
