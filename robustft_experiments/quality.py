@@ -780,6 +780,127 @@ def git_commit() -> str:
     return commit + (" (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def anchor_results(runs: Path, tasks) -> dict:
+    """{task: final / best of the full-train vanilla run} for the tasks whose anchor has finished."""
+    anchors = {}
+    for task in tasks:
+        res = run_result(runs / "anchor" / task / "vanilla" / "seed1", glue_tasks.resolve_task(task).best_metric)
+        if res is not None:
+            anchors[task] = res
+    return anchors
+
+
+def report_preamble(command: str, protocol, heading: str | None) -> list[str]:
+    """Title, command, commit and the protocol in words."""
+    n_train = f"{int(protocol['train_subset']):,}"
+    return [
+        heading or f"# Quality study: all-MiniLM-L6-v2, GLUE low-resource ({n_train} train examples)",
+        "",
+        f"Command: `{command}`  ",
+        f"Commit: {git_commit()}; written {datetime.date.today().isoformat()} on {platform.machine()} CPU (fp32).  ",
+        f"Protocol: {protocol.get('source', '`robustft_experiments/quality.py` (`PROTOCOL`)')}: train subset of "
+        f"{protocol['train_subset']} (subset seed {protocol['subset_seed']}, the same for every run), full GLUE "
+        f"dev, batch {protocol['batch_size']}, {protocol['epochs']} epochs, warmup {protocol['warmup_ratio']:.0%}, "
+        f"weight decay {protocol['weight_decay']}, clip {protocol['clip_norm']}, max length "
+        f"{protocol['max_positions']}. Value = dev metric after the last epoch (no selection on dev). Method "
+        "flags from the method registry (README table). Paired difference = method − its baseline on the same "
+        "seed (same data order and head init); 95 % Student-t interval over seeds; n = seeds finished.",
+        "",
+    ]
+
+
+def lr_section(runs: Path, tasks, methods, lrs: dict, protocol, fixed: bool, lr_source: str) -> list[str]:
+    """Where the learning rates come from, the table of choices per task and lr group, and what an edge or
+    a control that chose its family's lr means."""
+    groups = lr_groups(methods)
+    n_train = f"{int(protocol['train_subset']):,}"
+    lines = [
+        lr_source
+        or "Learning rate per optimizer family, chosen on a grid of the family's baseline, seeds "
+        f"{', '.join(map(str, protocol['grid_seeds']))} (not reported), trained on a {n_train}-example subset of "
+        f"train minus {protocol['grid_heldout']} held-out train examples and scored on those: never on the dev "
+        "numbers below."
+        + (
+            " A control with its own lr chooses it the same way, among multiples of its family's chosen lr."
+            if any(g not in FAMILY_BASELINE for g in groups)
+            else ""
+        ),
+        "",
+        "| task | " + " | ".join(lr_column(g, protocol, grid=not fixed) for g in groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
+    # an lr fixed elsewhere has no grid here, so no edge
+    edges = {} if fixed else {(t, g): grid_edge(g, lrs[t], protocol) for t in tasks for g in groups}
+    for task in tasks:
+        cells = (
+            lr_cell(lrs[task].get(g), edges.get((task, g)), group_started(runs, task, g, methods, lrs[task], protocol))
+            for g in groups
+        )
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    if any(edges.values()):
+        lines += [
+            "",
+            "A choice at its grid's edge: a larger (smaller) lr, not tried, might score better on the held-out "
+            "examples. Every method of a family trains at the family's choice, so its paired difference is "
+            "measured at that lr; where the own-lr controls were run, they show what a method and its baseline "
+            "do when each may choose again.",
+        ]
+    repeats = [] if fixed else [(t, m, runs_as_base(m, lrs[t])) for t in tasks for m in methods]
+    for task, method, base in repeats:
+        if base is None:
+            continue
+        lines += [
+            "",
+            f"On {task}, {spec_of(method).label} chose its family's lr: its runs would repeat {spec_of(base).label}'s "
+            "command for command, so they are not run and it has no row there.",
+        ]
+    return lines
+
+
+def task_section(task: str, runs: Path, results: Path, rows, methods, anchors: dict, protocol) -> list[str]:
+    """One task's heading, floor and anchor, its table (or why there is none), the per-seed comparisons of
+    the controls, its plot (written here) and its diagnostics."""
+    floor, label = floor_of(task)
+    lines = ["", f"## {task}", ""]
+    if label:
+        lines.append(f"{label.capitalize()} on dev: {floor:.2f}.  ")
+    if task in anchors:
+        lines.append(
+            f"Anchor: vanilla on the full train set, seed 1: {anchors[task]['final']:.2f} "
+            f"(best epoch {anchors[task]['best']:.2f}).  "
+        )
+    if any(r["task"] == task and (r["value"] is not None or r["status"] == "failed") for r in rows):
+        lines += ["", task_table(task, rows, methods, protocol)]
+    else:  # an empty table would read as a result
+        lines += ["", "No main run has finished yet (each needs its learning rate: the table above).", ""]
+    compared = comparisons_table(task, rows, methods)
+    if compared:
+        lines += ["Controls, compared per seed:", "", compared]
+    if any(r["value"] is not None for r in rows if r["task"] == task):
+        png = results / f"{task}.png"
+        n_train = f"{int(protocol['train_subset']):,}"
+        title = (
+            f"{task} dev, all-MiniLM-L6-v2, {n_train} train examples, every seed shown; "
+            f"commit {git_commit().split()[0]}"
+        )
+        plot_task(task, rows, methods, png, title, protocol)
+        lines.append(f"![{task}]({png.name})")
+    for diag in DIAGNOSTICS.values():
+        table = diagnostic_table(runs, task, diag, protocol)
+        if table is not None:
+            changes = ", ".join(f"{k} {v}" for k, v in diag.changes) or "none"
+            lines += [
+                "",
+                f"### {task} diagnostic `{diag.name}` (held-out train split, grid seeds: not the dev set above)",
+                "",
+                f"{diag.question} Protocol changes: {changes}; extra flags: "
+                f"{' '.join(diag.extra) or 'none'}; each method at its study lr.",
+                "",
+                table,
+            ]
+    return lines
+
+
 def write_report(
     runs: Path,
     results: Path,
@@ -797,116 +918,19 @@ def write_report(
     elsewhere (`make demo` uses the study's)."""
     results.mkdir(parents=True, exist_ok=True)
     rows = collect(runs, tasks, methods)
-    groups = lr_groups(methods)
-    lrs = fixed_lrs if fixed_lrs is not None else chosen_lrs(runs, tasks, groups, protocol)
-    n_train = f"{int(protocol['train_subset']):,}"
-    anchors = {}
-    for task in tasks:
-        res = run_result(runs / "anchor" / task / "vanilla" / "seed1", glue_tasks.resolve_task(task).best_metric)
-        if res is not None:
-            anchors[task] = res
-    head = [
-        heading or f"# Quality study: all-MiniLM-L6-v2, GLUE low-resource ({n_train} train examples)",
-        "",
-        f"Command: `{command}`  ",
-        f"Commit: {git_commit()}; written {datetime.date.today().isoformat()} on {platform.machine()} CPU (fp32).  ",
-        f"Protocol: {protocol.get('source', '`robustft_experiments/quality.py` (`PROTOCOL`)')}: train subset of "
-        f"{protocol['train_subset']} (subset seed {protocol['subset_seed']}, the same for every run), full GLUE "
-        f"dev, batch {protocol['batch_size']}, {protocol['epochs']} epochs, warmup {protocol['warmup_ratio']:.0%}, "
-        f"weight decay {protocol['weight_decay']}, clip {protocol['clip_norm']}, max length "
-        f"{protocol['max_positions']}. Value = dev metric after the last epoch (no selection on dev). Method "
-        "flags from the method registry (README table). Paired difference = method − its baseline on the same "
-        "seed (same data order and head init); 95 % Student-t interval over seeds; n = seeds finished.",
-        "",
-        lr_source
-        or "Learning rate per optimizer family, chosen on a grid of the family's baseline, seeds "
-        f"{', '.join(map(str, protocol['grid_seeds']))} (not reported), trained on a {n_train}-example subset of "
-        f"train minus {protocol['grid_heldout']} held-out train examples and scored on those: never on the dev "
-        "numbers below."
-        + (
-            " A control with its own lr chooses it the same way, among multiples of its family's chosen lr."
-            if any(g not in FAMILY_BASELINE for g in groups)
-            else ""
-        ),
-        "",
-        "| task | " + " | ".join(lr_column(g, protocol, grid=not fixed_lrs) for g in groups) + " |",
-        "|---|" + "---|" * len(groups),
-    ]
-    # an lr fixed elsewhere (`fixed_lrs`) has no grid here, so no edge
-    edges = {} if fixed_lrs else {(t, g): grid_edge(g, lrs[t], protocol) for t in tasks for g in groups}
-    for task in tasks:
-        cells = (
-            lr_cell(lrs[task].get(g), edges.get((task, g)), group_started(runs, task, g, methods, lrs[task], protocol))
-            for g in groups
-        )
-        head.append(f"| {task} | " + " | ".join(cells) + " |")
-    if any(edges.values()):
-        head += [
-            "",
-            "A choice at its grid's edge: a larger (smaller) lr, not tried, might score better on the held-out "
-            "examples. Every method of a family trains at the family's choice, so its paired difference is "
-            "measured at that lr; where the own-lr controls were run, they show what a method and its baseline "
-            "do when each may choose again.",
-        ]
-    repeats = [] if fixed_lrs else [(t, m, runs_as_base(m, lrs[t])) for t in tasks for m in methods]
-    for task, method, base in repeats:
-        if base is None:
-            continue
-        head += [
-            "",
-            f"On {task}, {spec_of(method).label} chose its family's lr: its runs would repeat {spec_of(base).label}'s "
-            "command for command, so they are not run and it has no row there.",
-        ]
+    lrs = fixed_lrs if fixed_lrs is not None else chosen_lrs(runs, tasks, lr_groups(methods), protocol)
+    anchors = anchor_results(runs, tasks)
+    lines = report_preamble(command, protocol, heading)
+    lines += lr_section(runs, tasks, methods, lrs, protocol, bool(fixed_lrs), lr_source)
     if (results / "FINDINGS.md").exists():
-        head += [
+        lines += [
             "",
             "What these tables do and do not show, and the investigations behind that (hand-written, each figure "
             "with its source): [FINDINGS.md](FINDINGS.md).",
         ]
-    body = []
     for task in tasks:
-        floor, label = floor_of(task)
-        body += ["", f"## {task}", ""]
-        if label:
-            body.append(f"{label.capitalize()} on dev: {floor:.2f}.  ")
-        if task in anchors:
-            body.append(
-                f"Anchor: vanilla on the full train set, seed 1: {anchors[task]['final']:.2f} "
-                f"(best epoch {anchors[task]['best']:.2f}).  "
-            )
-        if any(r["task"] == task and (r["value"] is not None or r["status"] == "failed") for r in rows):
-            body += ["", task_table(task, rows, methods, protocol)]
-        else:  # an empty table would read as a result
-            body += ["", "No main run has finished yet (each needs its learning rate: the table above).", ""]
-        compared = comparisons_table(task, rows, methods)
-        if compared:
-            body += ["Controls, compared per seed:", "", compared]
-        if any(r["value"] is not None for r in rows if r["task"] == task):
-            png = results / f"{task}.png"
-            plot_task(
-                task,
-                rows,
-                methods,
-                png,
-                f"{task} dev, all-MiniLM-L6-v2, {n_train} train examples, every seed shown; "
-                f"commit {git_commit().split()[0]}",
-                protocol,
-            )
-            body.append(f"![{task}]({png.name})")
-        for diag in DIAGNOSTICS.values():
-            table = diagnostic_table(runs, task, diag, protocol)
-            if table is not None:
-                changes = ", ".join(f"{k} {v}" for k, v in diag.changes) or "none"
-                body += [
-                    "",
-                    f"### {task} diagnostic `{diag.name}` (held-out train split, grid seeds: not the dev set above)",
-                    "",
-                    f"{diag.question} Protocol changes: {changes}; extra flags: "
-                    f"{' '.join(diag.extra) or 'none'}; each method at its study lr.",
-                    "",
-                    table,
-                ]
-    text = "\n".join(head + body) + "\n"
+        lines += task_section(task, runs, results, rows, methods, anchors, protocol)
+    text = "\n".join(lines) + "\n"
     atomic_files.write_text(results / "results.md", text)
     atomic_files.write_text(
         results / "results.json",
