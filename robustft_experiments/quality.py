@@ -244,6 +244,14 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
             "over 3.3x the updates? (At 3 epochs PATS equals vanilla Adamax to the printed digit.)",
             changes=(("epochs", 10),),
         ),
+        Diagnostic(
+            "r3f_10_epochs",
+            ("vanilla", "r3f"),
+            "Does R3F's term help at its recipe's 10 epochs (fairseq examples/rxf README, RTE: r3f.md §2.3), where "
+            "vanilla has time to overfit 1,000 examples and a regulariser something to do? (At 3 epochs R3F is "
+            "within the seed spread of vanilla on CoLA and SST-2.)",
+            changes=(("epochs", 10),),
+        ),
     )
 }
 

@@ -100,24 +100,25 @@ def test_a_control_with_lr_factors_chooses_its_own_lr_among_multiples_of_its_fam
     assert header == "SAGE at its own lr (control): lr (grid x1, x2, x5 of the adamax lr)"
 
 
-def test_diagnostic_runs_change_only_the_protocol_they_name_and_score_on_held_out_train(tmp_path, monkeypatch):
-    diag = quality.DIAGNOSTICS["pats_10_epochs"]
-    assert diag.methods == ("vanilla_adamax", "pats") and dict(diag.changes) == {"epochs": 10}
+@pytest.mark.parametrize(
+    "name, task, lrs",
+    [("pats_10_epochs", "CoLA", {"adamax": 2e-4, "adam": 5e-5}), ("r3f_10_epochs", "SST-2", {"adam": 1e-4})],
+)
+def test_diagnostic_runs_change_only_the_protocol_they_name_and_score_on_held_out_train(
+    tmp_path, monkeypatch, name, task, lrs
+):
+    diag = quality.DIAGNOSTICS[name]
+    assert dict(diag.changes) == {"epochs": 10}
+    base, method = diag.methods
+    lr = lrs[quality.lr_group(method)]  # each at its family's study lr, not the other family's
     data = tmp_path / "grid-bin"
     (data / "label").mkdir(parents=True)
     (data / "label" / "train.label").write_text("1\n" * 1000)
     pretrained = {"model": tmp_path / "m" / "model.pt", "train_args": []}
     monkeypatch.setattr(quality, "prepare_data", lambda *a, **k: data)  # no binarization in this unit test
-    runs = quality.diagnostic_runs(
-        tmp_path, tmp_path / "runs", tmp_path, ["CoLA"], ["pats_10_epochs"], {"CoLA": {"adamax": 2e-4}}, pretrained
-    )
-    assert [(r["method"], r["seed"]) for r in runs] == [
-        ("vanilla_adamax", 101),
-        ("pats", 101),
-        ("vanilla_adamax", 102),
-        ("pats", 102),
-    ]
-    study = quality.train_command("CoLA", "pats", 101, 2e-4, data, tmp_path / "x", pretrained, 1000)
+    runs = quality.diagnostic_runs(tmp_path, tmp_path / "runs", tmp_path, [task], [name], {task: lrs}, pretrained)
+    assert [(r["method"], r["seed"]) for r in runs] == [(base, 101), (method, 101), (base, 102), (method, 102)]
+    study = quality.train_command(task, method, 101, lr, data, tmp_path / "x", pretrained, 1000)
     cmd = runs[1]["cmd"]
     assert cmd[cmd.index("--max-epoch") + 1] == "10" and cmd[cmd.index("--max-update") + 1] == str(10 * 63)
     assert cmd[cmd.index("--warmup-updates") + 1] == "63"
@@ -129,8 +130,8 @@ def test_diagnostic_runs_change_only_the_protocol_they_name_and_score_on_held_ou
             del c[c.index(flag) : c.index(flag) + 2]
         return c
 
-    assert rest(cmd) == rest(study)
-    assert runs[1]["dir"] == tmp_path / "runs" / "diagnostics" / "CoLA" / "pats_10_epochs" / "pats" / "seed101"
+    assert rest(cmd) == rest(study) and cmd[cmd.index("--lr") + 1] == f"{lr:g}"
+    assert runs[1]["dir"] == tmp_path / "runs" / "diagnostics" / task / name / method / "seed101"
 
 
 def test_diagnostic_table_pairs_final_held_out_values(tmp_path):
