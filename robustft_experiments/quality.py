@@ -798,9 +798,14 @@ def anchor_results(runs: Path, tasks) -> dict:
     return anchors
 
 
+def subset_words(protocol) -> str:
+    """The training subset's size as the report writes it ("1,000")."""
+    return f"{int(protocol['train_subset']):,}"
+
+
 def report_preamble(command: str, protocol, heading: str | None) -> list[str]:
     """Title, command, commit and the protocol in words."""
-    n_train = f"{int(protocol['train_subset']):,}"
+    n_train = subset_words(protocol)
     return [
         heading or f"# Quality study: all-MiniLM-L6-v2, GLUE low-resource ({n_train} train examples)",
         "",
@@ -821,7 +826,7 @@ def lr_section(runs: Path, tasks, methods, lrs: dict, protocol, fixed: bool, lr_
     """Where the learning rates come from, the table of choices per task and lr group, and what an edge or
     a control that chose its family's lr means."""
     groups = lr_groups(methods)
-    n_train = f"{int(protocol['train_subset']):,}"
+    n_train = subset_words(protocol)
     lines = [
         lr_source
         or "Learning rate per optimizer family, chosen on a grid of the family's baseline, seeds "
@@ -886,7 +891,7 @@ def task_section(task: str, runs: Path, results: Path, rows, methods, anchors: d
         lines += ["Controls, compared per seed:", "", compared]
     if any(r["value"] is not None for r in rows if r["task"] == task):
         png = results / f"{task}.png"
-        n_train = f"{int(protocol['train_subset']):,}"
+        n_train = subset_words(protocol)
         title = (
             f"{task} dev, all-MiniLM-L6-v2, {n_train} train examples, every seed shown; "
             f"commit {git_commit().split()[0]}"
