@@ -67,9 +67,9 @@ def head_pass(head, features: torch.Tensor, scales: dict) -> dict:
     logits, `dense`'s pre-activation, the activation's output and the per-sentence Jacobian d logits / d x."""
     dense_w = head.dense.weight.detach().float() * scales["dense"]
     out_w = head.out_proj.weight.detach().float() * scales["out_proj"]
-    z = features @ dense_w.T + head.dense.bias.detach().float()
-    x = features.detach().clone().requires_grad_(True)
-    a = head.activation_fn(x @ dense_w.T + head.dense.bias.detach().float())
+    x = features.detach().float().clone().requires_grad_(True)
+    z = x @ dense_w.T + head.dense.bias.detach().float()
+    a = head.activation_fn(z)
     logits = a @ out_w.T + head.out_proj.bias.detach().float()
     rows = [torch.autograd.grad(logits[:, k].sum(), x, retain_graph=True)[0] for k in range(logits.size(1))]
     jac = torch.stack(rows, dim=1)  # (sentences, classes, features): sentence i's logits depend on its x only
