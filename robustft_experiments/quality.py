@@ -803,14 +803,14 @@ def subset_words(protocol) -> str:
     return f"{int(protocol['train_subset']):,}"
 
 
-def report_preamble(command: str, protocol, heading: str | None) -> list[str]:
+def report_preamble(command: str, protocol, heading: str | None, commit: str) -> list[str]:
     """Title, command, commit and the protocol in words."""
     n_train = subset_words(protocol)
     return [
         heading or f"# Quality study: all-MiniLM-L6-v2, GLUE low-resource ({n_train} train examples)",
         "",
         f"Command: `{command}`  ",
-        f"Commit: {git_commit()}; written {datetime.date.today().isoformat()} on {platform.machine()} CPU (fp32).  ",
+        f"Commit: {commit}; written {datetime.date.today().isoformat()} on {platform.machine()} CPU (fp32).  ",
         f"Protocol: {protocol.get('source', '`robustft_experiments/quality.py` (`PROTOCOL`)')}: train subset of "
         f"{protocol['train_subset']} (subset seed {protocol['subset_seed']}, the same for every run), full GLUE "
         f"dev, batch {protocol['batch_size']}, {protocol['epochs']} epochs, warmup {protocol['warmup_ratio']:.0%}, "
@@ -870,7 +870,9 @@ def lr_section(runs: Path, tasks, methods, lrs: dict, protocol, fixed: bool, lr_
     return lines
 
 
-def task_section(task: str, runs: Path, results: Path, rows, methods, anchors: dict, protocol) -> list[str]:
+def task_section(
+    task: str, runs: Path, results: Path, rows, methods, anchors: dict, protocol, commit: str
+) -> list[str]:
     """One task's heading, floor and anchor, its table (or why there is none), the per-seed comparisons of
     the controls, its plot (written here) and its diagnostics."""
     floor, label = floor_of(task)
@@ -892,10 +894,7 @@ def task_section(task: str, runs: Path, results: Path, rows, methods, anchors: d
     if any(r["value"] is not None for r in rows if r["task"] == task):
         png = results / f"{task}.png"
         n_train = subset_words(protocol)
-        title = (
-            f"{task} dev, all-MiniLM-L6-v2, {n_train} train examples, every seed shown; "
-            f"commit {git_commit().split()[0]}"
-        )
+        title = f"{task} dev, all-MiniLM-L6-v2, {n_train} train examples, every seed shown; commit {commit.split()[0]}"
         plot_task(task, rows, methods, png, title, protocol)
         lines.append(f"![{task}]({png.name})")
     for diag in DIAGNOSTICS.values():
@@ -933,7 +932,8 @@ def write_report(
     rows = collect(runs, tasks, methods)
     lrs = fixed_lrs if fixed_lrs is not None else chosen_lrs(runs, tasks, lr_groups(methods), protocol)
     anchors = anchor_results(runs, tasks)
-    lines = report_preamble(command, protocol, heading)
+    commit = git_commit()  # once, before this report's own files change the tree
+    lines = report_preamble(command, protocol, heading, commit)
     lines += lr_section(runs, tasks, methods, lrs, protocol, bool(fixed_lrs), lr_source)
     if (results / "FINDINGS.md").exists():
         lines += [
@@ -942,7 +942,7 @@ def write_report(
             "with its source): [FINDINGS.md](FINDINGS.md).",
         ]
     for task in tasks:
-        lines += task_section(task, runs, results, rows, methods, anchors, protocol)
+        lines += task_section(task, runs, results, rows, methods, anchors, protocol, commit)
     text = "\n".join(lines) + "\n"
     atomic_files.write_text(results / "results.md", text)
     atomic_files.write_text(
@@ -950,7 +950,7 @@ def write_report(
         json.dumps(
             {
                 "command": command,
-                "commit": git_commit(),
+                "commit": commit,
                 "protocol": {k: (list(v) if isinstance(v, tuple) else v) for k, v in protocol.items()},
                 "lrs": lrs,
                 "anchors": anchors,

@@ -357,3 +357,12 @@ def test_a_run_record_appears_whole(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_files.write_file(final, half_then_crash)
     assert final.read_text() == '{"status": "ok"}' and [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_results_md_and_json_name_the_same_commit(tmp_path, monkeypatch):
+    # the report's own files make the tree dirty once written: asked again later, git would answer otherwise
+    answers = iter(["abc1234", "abc1234 (with uncommitted changes)"])
+    monkeypatch.setattr(quality, "git_commit", lambda: next(answers, "abc1234 (with uncommitted changes)"))
+    lines = _main_report(tmp_path, "SST-2", "accuracy", {1: {"vanilla": 80, "r3f": 81}})
+    assert "Commit: abc1234; written" in _line(lines, "Commit:")
+    assert json.loads((tmp_path / "results" / "results.json").read_text())["commit"] == "abc1234"
