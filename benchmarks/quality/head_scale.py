@@ -21,10 +21,9 @@ Writes OUT.md and OUT.json.
 
 from __future__ import annotations
 
-import argparse
 import copy
+import functools
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -33,12 +32,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from robustft_common import atomic_files  # noqa: E402
 from robustft_common.spectral_norm_heads import HEAD_MATRICES  # noqa: E402
 
 HEAD_NAME = "sentence_classification_head"
 
 
+@functools.cache
 def _noise_scale():  # its `load` builds the study's model exactly as a run starts; one copy of that code
     spec = importlib.util.spec_from_file_location("noise_scale", Path(__file__).with_name("noise_scale.py"))
     module = importlib.util.module_from_spec(spec)
@@ -99,16 +98,9 @@ def measure(model, samples, scales: dict) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", type=Path, required=True, help="the quality study's --work-dir")
-    p.add_argument("--task", default="CoLA")
-    p.add_argument("--n", type=int, default=256, help="dev sentences")
-    p.add_argument("--out", type=Path, required=True, help="OUT.md / OUT.json")
-    args = p.parse_args(argv)
     ns = _noise_scale()
-    torch.manual_seed(0)
-    model, task_obj, _ = ns.load(args.work_dir.resolve(), args.task)
-    samples = list(ns.batches(task_obj, args.n))
+    args = ns.parse_cli(__doc__, argv)
+    model, samples = ns.study_model_and_samples(args)
     head = model.classification_heads[HEAD_NAME]
     matrices = []
     for name in HEAD_MATRICES:
@@ -126,7 +118,7 @@ def main(argv=None) -> int:
     plain = measure(model, samples, {m["matrix"]: 1.0 for m in matrices})
     normalised = measure(model, samples, {m["matrix"]: m["factor"] for m in matrices})
     result = {
-        "command": "python benchmarks/quality/head_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": ns.command_line("head_scale.py", argv),
         "task": args.task,
         "dev_sentences": sum(int(s["nsentences"]) for s in samples),
         "matrices": matrices,
@@ -164,10 +156,7 @@ def main(argv=None) -> int:
             f"| {label} | {r['mean_abs_logit']:.4g} | {r['rms_pre_activation']:.4g} | "
             f"{100 * r['share_saturated']:.1f} % | {r['mean_jacobian_norm']:.4g} |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_files.write_text(args.out.with_suffix(".json"), json.dumps(result, indent=1))
-    atomic_files.write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    ns.write_outputs(args.out, result, lines)
     return 0
 
 

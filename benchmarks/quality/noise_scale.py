@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from robustft_common import glue_tasks  # noqa: E402
+from robustft_common import atomic_files, glue_tasks  # noqa: E402
 from robustft_common.methods import get_method  # noqa: E402
 
 
@@ -177,16 +176,38 @@ def measure_noisytune(model, samples, noise_lambda: float, seed: int = 1):
     return {"rms_perturbed": rms_x, "rms_noise": rms_n, "noise_over_signal": rms_n / rms_x, **effect}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+# shared by the measurement scripts beside this one (head_scale.py): one CLI, one model, one output format
+def parse_cli(doc: str, argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, required=True, help="the quality study's --work-dir")
     p.add_argument("--task", default="CoLA")
     p.add_argument("--n", type=int, default=256, help="dev sentences")
     p.add_argument("--out", type=Path, required=True, help="OUT.md / OUT.json")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def study_model_and_samples(args):
+    """(model, its first `--n` dev batches) as a study run starts, with the fresh head drawn from seed 0."""
     torch.manual_seed(0)
-    model, task_obj, data = load(args.work_dir.resolve(), args.task)
-    samples = list(batches(task_obj, args.n))
+    model, task_obj, _ = load(args.work_dir.resolve(), args.task)
+    return model, list(batches(task_obj, args.n))
+
+
+def command_line(script: str, argv=None) -> str:
+    return f"python benchmarks/quality/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def write_outputs(out: Path, result: dict, lines: list[str]) -> None:
+    """OUT.json and OUT.md, each whole or not at all; the table is printed too."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_files.write_text(out.with_suffix(".json"), json.dumps(result, indent=1))
+    atomic_files.write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    args = parse_cli(__doc__, argv)
+    model, samples = study_model_and_samples(args)
     hype_eps = float(flag("hype_n", "--hype-eps"))
     r3f_eps = float(flag("r3f", "--eps"))
     tokens = sum(int(s["net_input"]["src_tokens"].size(1)) for s in samples) / len(samples)
@@ -211,7 +232,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {
-        "command": "python benchmarks/quality/noise_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("noise_scale.py", argv),
         "task": args.task,
         "dev_sentences": sum(int(s["nsentences"]) for s in samples),
         "mean_padded_length": tokens,
@@ -240,12 +261,7 @@ def main(argv=None) -> int:
             f"{r['noise_over_signal']:.2e} | {r['representation_change']:.2e} | {r['logit_change']:.2e} | "
             f"{100 * r['predictions_changed']:.1f} % |"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(result, indent=1)), (".md", "\n".join(lines) + "\n")):
-        tmp = args.out.with_suffix(suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, args.out.with_suffix(suffix))
-    print("\n".join(lines))
+    write_outputs(args.out, result, lines)
     return 0
 
 
