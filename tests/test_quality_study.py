@@ -36,6 +36,14 @@ def _line(lines: list[str], prefix: str) -> str:
     return next(line for line in lines if line.startswith(prefix))
 
 
+def _only_value_differs(control: list, base: list, flag: str, value: str) -> int:
+    """Asserts that `control` is `base` with `flag`'s value (given once, in the same place) set to `value`."""
+    i = base.index(flag)
+    assert control.count(flag) == 1 and control[i + 1] == value
+    assert control[: i + 1] + control[i + 2 :] == base[: i + 1] + base[i + 2 :]
+    return i
+
+
 def test_final_value_is_the_last_validation_not_the_best():
     text = "\n".join(
         f"| valid on 'valid' subset | loss 1 | mcc {v} | num_updates {n}"
@@ -196,9 +204,7 @@ def test_dropout_control_is_vanilla_with_only_dropout_off():
 
 def test_eps0_control_replaces_hype_eps_and_report_compares_it(tmp_path):
     hype, control = quality.study_flags("hype_n"), quality.study_flags("hype_n_eps0")
-    assert control.count("--hype-eps") == 1 and control[control.index("--hype-eps") + 1] == "0"
-    i = hype.index("--hype-eps")
-    assert control[: i + 1] + control[i + 2 :] == hype[: i + 1] + hype[i + 2 :]
+    _only_value_differs(control, hype, "--hype-eps", "0")
     methods = ("vanilla", "hype_n", "vanilla_dropout0", "hype_n_eps0")
     per_seed = {1: (1, 3, 5, 3), 2: (2, 4, 7, 4), 3: (0, 5, 6, 5)}
     lines = _main_report(tmp_path, "CoLA", "mcc", {s: dict(zip(methods, v)) for s, v in per_seed.items()})
@@ -252,9 +258,8 @@ def test_an_lr_fixed_elsewhere_is_not_marked_as_a_grid_edge(tmp_path):
 
 def test_r4f_head_only_control_is_r4f_with_the_kl_weight_zero_and_splits_r4f(tmp_path):
     r4f, control = quality.study_flags("r4f"), quality.study_flags("r4f_head_only")
-    i = r4f.index("--r3f-lambda")
-    assert r4f[i + 1] == "0.7" and control.count("--r3f-lambda") == 1 and control[i + 1] == "0"
-    assert control[: i + 1] + control[i + 2 :] == r4f[: i + 1] + r4f[i + 2 :]  # head flags, eps, lr: R4F's
+    i = _only_value_differs(control, r4f, "--r3f-lambda", "0")  # head flags, eps, lr: R4F's
+    assert r4f[i + 1] == "0.7"
     assert {"--spectral-norm-classification-head", "--r4f-spectral-norm-dense"} <= set(control)
     assert quality.spec_of("r4f_head_only").baseline == "vanilla"
     assert quality.lr_group("r4f_head_only") == "adam"
