@@ -394,7 +394,9 @@ def r4f_dense_spectral_norm() -> None:
     building the model (fairseq/tasks/sentence_prediction.py:281-286): before the criterion exists
     (fairseq_cli/train.py:96-97), before a checkpoint is loaded into the model (trainer.py:585) and before
     the optimizer collects the parameters (trainer.py:289). So the optimizer and the checkpoints see the
-    normalised parameters in both a fresh and a resumed run. Without the flag: stock behaviour.
+    normalised parameters in both a fresh and a resumed run. `--r4f-spectral-norm-init-only` (an ablation)
+    then replaces the normalised matrices by plain ones divided by their sigma, at the same point. Without
+    the flags: stock behaviour.
     """
     from fairseq.models.bart.model import BARTModel
     from fairseq.models.roberta.model import RobertaModel
@@ -404,6 +406,8 @@ def r4f_dense_spectral_norm() -> None:
             original(self, name, *args, **kwargs)
             if spectral_norm_heads.dense_norm_requested(self.args):
                 spectral_norm_heads.normalise_dense(self.args, self.classification_heads[name])
+            if spectral_norm_heads.init_only_requested(self.args):
+                spectral_norm_heads.unit_sigma_once(self.args, self.classification_heads[name])
 
         return register_classification_head
 

@@ -19,6 +19,11 @@ R4F as in the paper normalises the head's `dense` too: `--r4f-spectral-norm-dens
 `sentence_prediction_r3f` criterion. `dense_norm_requested(model_args)` reads it as the model sees its config
 (see there), so the head is normalised when it is registered, before the optimizer collects the parameters
 and before a checkpoint is loaded into it.
+
+`--r4f-spectral-norm-init-only` (an ablation, not R4F) applies the normalisation once, when the head is
+registered: each matrix is divided by its exact largest singular value and then trained plain. The head
+starts where R4F's does (sigma 1) without R4F's constraint during training, or the 1/sigma R4F's
+normalisation puts on the head's gradient.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 HEAD_MATRICES = ("dense", "out_proj")
 DENSE_FLAG = "r4f_spectral_norm_dense"
+INIT_ONLY_FLAG = "r4f_spectral_norm_init_only"
 _SN_SUFFIXES = ("_orig", "_u", "_v")
 
 
@@ -122,6 +128,51 @@ def normalise_dense(model_args, head: torch.nn.Module) -> None:
         head.dense = torch.nn.utils.spectral_norm(dense)
 
 
+def init_only_requested(model_args) -> bool:
+    """`--r4f-spectral-norm-init-only` as seen from the model's config (as `dense_norm_requested`)."""
+    return bool(run_setting(model_args, INIT_ONLY_FLAG, f"criterion.{INIT_ONLY_FLAG}"))
+
+
+def unit_sigma_once(model_args, head: torch.nn.Module) -> None:
+    """The ablation: replace each spectral-normalised head matrix by W / sigma(W), sigma the exact largest
+    singular value, as a plain parameter.
+
+    It runs after fairseq and `normalise_dense` have normalised the head, so the run draws the same random
+    numbers as R4F (torch's spectral_norm draws u and v when it is applied) and differs from R4F only in
+    what happens during training.
+    """
+    require(
+        dense_norm_requested(model_args) and bool(getattr(model_args, "spectral_norm_classification_head", False)),
+        "--r4f-spectral-norm-init-only",
+        "rescales R4F's normalised head once instead of normalising it during training; also pass "
+        "--spectral-norm-classification-head --r4f-spectral-norm-dense (hydra: "
+        "model.spectral_norm_classification_head=true criterion.r4f_spectral_norm_dense=true)",
+    )
+    for name in HEAD_MATRICES:
+        setattr(head, name, _plain_copy_at_unit_sigma(getattr(head, name)))
+
+
+def _plain_copy_at_unit_sigma(linear: torch.nn.Linear) -> torch.nn.Linear:
+    """A new plain Linear holding W_orig / sigma(W_orig) and the bias. Not `remove_spectral_norm`: under
+    torch 2.x it leaves spectral_norm's load_state_dict pre-hook behind (the hook is stored wrapped, so its
+    isinstance test misses it), and every later checkpoint load then asks for `weight_orig`. `skip_init`
+    allocates without an init, i.e. draws no random number."""
+    w = linear.state_dict()["weight_orig"]  # detached
+    plain = torch.nn.utils.skip_init(
+        torch.nn.Linear,
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        device=w.device,
+        dtype=w.dtype,
+    )
+    with torch.no_grad():
+        plain.weight.copy_((w.double() / torch.linalg.matrix_norm(w.double(), ord=2)).to(w.dtype))
+        if linear.bias is not None:
+            plain.bias.copy_(linear.bias)
+    return plain
+
+
 def check_dense_normalised(model, head_name: str) -> None:
     """The criterion's guard: with `--r4f-spectral-norm-dense` the head must already be normalised."""
     head = model.classification_heads[head_name]
@@ -132,4 +183,16 @@ def check_dense_normalised(model, head_name: str) -> None:
         "spectral-normalised): the model's config could not see the criterion's flag. Build the model "
         "from the run's whole config (fairseq-train, scripts/hydra_train.py), or set "
         f"model.{DENSE_FLAG}=true",
+    )
+
+
+def check_init_only(model, head_name: str) -> None:
+    """The criterion's guard for `--r4f-spectral-norm-init-only`: the head must be plain (rescaled once)."""
+    head = model.classification_heads[head_name]
+    require(
+        not any(is_spectral_normed(getattr(head, name)) for name in HEAD_MATRICES),
+        "--r4f-spectral-norm-init-only",
+        f"classification head {head_name!r} is still spectral-normalised: the model's config could not see the "
+        "criterion's flag. Build the model from the run's whole config (fairseq-train, scripts/hydra_train.py), "
+        f"or set model.{INIT_ONLY_FLAG}=true",
     )

@@ -79,8 +79,9 @@ FAMILY_BASELINE = {"adam": "vanilla", "adamax": "vanilla_adamax"}
 
 @dataclass(frozen=True)
 class Control:
-    """A study-only variant of a registered method (not a method users run): `base`'s flags plus `extra`,
-    compared with `base`'s baseline. It separates a method's mechanism from a setting it changes too."""
+    """A study-only variant of a registered method (not a method users run): `base`'s flags plus `extra`
+    ((flag, value) pairs; value None: a switch), compared with `base`'s baseline. It separates a method's
+    mechanism from a setting it changes too."""
 
     name: str
     label: str
@@ -151,6 +152,18 @@ CONTROLS: dict[str, Control] = {
             "(same passes and draws as R4F) but adds nothing to the gradient, so this is vanilla with R4F's head: "
             "it splits an R4F gain into the head's and R3F's term's",
             comparisons=(("r4f", "r4f_head_only"), ("r4f", "r3f")),
+        ),
+        Control(
+            "r4f_head_init_only",
+            "R4F's head, normalised at init only (control)",
+            "r4f",
+            ("--r3f-lambda", "0", "--r4f-spectral-norm-init-only", None),
+            "r4f_head_only with the spectral norm applied once, when the head is created (each matrix divided "
+            "by its largest singular value), then trained plain: the same start, passes and random draws, "
+            "without R4F's constraint or the 1/sigma its normalisation puts on the head's gradient (under Adam "
+            "a 1/sigma larger step of the normalised matrix); splits the head's gain into its starting scale and "
+            "what the normalisation does during training",
+            comparisons=(("r4f_head_only", "r4f_head_init_only"),),
         ),
         Control(
             "sage_own_lr",
@@ -281,7 +294,7 @@ def study_flags(method: str, protocol=PROTOCOL) -> list[str]:
         if flag in get_method(base).flags:
             overrides[flag] = value
         else:
-            appended += [flag, value]
+            appended += [flag] if value is None else [flag, value]
     return method_flags(base, overrides) + appended
 
 

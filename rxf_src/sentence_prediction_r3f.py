@@ -16,7 +16,7 @@ from robustft_common.kl import gaussian_symmetric_kl, symmetric_kl
 from robustft_common.mixout import MixoutConfig
 from robustft_common.refusals import RefusedNeftuneFlags, check_refused
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
-from robustft_common.spectral_norm_heads import check_dense_normalised
+from robustft_common.spectral_norm_heads import check_dense_normalised, check_init_only
 from robustft_common.utils import unwrap_model
 from robustft_common.validation import require, require_choice
 from rxf_src.embedding_noise import R3F_NOISE_TYPES, noised_forward, validate_r3f_flags
@@ -58,6 +58,15 @@ class SentencePredictionR3FConfig(SentencePredictionConfig, HypeConfig, MixoutCo
             "head, under fairseq-train and hydra alike (robustft_common/spectral_norm_heads.py)"
         },
     )
+    r4f_spectral_norm_init_only: bool = field(
+        default=False,
+        metadata={
+            "help": "an ablation of R4F, not R4F: with --spectral-norm-classification-head "
+            "--r4f-spectral-norm-dense, divide the head's dense and out_proj by their largest singular values "
+            "once, when the head is registered, and train them plain (R4F's starting scale without its "
+            "constraint during training)"
+        },
+    )
 
 
 @register_criterion("sentence_prediction_r3f", dataclass=SentencePredictionR3FConfig)
@@ -74,7 +83,8 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         self.r3f_lambda = float(cfg.r3f_lambda)
         self.noise_type = str(cfg.noise_type)
         self.noisy_pass_on_regression = str(cfg.r3f_regression_kl) == "gaussian"
-        self._check_dense_norm = bool(cfg.r4f_spectral_norm_dense)
+        self._init_only = bool(cfg.r4f_spectral_norm_init_only)
+        self._check_head = bool(cfg.r4f_spectral_norm_dense) or self._init_only
         self._explain_regression_kl(cfg)
 
     def _explain_regression_kl(self, cfg) -> None:
@@ -94,9 +104,10 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         )
 
     def forward(self, model, sample, reduce=True):
-        if self._check_dense_norm:  # once: never train "R4F" with a plain dense layer, silently
-            check_dense_normalised(unwrap_model(model), self.classification_head_name)
-            self._check_dense_norm = False
+        if self._check_head:  # once: never train "R4F" (or its ablation) with the wrong head, silently
+            check = check_init_only if self._init_only else check_dense_normalised
+            check(unwrap_model(model), self.classification_head_name)
+            self._check_head = False
         with hype_forward(model, self.cfg) as hype:  # counts HyPe's noise in both passes
             loss, sample_size, logging_output = super().forward(model, sample, reduce)
         logging_output.update(hype.logging_output)

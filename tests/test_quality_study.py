@@ -272,6 +272,19 @@ def test_r4f_head_only_control_is_r4f_with_the_kl_weight_zero_and_splits_r4f(tmp
     assert "+2.00 [-0.48, +4.48], wins 3/3" in _line(lines, "| R4F − R3F |")
 
 
+def test_head_init_only_control_is_r4f_head_only_plus_one_switch_and_is_compared_with_it(tmp_path):
+    head_only, control = quality.study_flags("r4f_head_only"), quality.study_flags("r4f_head_init_only")
+    assert control == head_only + ["--r4f-spectral-norm-init-only"]
+    assert quality.spec_of("r4f_head_init_only").baseline == "vanilla"
+    methods = ("vanilla", "r4f_head_only", "r4f_head_init_only")
+    per_seed = {1: (80, 82, 80), 2: (81, 83, 82), 3: (82, 84, 81)}
+    lines = _main_report(tmp_path, "SST-2", "accuracy", {s: dict(zip(methods, v)) for s, v in per_seed.items()})
+    # head only - init only: 2, 1, 3 -> mean 2, sd 1, half-width 4.3027 / sqrt(3) = 2.48
+    assert "+2.00 [-0.48, +4.48], wins 3/3" in _line(
+        lines, "| R4F's head, no R3F term (control) − R4F's head, normalised at init only (control) |"
+    )
+
+
 def test_an_lr_cell_reads_not_run_before_its_groups_runs_start_and_pending_after(tmp_path):
     protocol = dict(quality.PROTOCOL, lr_grid={"adam": (1e-5, 2e-5, 4e-5)}, grid_seeds=(101,))
     grid = tmp_path / "runs" / "grid" / "CoLA"

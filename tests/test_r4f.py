@@ -4,13 +4,20 @@ the head's dense layer, under fairseq-train and under hydra."""
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from fairseq.models.roberta import RobertaModel
 from omegaconf import OmegaConf
 
 import rxf_src  # noqa: F401  (registers sentence_prediction_r3f; robustft_common installs the patches)
-from robustft_common.spectral_norm_heads import check_dense_normalised, dense_norm_requested, is_spectral_normed
+from robustft_common.spectral_norm_heads import (
+    check_dense_normalised,
+    check_init_only,
+    dense_norm_requested,
+    init_only_requested,
+    is_spectral_normed,
+)
 from tests.fairseq_helpers import (
     REPO,
     TINY_ROBERTA_HYDRA,
@@ -219,3 +226,66 @@ def test_dense_flag_is_read_from_either_config_form(data, tmp_path):
     _, plain_model, _, _ = build(argv)
     with pytest.raises(ValueError, match="--r4f-spectral-norm-dense: classification head .* not spectral-normalised"):
         check_dense_normalised(plain_model, HEAD)
+
+
+R4F_HEAD = ("--spectral-norm-classification-head", "--r4f-spectral-norm-dense")
+INIT_ONLY = "--r4f-spectral-norm-init-only"
+
+
+def seeded_build(data, tmp_path, *flags):
+    torch.manual_seed(3)
+    _, model, criterion, sample = build(
+        sentence_prediction_args(data, tmp_path, *flags, criterion="sentence_prediction_r3f")
+    )
+    return model, criterion, sample, torch.get_rng_state()
+
+
+def test_init_only_head_is_r4fs_head_divided_by_its_sigma_then_plain(data, tmp_path):
+    """The ablation starts from R4F's matrices (same random draws) divided by their largest singular value
+    (numpy's float64 SVD here), and nothing renormalises them afterwards."""
+    r4f, _, _, r4f_rng = seeded_build(data, tmp_path, *R4F_HEAD)
+    model, criterion, sample, rng = seeded_build(data, tmp_path, *R4F_HEAD, INIT_ONLY)
+    assert torch.equal(rng, r4f_rng)
+    head, r4f_head = model.classification_heads[HEAD], r4f.classification_heads[HEAD]
+    for name in ("dense", "out_proj"):
+        linear = getattr(head, name)
+        assert not is_spectral_normed(linear) and is_spectral_normed(getattr(r4f_head, name))
+        w_orig = getattr(r4f_head, name).weight_orig.detach().double().numpy()
+        sigma = np.linalg.svd(w_orig, compute_uv=False)[0]
+        assert abs(sigma - 1) > 0.05  # the rescale changes something
+        np.testing.assert_allclose(linear.weight.detach().double().numpy(), w_orig / sigma, rtol=1e-6, atol=1e-7)
+        assert np.linalg.svd(linear.weight.detach().double().numpy(), compute_uv=False)[0] == pytest.approx(1, 1e-6)
+    assert {f"classification_heads.{HEAD}.{n}.weight" for n in ("dense", "out_proj")} <= dict(
+        model.named_parameters()
+    ).keys()
+    before = [p.detach().clone() for p in head.parameters()]
+    model.train()
+    loss, _, _ = criterion(model, sample)  # the criterion's guard passes; train-mode forwards change no weight
+    loss.backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, head.parameters()))
+    assert all(p.grad is not None for p in head.parameters())
+
+
+def test_init_only_needs_r4fs_head_flags_and_the_criterion_checks_the_head(data, tmp_path):
+    argv = sentence_prediction_args(
+        data, tmp_path, "--spectral-norm-classification-head", INIT_ONLY, criterion="sentence_prediction_r3f"
+    )
+    with pytest.raises(ValueError, match="--r4f-spectral-norm-init-only: .*--r4f-spectral-norm-dense"):
+        build(argv)
+    r4f, _, _, _ = seeded_build(data, tmp_path, *R4F_HEAD)
+    with pytest.raises(ValueError, match="--r4f-spectral-norm-init-only: classification head .* still spectral"):
+        check_init_only(r4f, HEAD)
+    run = OmegaConf.create({"model": {"_name": "roberta"}, "criterion": {"r4f_spectral_norm_init_only": True}})
+    assert init_only_requested(run.model) and not init_only_requested(OmegaConf.create({"_name": "roberta"}))
+
+
+@pytest.mark.e2e
+def test_init_only_trains_resumes_and_saves_a_plain_head(data, tmp_path):
+    first = train(data, tmp_path, "--r4f-spectral-norm-dense", INIT_ONLY)
+    assert [int(r["num_updates"]) for r in first if "symm_kl" in r] == [1, 2, 3, 4]
+    state = load_state(tmp_path / "checkpoint_last.pt")
+    assert not any(k.endswith(("_orig", "_u", "_v")) for k in state if k.startswith(PREFIX))
+    resumed = train(data, tmp_path, "--r4f-spectral-norm-dense", INIT_ONLY, max_update=6)
+    assert [int(r["num_updates"]) for r in resumed if "symm_kl" in r] == [5, 6]
+    after = load_state(tmp_path / "checkpoint_last.pt")
+    assert not torch.equal(after[PREFIX + "dense.weight"], state[PREFIX + "dense.weight"])  # trained on
