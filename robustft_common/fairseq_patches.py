@@ -322,6 +322,11 @@ def criterion_update_hooks() -> None:
       `extra_state` (built by `Trainer.state_dict`, trainer.py:400-447, which `save_checkpoint` saves) and restored when
       `Trainer.load_checkpoint` (trainer.py:465-690) returns it, unless --reset-optimizer (it is training state,
       like the optimizer's). Rank 0's copy reaches the other ranks inside the broadcast checkpoint.
+    - `robustft_after_checkpoint_load(model, num_updates)` is called when `Trainer.load_checkpoint` returns,
+      whether or not a checkpoint was found: fairseq_cli/train.py:165 loads once before the first update, so
+      num_updates 0 means training starts here (a fresh run, --restore-file / --finetune-from-model with the
+      optimizer reset), and the optimizer is not built yet (trainer.py:604-606 builds it only to restore its
+      state; else at the first access, trainer.py:278-286). R4F's init-only ablation rescales its head here.
     """
     from fairseq.trainer import Trainer
 
@@ -350,6 +355,9 @@ def criterion_update_hooks() -> None:
             load = getattr(self.get_criterion(), "robustft_load_state_dict", None)
             if load is not None and not reset_optimizer and extra_state and CRITERION_STATE_KEY in extra_state:
                 load(extra_state[CRITERION_STATE_KEY])
+            loaded = getattr(self.get_criterion(), "robustft_after_checkpoint_load", None)
+            if loaded is not None:
+                loaded(self.get_model(), self.get_num_updates())
             return extra_state
 
         return load_checkpoint
@@ -395,8 +403,8 @@ def r4f_dense_spectral_norm() -> None:
     (fairseq_cli/train.py:96-97), before a checkpoint is loaded into the model (trainer.py:585) and before
     the optimizer collects the parameters (trainer.py:289). So the optimizer and the checkpoints see the
     normalised parameters in both a fresh and a resumed run. `--r4f-spectral-norm-init-only` (an ablation)
-    then replaces the normalised matrices by plain ones divided by their sigma, at the same point. Without
-    the flags: stock behaviour.
+    then replaces the normalised matrices by plain ones at the same point (its criterion divides them by
+    sigma when training starts). Without the flags: stock behaviour.
     """
     from fairseq.models.bart.model import BARTModel
     from fairseq.models.roberta.model import RobertaModel
@@ -407,7 +415,7 @@ def r4f_dense_spectral_norm() -> None:
             if spectral_norm_heads.dense_norm_requested(self.args):
                 spectral_norm_heads.normalise_dense(self.args, self.classification_heads[name])
             if spectral_norm_heads.init_only_requested(self.args):
-                spectral_norm_heads.unit_sigma_once(self.args, self.classification_heads[name])
+                spectral_norm_heads.plain_for_init_only(self.args, self.classification_heads[name])
 
         return register_classification_head
 

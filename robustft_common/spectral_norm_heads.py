@@ -20,10 +20,10 @@ R4F as in the paper normalises the head's `dense` too: `--r4f-spectral-norm-dens
 (see there), so the head is normalised when it is registered, before the optimizer collects the parameters
 and before a checkpoint is loaded into it.
 
-`--r4f-spectral-norm-init-only` (an ablation, not R4F) applies the normalisation once, when the head is
-registered: each matrix is divided by its exact largest singular value and then trained plain. The head
-starts where R4F's does (sigma 1) without R4F's constraint during training, or the 1/sigma R4F's
-normalisation puts on the head's gradient.
+`--r4f-spectral-norm-init-only` (an ablation, not R4F) applies the normalisation once, when training starts:
+each head matrix is divided by its exact largest singular value and then trained plain. The head starts
+where R4F's does (sigma 1) without R4F's constraint during training, or the 1/sigma R4F's normalisation
+puts on the head's gradient.
 """
 
 from __future__ import annotations
@@ -133,13 +133,14 @@ def init_only_requested(model_args) -> bool:
     return bool(run_setting(model_args, INIT_ONLY_FLAG, f"criterion.{INIT_ONLY_FLAG}"))
 
 
-def unit_sigma_once(model_args, head: torch.nn.Module) -> None:
-    """The ablation: replace each spectral-normalised head matrix by W / sigma(W), sigma the exact largest
-    singular value, as a plain parameter.
+def plain_for_init_only(model_args, head: torch.nn.Module) -> None:
+    """`--r4f-spectral-norm-init-only` at registration: R4F's normalised matrices become plain ones holding
+    W_orig, so that checkpoints of either form load into them (`match_model_form`); the criterion divides
+    them by sigma when training starts (`rescale_to_unit_sigma`), i.e. after the trainer has loaded
+    --restore-file, whose head (e.g. a converter's pooler) is what training starts from.
 
     It runs after fairseq and `normalise_dense` have normalised the head, so the run draws the same random
-    numbers as R4F (torch's spectral_norm draws u and v when it is applied) and differs from R4F only in
-    what happens during training.
+    numbers as R4F (torch's spectral_norm draws u and v when it is applied).
     """
     require(
         dense_norm_requested(model_args) and bool(getattr(model_args, "spectral_norm_classification_head", False)),
@@ -149,28 +150,39 @@ def unit_sigma_once(model_args, head: torch.nn.Module) -> None:
         "model.spectral_norm_classification_head=true criterion.r4f_spectral_norm_dense=true)",
     )
     for name in HEAD_MATRICES:
-        setattr(head, name, _plain_copy_at_unit_sigma(getattr(head, name)))
+        setattr(head, name, _plain_copy(getattr(head, name)))
 
 
-def _plain_copy_at_unit_sigma(linear: torch.nn.Linear) -> torch.nn.Linear:
-    """A new plain Linear holding W_orig / sigma(W_orig) and the bias. Not `remove_spectral_norm`: under
-    torch 2.x it leaves spectral_norm's load_state_dict pre-hook behind (the hook is stored wrapped, so its
-    isinstance test misses it), and every later checkpoint load then asks for `weight_orig`. `skip_init`
-    allocates without an init, i.e. draws no random number."""
-    w = linear.state_dict()["weight_orig"]  # detached
+def _plain_copy(linear: torch.nn.Linear) -> torch.nn.Linear:
+    """A new plain Linear holding `linear`'s W_orig and bias. Not `remove_spectral_norm`: under torch 2.x it
+    leaves spectral_norm's load_state_dict pre-hook behind (the hook is stored wrapped, so its isinstance
+    test misses it), and every later checkpoint load then asks for `weight_orig`. `skip_init` allocates
+    without an init, i.e. draws no random number."""
+    state = linear.state_dict()  # detached
     plain = torch.nn.utils.skip_init(
         torch.nn.Linear,
         linear.in_features,
         linear.out_features,
-        bias=linear.bias is not None,
-        device=w.device,
-        dtype=w.dtype,
+        bias="bias" in state,
+        device=state["weight_orig"].device,
+        dtype=state["weight_orig"].dtype,
     )
-    with torch.no_grad():
-        plain.weight.copy_((w.double() / torch.linalg.matrix_norm(w.double(), ord=2)).to(w.dtype))
-        if linear.bias is not None:
-            plain.bias.copy_(linear.bias)
+    plain.load_state_dict({"weight": state["weight_orig"], **({"bias": state["bias"]} if "bias" in state else {})})
     return plain
+
+
+def rescale_to_unit_sigma(model, head_name: str) -> dict:
+    """Divide each plain matrix of the head in place by its exact largest singular value (float64); returns
+    the values divided by. In place, so an optimizer built later (fp16's fp32 copies included) sees them."""
+    head = model.classification_heads[head_name]
+    sigmas = {}
+    for name in HEAD_MATRICES:
+        weight = getattr(head, name).weight
+        sigma = torch.linalg.matrix_norm(weight.detach().double(), ord=2)
+        with torch.no_grad():
+            weight.copy_((weight.double() / sigma).to(weight.dtype))
+        sigmas[name] = sigma.item()
+    return sigmas
 
 
 def check_dense_normalised(model, head_name: str) -> None:
@@ -187,7 +199,7 @@ def check_dense_normalised(model, head_name: str) -> None:
 
 
 def check_init_only(model, head_name: str) -> None:
-    """The criterion's guard for `--r4f-spectral-norm-init-only`: the head must be plain (rescaled once)."""
+    """The criterion's guard for `--r4f-spectral-norm-init-only`: the head must be plain."""
     head = model.classification_heads[head_name]
     require(
         not any(is_spectral_normed(getattr(head, name)) for name in HEAD_MATRICES),

@@ -158,8 +158,8 @@ CONTROLS: dict[str, Control] = {
             "R4F's head, normalised at init only (control)",
             "r4f",
             ("--r3f-lambda", "0", "--r4f-spectral-norm-init-only", None),
-            "r4f_head_only with the spectral norm applied once, when the head is created (each matrix divided "
-            "by its largest singular value), then trained plain: the same start, passes and random draws, "
+            "r4f_head_only with the spectral norm applied once, when training starts (each matrix, the pooler "
+            "included, divided by its largest singular value), then trained plain: the same start, passes and random draws, "
             "without R4F's constraint or the 1/sigma its normalisation puts on the head's gradient (under Adam "
             "a 1/sigma larger step of the normalised matrix); splits the head's gain into its starting scale and "
             "what the normalisation does during training",

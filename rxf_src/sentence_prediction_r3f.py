@@ -16,7 +16,7 @@ from robustft_common.kl import gaussian_symmetric_kl, symmetric_kl
 from robustft_common.mixout import MixoutConfig
 from robustft_common.refusals import RefusedNeftuneFlags, check_refused
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
-from robustft_common.spectral_norm_heads import check_dense_normalised, check_init_only
+from robustft_common.spectral_norm_heads import check_dense_normalised, check_init_only, rescale_to_unit_sigma
 from robustft_common.utils import unwrap_model
 from robustft_common.validation import require, require_choice
 from rxf_src.embedding_noise import R3F_NOISE_TYPES, noised_forward, validate_r3f_flags
@@ -85,6 +85,7 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         self.noisy_pass_on_regression = str(cfg.r3f_regression_kl) == "gaussian"
         self._init_only = bool(cfg.r4f_spectral_norm_init_only)
         self._check_head = bool(cfg.r4f_spectral_norm_dense) or self._init_only
+        self._training_started = False  # the init-only head is rescaled when the trainer has loaded
         self._explain_regression_kl(cfg)
 
     def _explain_regression_kl(self, cfg) -> None:
@@ -107,11 +108,33 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         if self._check_head:  # once: never train "R4F" (or its ablation) with the wrong head, silently
             check = check_init_only if self._init_only else check_dense_normalised
             check(unwrap_model(model), self.classification_head_name)
-            self._check_head = False
+            if model.training:  # evaluating a trained head needs no rescale
+                require(
+                    not self._init_only or self._training_started,
+                    "--r4f-spectral-norm-init-only",
+                    "the head is divided by its sigma when fairseq's Trainer has loaded its checkpoint "
+                    "(fairseq-train, scripts/hydra_train.py); this training loop never called "
+                    "Trainer.load_checkpoint",
+                )
+                self._check_head = False
         with hype_forward(model, self.cfg) as hype:  # counts HyPe's noise in both passes
             loss, sample_size, logging_output = super().forward(model, sample, reduce)
         logging_output.update(hype.logging_output)
         return loss, sample_size, logging_output
+
+    def robustft_after_checkpoint_load(self, model, num_updates: int) -> None:
+        """`--r4f-spectral-norm-init-only`: at update 0 (after --restore-file is loaded, before the optimizer
+        exists) divide the head's matrices by their largest singular values; a resumed run keeps its head."""
+        if not self._init_only:
+            return
+        if num_updates == 0:
+            sigmas = rescale_to_unit_sigma(unwrap_model(model), self.classification_head_name)
+            logger.info(
+                "--r4f-spectral-norm-init-only: head %r divided by its largest singular values (%s) before training",
+                self.classification_head_name,
+                ", ".join(f"{name} {sigma:.4g}" for name, sigma in sigmas.items()),
+            )
+        self._training_started = True
 
     def extra_terms(self, model, sample, logits, targets):
         logging_output = {}

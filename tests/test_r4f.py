@@ -36,8 +36,8 @@ def data(sp_data):
     return sp_data  # tests/conftest.py: the shared toy classification data
 
 
-def train(data, save_dir, *extra, max_update=4):
-    proc = train_sentence_prediction(
+def run_r4f(data, save_dir, *extra, max_update=4):
+    return train_sentence_prediction(
         data,
         save_dir,
         "--spectral-norm-classification-head",
@@ -47,7 +47,10 @@ def train(data, save_dir, *extra, max_update=4):
         criterion="sentence_prediction_r3f",
         max_update=max_update,
     )
-    return json_logs(proc.stdout)
+
+
+def train(data, save_dir, *extra, max_update=4):
+    return json_logs(run_r4f(data, save_dir, *extra, max_update=max_update).stdout)
 
 
 def load_state(path):
@@ -240,30 +243,44 @@ def seeded_build(data, tmp_path, *flags):
     return model, criterion, sample, torch.get_rng_state()
 
 
-def test_init_only_head_is_r4fs_head_divided_by_its_sigma_then_plain(data, tmp_path):
-    """The ablation starts from R4F's matrices (same random draws) divided by their largest singular value
-    (numpy's float64 SVD here), and nothing renormalises them afterwards."""
+def largest_singular_value(w) -> float:
+    return float(np.linalg.svd(np.asarray(w, dtype=np.float64), compute_uv=False)[0])
+
+
+def test_init_only_head_is_r4fs_head_plain_until_training_starts_then_at_unit_sigma(data, tmp_path):
+    """Built: R4F's matrices (the same random draws) as plain parameters. When the trainer has loaded (num
+    updates 0) the criterion divides them by their largest singular value (numpy's float64 SVD here); a
+    resumed run (num updates > 0) keeps them; training before either is refused."""
     r4f, _, _, r4f_rng = seeded_build(data, tmp_path, *R4F_HEAD)
     model, criterion, sample, rng = seeded_build(data, tmp_path, *R4F_HEAD, INIT_ONLY)
     assert torch.equal(rng, r4f_rng)
     head, r4f_head = model.classification_heads[HEAD], r4f.classification_heads[HEAD]
+    w_orig = {n: getattr(r4f_head, n).weight_orig.detach().double().numpy() for n in ("dense", "out_proj")}
     for name in ("dense", "out_proj"):
-        linear = getattr(head, name)
-        assert not is_spectral_normed(linear) and is_spectral_normed(getattr(r4f_head, name))
-        w_orig = getattr(r4f_head, name).weight_orig.detach().double().numpy()
-        sigma = np.linalg.svd(w_orig, compute_uv=False)[0]
-        assert abs(sigma - 1) > 0.05  # the rescale changes something
-        np.testing.assert_allclose(linear.weight.detach().double().numpy(), w_orig / sigma, rtol=1e-6, atol=1e-7)
-        assert np.linalg.svd(linear.weight.detach().double().numpy(), compute_uv=False)[0] == pytest.approx(1, 1e-6)
+        assert not is_spectral_normed(getattr(head, name)) and is_spectral_normed(getattr(r4f_head, name))
+        assert np.array_equal(getattr(head, name).weight.detach().double().numpy(), w_orig[name])
+        assert abs(largest_singular_value(w_orig[name]) - 1) > 0.05  # the rescale will change something
     assert {f"classification_heads.{HEAD}.{n}.weight" for n in ("dense", "out_proj")} <= dict(
         model.named_parameters()
     ).keys()
-    before = [p.detach().clone() for p in head.parameters()]
     model.train()
-    loss, _, _ = criterion(model, sample)  # the criterion's guard passes; train-mode forwards change no weight
-    loss.backward()
+    with pytest.raises(ValueError, match="--r4f-spectral-norm-init-only: .*Trainer.load_checkpoint"):
+        criterion(model, sample)
+
+    criterion.robustft_after_checkpoint_load(model, 0)
+    for name in ("dense", "out_proj"):
+        w = getattr(head, name).weight.detach().double().numpy()
+        np.testing.assert_allclose(w, w_orig[name] / largest_singular_value(w_orig[name]), rtol=1e-6, atol=1e-7)
+        assert largest_singular_value(w) == pytest.approx(1, rel=1e-6)
+    before = [p.detach().clone() for p in head.parameters()]
+    loss, _, _ = criterion(model, sample)
+    loss.backward()  # train-mode forwards renormalise nothing
     assert all(torch.equal(a, b) for a, b in zip(before, head.parameters()))
-    assert all(p.grad is not None for p in head.parameters())
+
+    resumed, resumed_criterion, _, _ = seeded_build(data, tmp_path, *R4F_HEAD, INIT_ONLY)
+    resumed_criterion.robustft_after_checkpoint_load(resumed, 7)
+    resumed_head = resumed.classification_heads[HEAD]
+    assert all(np.array_equal(getattr(resumed_head, n).weight.detach().double().numpy(), w_orig[n]) for n in w_orig)
 
 
 def test_init_only_needs_r4fs_head_flags_and_the_criterion_checks_the_head(data, tmp_path):
@@ -280,12 +297,30 @@ def test_init_only_needs_r4fs_head_flags_and_the_criterion_checks_the_head(data,
 
 
 @pytest.mark.e2e
-def test_init_only_trains_resumes_and_saves_a_plain_head(data, tmp_path):
-    first = train(data, tmp_path, "--r4f-spectral-norm-dense", INIT_ONLY)
-    assert [int(r["num_updates"]) for r in first if "symm_kl" in r] == [1, 2, 3, 4]
-    state = load_state(tmp_path / "checkpoint_last.pt")
+def test_init_only_rescales_the_restored_head_at_the_start_and_not_on_resume(data, tmp_path):
+    """The head training starts from is --restore-file's (here a plain run's; in the study a converter's
+    pooler), so the rescale happens after it is loaded. With lr 0 the first run saves exactly that head / sigma."""
+    base = tmp_path / "base"
+    train_sentence_prediction(data, base, criterion="sentence_prediction_r3f", max_update=2)
+    restored = load_state(base / "checkpoint_last.pt")
+    sigma = {n: largest_singular_value(restored[PREFIX + f"{n}.weight"]) for n in ("dense", "out_proj")}
+    run = tmp_path / "init_only"
+    restore = ("--restore-file", base / "checkpoint_last.pt", "--reset-optimizer", "--reset-dataloader")
+    first = run_r4f(data, run, "--r4f-spectral-norm-dense", INIT_ONLY, *restore, "--reset-meters", "--lr", "0").stdout
+    logged = f"divided by its largest singular values (dense {sigma['dense']:.4g}, out_proj {sigma['out_proj']:.4g})"
+    assert first.count(logged) == 1
+    assert [int(r["num_updates"]) for r in json_logs(first) if "symm_kl" in r] == [1, 2, 3, 4]
+    state = load_state(run / "checkpoint_last.pt")
     assert not any(k.endswith(("_orig", "_u", "_v")) for k in state if k.startswith(PREFIX))
-    resumed = train(data, tmp_path, "--r4f-spectral-norm-dense", INIT_ONLY, max_update=6)
-    assert [int(r["num_updates"]) for r in resumed if "symm_kl" in r] == [5, 6]
-    after = load_state(tmp_path / "checkpoint_last.pt")
+    for name in ("dense", "out_proj"):
+        np.testing.assert_allclose(
+            state[PREFIX + f"{name}.weight"].double().numpy(),
+            restored[PREFIX + f"{name}.weight"].double().numpy() / sigma[name],
+            rtol=1e-5,
+            atol=1e-7,
+        )
+    resumed = run_r4f(data, run, "--r4f-spectral-norm-dense", INIT_ONLY, max_update=6).stdout
+    assert [int(r["num_updates"]) for r in json_logs(resumed) if "symm_kl" in r] == [5, 6]
+    assert "divided by its largest singular values" not in resumed
+    after = load_state(run / "checkpoint_last.pt")
     assert not torch.equal(after[PREFIX + "dense.weight"], state[PREFIX + "dense.weight"])  # trained on
