@@ -63,8 +63,8 @@ class SentencePredictionR3FConfig(SentencePredictionConfig, HypeConfig, MixoutCo
         metadata={
             "help": "an ablation of R4F, not R4F: with --spectral-norm-classification-head "
             "--r4f-spectral-norm-dense, divide the head's dense and out_proj by their largest singular values "
-            "once, when the head is registered, and train them plain (R4F's starting scale without its "
-            "constraint during training)"
+            "once, when training starts (after --restore-file is loaded), and train them plain (R4F's "
+            "starting scale without its constraint during training)"
         },
     )
 
