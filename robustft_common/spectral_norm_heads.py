@@ -47,11 +47,31 @@ def is_spectral_normed(linear: torch.nn.Module) -> bool:
     return hasattr(linear, "weight_orig") and hasattr(linear, "weight_u")
 
 
+def estimated_sigma(w_orig: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """torch's spectral_norm (dim 0) estimate of W's largest singular value, u^T W v (fp32)."""
+    w = w_orig.float()
+    return torch.dot(u.float(), torch.mv(w.reshape(w.size(0), -1), v.float()))
+
+
 def normalised_weight(w_orig: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The matrix torch's spectral_norm (dim 0) uses in eval: W / (u^T W v)."""
-    w = w_orig.float()
-    sigma = torch.dot(u.float(), torch.mv(w.reshape(w.size(0), -1), v.float()))
-    return (w / sigma).to(w_orig.dtype)
+    return (w_orig.float() / estimated_sigma(w_orig, u, v)).to(w_orig.dtype)
+
+
+def trained_sigmas(model, head_name: str) -> dict:
+    """Per head matrix, the largest singular value of the parameter the optimizer updates: a normalised
+    matrix's `weight_orig` (torch's estimate after this forward's power iteration: what the head divides it
+    by, free), a plain matrix's `weight` (exact, one SVD: the init-only ablation's head scale). fp32."""
+    head = model.classification_heads[head_name]
+    sigmas = {}
+    with torch.no_grad():
+        for name in HEAD_MATRICES:
+            linear = getattr(head, name)
+            if is_spectral_normed(linear):
+                sigmas[name] = estimated_sigma(*(getattr(linear, "weight" + s) for s in _SN_SUFFIXES))
+            else:
+                sigmas[name] = torch.linalg.matrix_norm(linear.weight.float(), ord=2)
+    return sigmas
 
 
 def _head_keys(state_dict, prefix: str):

@@ -159,10 +159,10 @@ CONTROLS: dict[str, Control] = {
             "r4f",
             ("--r3f-lambda", "0", "--r4f-spectral-norm-init-only", None),
             "r4f_head_only with the spectral norm applied once, when training starts (each matrix, the pooler "
-            "included, divided by its largest singular value), then trained plain: the same start, passes and random draws, "
-            "without R4F's constraint or the 1/sigma its normalisation puts on the head's gradient (under Adam "
-            "a 1/sigma larger step of the normalised matrix); splits the head's gain into its starting scale and "
-            "what the normalisation does during training",
+            "included, divided by its largest singular value), then trained plain: the same start, passes and "
+            "random draws, without R4F's constraint or the 1/sigma its normalisation puts on the head's gradient "
+            "(under Adam a 1/sigma larger step of the normalised matrix); splits the head's gain into its starting "
+            "scale and what the normalisation does during training",
             comparisons=(("r4f_head_only", "r4f_head_init_only"),),
         ),
         Control(
@@ -264,6 +264,14 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
             "vanilla has time to overfit 1,000 examples and a regulariser something to do? (At 3 epochs R3F is "
             "within the seed spread of vanilla on CoLA and SST-2.)",
             changes=(("epochs", 10),),
+        ),
+        Diagnostic(
+            "r4f_head_sigma",
+            ("r4f_head_init_only", "r4f_head_only"),
+            "Why does R4F's head normalised throughout fit and score better than the same head normalised once "
+            "at the start? Their train logs' head_sigma_dense / head_sigma_out_proj (the sigma of the matrix "
+            "the optimizer updates) say whether R4F keeps dividing by about the starting sigma (then, under "
+            "Adam, its head moves 1/sigma as far per step) and whether the plain head drifts from sigma 1.",
         ),
     )
 }

@@ -16,7 +16,13 @@ from robustft_common.kl import gaussian_symmetric_kl, symmetric_kl
 from robustft_common.mixout import MixoutConfig
 from robustft_common.refusals import RefusedNeftuneFlags, check_refused
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
-from robustft_common.spectral_norm_heads import check_dense_normalised, check_init_only, rescale_to_unit_sigma
+from robustft_common.spectral_norm_heads import (
+    check_dense_normalised,
+    check_init_only,
+    is_spectral_normed,
+    rescale_to_unit_sigma,
+    trained_sigmas,
+)
 from robustft_common.utils import unwrap_model
 from robustft_common.validation import require, require_choice
 from rxf_src.embedding_noise import R3F_NOISE_TYPES, noised_forward, validate_r3f_flags
@@ -86,6 +92,7 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         self._init_only = bool(cfg.r4f_spectral_norm_init_only)
         self._check_head = bool(cfg.r4f_spectral_norm_dense) or self._init_only
         self._training_started = False  # the init-only head is rescaled when the trainer has loaded
+        self._log_head_sigma: bool | None = None  # R4F or its ablation: decided at the first training step
         self._explain_regression_kl(cfg)
 
     def _explain_regression_kl(self, cfg) -> None:
@@ -120,7 +127,22 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         with hype_forward(model, self.cfg) as hype:  # counts HyPe's noise in both passes
             loss, sample_size, logging_output = super().forward(model, sample, reduce)
         logging_output.update(hype.logging_output)
+        if model.training:
+            logging_output.update(self._head_sigma_logs(unwrap_model(model)))
         return loss, sample_size, logging_output
+
+    def _head_sigma_logs(self, model) -> dict:
+        """R4F and its init-only ablation log `head_sigma_dense` / `head_sigma_out_proj` (the mean over the
+        log interval of `spectral_norm_heads.trained_sigmas`): how far the normalisation rescales R4F's head,
+        and how far the ablation's plain head drifts from sigma 1."""
+        if self._log_head_sigma is None:
+            head = model.classification_heads[self.classification_head_name]
+            self._log_head_sigma = self._init_only or is_spectral_normed(head.out_proj)
+        if not self._log_head_sigma:
+            return {}
+        sigmas = trained_sigmas(model, self.classification_head_name)
+        logs = {f"head_sigma_{name}_num": sigma for name, sigma in sigmas.items()}
+        return {**logs, **{f"head_sigma_{name}_den": 1 for name in sigmas}}
 
     def robustft_after_checkpoint_load(self, model, num_updates: int) -> None:
         """`--r4f-spectral-norm-init-only`: at update 0 (after --restore-file is loaded, before the optimizer

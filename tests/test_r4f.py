@@ -273,9 +273,12 @@ def test_init_only_head_is_r4fs_head_plain_until_training_starts_then_at_unit_si
         np.testing.assert_allclose(w, w_orig[name] / largest_singular_value(w_orig[name]), rtol=1e-6, atol=1e-7)
         assert largest_singular_value(w) == pytest.approx(1, rel=1e-6)
     before = [p.detach().clone() for p in head.parameters()]
-    loss, _, _ = criterion(model, sample)
+    loss, _, logs = criterion(model, sample)
     loss.backward()  # train-mode forwards renormalise nothing
     assert all(torch.equal(a, b) for a, b in zip(before, head.parameters()))
+    for name in ("dense", "out_proj"):  # the plain head's exact sigma: 1 after the rescale
+        assert logs[f"head_sigma_{name}_num"].item() == pytest.approx(1, rel=1e-5)
+        assert logs[f"head_sigma_{name}_den"] == 1
 
     resumed, resumed_criterion, _, _ = seeded_build(data, tmp_path, *R4F_HEAD, INIT_ONLY)
     resumed_criterion.robustft_after_checkpoint_load(resumed, 7)
@@ -309,7 +312,9 @@ def test_init_only_rescales_the_restored_head_at_the_start_and_not_on_resume(dat
     first = run_r4f(data, run, "--r4f-spectral-norm-dense", INIT_ONLY, *restore, "--reset-meters", "--lr", "0").stdout
     logged = f"divided by its largest singular values (dense {sigma['dense']:.4g}, out_proj {sigma['out_proj']:.4g})"
     assert first.count(logged) == 1
-    assert [int(r["num_updates"]) for r in json_logs(first) if "symm_kl" in r] == [1, 2, 3, 4]
+    records = [r for r in json_logs(first) if "symm_kl" in r]
+    assert [int(r["num_updates"]) for r in records] == [1, 2, 3, 4]
+    assert {float(r["head_sigma_dense"]) for r in records} == {1.0}  # lr 0: the head stays at sigma 1
     state = load_state(run / "checkpoint_last.pt")
     assert not any(k.endswith(("_orig", "_u", "_v")) for k in state if k.startswith(PREFIX))
     for name in ("dense", "out_proj"):
@@ -324,3 +329,19 @@ def test_init_only_rescales_the_restored_head_at_the_start_and_not_on_resume(dat
     assert "divided by its largest singular values" not in resumed
     after = load_state(run / "checkpoint_last.pt")
     assert not torch.equal(after[PREFIX + "dense.weight"], state[PREFIX + "dense.weight"])  # trained on
+
+
+def test_r4f_logs_the_sigma_its_head_divides_by_and_plain_r3f_logs_none(data, tmp_path):
+    r4f, criterion, sample, _ = seeded_build(data, tmp_path, *R4F_HEAD)
+    r4f.train()
+    _, _, logs = criterion(r4f, sample)
+    head = r4f.classification_heads[HEAD]
+    for name in ("dense", "out_proj"):
+        linear = getattr(head, name)  # the matrix this forward used is weight_orig / the logged sigma
+        sigma = logs[f"head_sigma_{name}_num"].item()
+        torch.testing.assert_close(linear.weight, linear.weight_orig / sigma)
+        assert 0.5 * largest_singular_value(linear.weight_orig.detach()) < sigma
+    plain, plain_criterion, sample, _ = seeded_build(data, tmp_path)
+    plain.train()
+    _, _, logs = plain_criterion(plain, sample)
+    assert not any(k.startswith("head_sigma") for k in logs)
