@@ -715,9 +715,18 @@ def comparisons_table(task: str, rows: list[dict], methods) -> str | None:
     return "\n".join(["| comparison | mean paired diff [95 % CI], wins | asked by |", "|---|---|---|", *lines]) + "\n"
 
 
-def plot_task(task: str, rows: list[dict], methods, path: Path, title: str, protocol=PROTOCOL) -> None:
-    """One row per method (top to bottom in `methods` order): every seed's point and the mean; the metric
-    axis starts at the task's floor (majority class, MCC 0), lower only when a seed falls below it."""
+def axis_range(values, floor: float, anchor: float | None) -> tuple[int, int]:
+    """The metric axis of a task's plot: from the task's floor (majority class, MCC 0), lower only when a seed
+    falls below it, to the full-train anchor where it has run (the score the budget is measured against), or
+    the largest seed; one unit of margin each side."""
+    return math.floor(min(floor, *values)) - 1, math.ceil(max(floor, *values, *([anchor] if anchor else []))) + 1
+
+
+def plot_task(
+    task: str, rows: list[dict], methods, path: Path, title: str, protocol=PROTOCOL, anchor: float | None = None
+) -> None:
+    """One row per method (top to bottom in `methods` order): every seed's point and the mean; lines at the
+    task's floor and at the full-train anchor (`axis_range`)."""
     import logging
 
     import matplotlib
@@ -730,7 +739,7 @@ def plot_task(task: str, rows: list[dict], methods, path: Path, title: str, prot
     shown = [m for m in methods if per.get((task, m))]
     floor, floor_label = floor_of(task)
     fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(shown) + 1.6))
-    low = floor
+    values = []
     for y, method in enumerate(shown):
         seeds = sorted(per[(task, method)])
         xs = [per[(task, method)][s] for s in seeds]
@@ -739,10 +748,13 @@ def plot_task(task: str, rows: list[dict], methods, path: Path, title: str, prot
         ax.vlines(
             statistics.fmean(xs), y - 0.3, y + 0.3, color="k", zorder=4, label="mean over seeds" if y == 0 else ""
         )
-        low = min(low, min(xs))
+        values += xs
     if floor_label:
         ax.axvline(floor, color="tab:red", linestyle="--", linewidth=1, label=f"{floor_label} ({floor:.1f})")
-    ax.set_xlim(math.floor(low) - 1, None)  # starts at the floor, or lower if a seed fell below it
+    if anchor is not None:
+        label = f"vanilla, full train set ({anchor:.1f})"
+        ax.axvline(anchor, color="tab:green", linestyle=":", linewidth=1.2, label=label)
+    ax.set_xlim(*axis_range(values, floor, anchor))
     ax.set_yticks(range(len(shown)))
     ax.set_yticklabels([f"{spec_of(m).label} (n={len(per[(task, m)])})" for m in shown], fontsize=8)
     ax.set_ylim(len(shown) - 0.5, -0.5)  # first method on top
@@ -916,7 +928,7 @@ def task_section(
         png = results / f"{task}.png"
         n_train = subset_words(protocol)
         title = f"{task} dev, all-MiniLM-L6-v2, {n_train} train examples, every seed shown; commit {commit.split()[0]}"
-        plot_task(task, rows, methods, png, title, protocol)
+        plot_task(task, rows, methods, png, title, protocol, anchors.get(task, {}).get("final"))
         lines.append(f"![{task}]({png.name})")
     for diag in DIAGNOSTICS.values():
         table = diagnostic_table(runs, task, diag, protocol)

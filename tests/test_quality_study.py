@@ -192,6 +192,12 @@ def test_plot_floor_is_the_majority_class(task, floor):
     assert quality.floor_of(task)[0] == pytest.approx(floor)
 
 
+def test_plot_axis_spans_floor_seeds_and_anchor():
+    assert quality.axis_range([52.0, 49.8], 52.71, 56.7) == (48, 58)  # RTE: seeds below majority, anchor above
+    assert quality.axis_range([52.0, 49.8], 52.71, None) == (48, 54)
+    assert quality.axis_range([7.4, -0.4], 0.0, 23.6) == (-2, 25)
+
+
 def test_dropout_control_is_vanilla_with_only_dropout_off():
     control = quality.study_flags("vanilla_dropout0")
     vanilla = quality.study_flags("vanilla")
