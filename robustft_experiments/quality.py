@@ -761,7 +761,10 @@ def plot_task(
     ax.grid(axis="x", linewidth=0.3)
     ax.set_xlabel(f"dev {glue_tasks.resolve_task(task).best_metric} after {protocol['epochs']} epochs")
     ax.set_title(textwrap.fill(title, 80), fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.9 / fig.get_figheight()), ncol=3, frameon=False)
+    entries = len(ax.get_legend_handles_labels()[0])  # one row, below the axis label
+    ax.legend(
+        fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.9 / fig.get_figheight()), ncol=entries, frameon=False
+    )
     fig.tight_layout()
     atomic_files.write_file(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
