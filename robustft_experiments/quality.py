@@ -719,7 +719,9 @@ def axis_range(values, floor: float, anchor: float | None) -> tuple[int, int]:
     """The metric axis of a task's plot: from the task's floor (majority class, MCC 0), lower only when a seed
     falls below it, to the full-train anchor where it has run (the score the budget is measured against), or
     the largest seed; one unit of margin each side."""
-    return math.floor(min(floor, *values)) - 1, math.ceil(max(floor, *values, *([anchor] if anchor else []))) + 1
+    return math.floor(min(floor, *values)) - 1, math.ceil(
+        max(floor, *values, *([anchor] if anchor is not None else []))
+    ) + 1
 
 
 def plot_task(
