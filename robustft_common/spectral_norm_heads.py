@@ -58,10 +58,11 @@ def normalised_weight(w_orig: torch.Tensor, u: torch.Tensor, v: torch.Tensor) ->
     return (w_orig.float() / estimated_sigma(w_orig, u, v)).to(w_orig.dtype)
 
 
-def trained_sigmas(model, head_name: str) -> dict:
+def trained_sigmas(model, head_name: str, plain: bool) -> dict:
     """Per head matrix, the largest singular value of the parameter the optimizer updates: a normalised
     matrix's `weight_orig` (torch's estimate after this forward's power iteration: what the head divides it
-    by, free), a plain matrix's `weight` (exact, one SVD: the init-only ablation's head scale). fp32."""
+    by, free); with `plain`, a plain matrix's `weight` too (exact, one SVD per call: the init-only ablation's
+    head scale). fp32."""
     head = model.classification_heads[head_name]
     sigmas = {}
     with torch.no_grad():
@@ -69,7 +70,7 @@ def trained_sigmas(model, head_name: str) -> dict:
             linear = getattr(head, name)
             if is_spectral_normed(linear):
                 sigmas[name] = estimated_sigma(*(getattr(linear, "weight" + s) for s in _SN_SUFFIXES))
-            else:
+            elif plain:
                 sigmas[name] = torch.linalg.matrix_norm(linear.weight.float(), ord=2)
     return sigmas
 

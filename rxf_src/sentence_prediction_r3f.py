@@ -132,15 +132,15 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         return loss, sample_size, logging_output
 
     def _head_sigma_logs(self, model) -> dict:
-        """R4F and its init-only ablation log `head_sigma_dense` / `head_sigma_out_proj` (the mean over the
-        log interval of `spectral_norm_heads.trained_sigmas`): how far the normalisation rescales R4F's head,
-        and how far the ablation's plain head drifts from sigma 1."""
+        """R4F logs `head_sigma_<matrix>` for each normalised head matrix, its init-only ablation for both plain
+        ones (the mean over the log interval of `spectral_norm_heads.trained_sigmas`): how far the
+        normalisation rescales R4F's head, and how far the ablation's head drifts from sigma 1."""
         if self._log_head_sigma is None:
             head = model.classification_heads[self.classification_head_name]
             self._log_head_sigma = self._init_only or is_spectral_normed(head.out_proj)
         if not self._log_head_sigma:
             return {}
-        sigmas = trained_sigmas(model, self.classification_head_name)
+        sigmas = trained_sigmas(model, self.classification_head_name, plain=self._init_only)
         logs = {f"head_sigma_{name}_num": sigma for name, sigma in sigmas.items()}
         return {**logs, **{f"head_sigma_{name}_den": 1 for name in sigmas}}
 

@@ -341,6 +341,10 @@ def test_r4f_logs_the_sigma_its_head_divides_by_and_plain_r3f_logs_none(data, tm
         sigma = logs[f"head_sigma_{name}_num"].item()
         torch.testing.assert_close(linear.weight, linear.weight_orig / sigma)
         assert 0.5 * largest_singular_value(linear.weight_orig.detach()) < sigma
+    out_proj_only, criterion, sample, _ = seeded_build(data, tmp_path, "--spectral-norm-classification-head")
+    out_proj_only.train()
+    _, _, logs = criterion(out_proj_only, sample)  # fairseq's flag: its plain dense costs no SVD, is not logged
+    assert {k for k in logs if k.startswith("head_sigma")} == {"head_sigma_out_proj_num", "head_sigma_out_proj_den"}
     plain, plain_criterion, sample, _ = seeded_build(data, tmp_path)
     plain.train()
     _, _, logs = plain_criterion(plain, sample)
