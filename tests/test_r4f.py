@@ -329,6 +329,17 @@ def test_init_only_rescales_the_restored_head_at_the_start_and_not_on_resume(dat
     assert "divided by its largest singular values" not in resumed
     after = load_state(run / "checkpoint_last.pt")
     assert not torch.equal(after[PREFIX + "dense.weight"], state[PREFIX + "dense.weight"])  # trained on
+    hub = RobertaModel.from_pretrained(
+        str(run),
+        checkpoint_file="checkpoint_last.pt",
+        data_name_or_path=str(data),
+        user_dir=str(REPO / "robustft"),
+        bpe=None,
+    )  # inference: the trained plain head as saved, no rescale (no Trainer)
+    head = hub.model.classification_heads[HEAD]
+    for name in ("dense", "out_proj"):
+        assert not is_spectral_normed(getattr(head, name))
+        assert torch.equal(getattr(head, name).weight, after[PREFIX + f"{name}.weight"])
 
 
 def test_r4f_logs_the_sigma_its_head_divides_by_and_plain_r3f_logs_none(data, tmp_path):
