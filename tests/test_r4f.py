@@ -53,6 +53,20 @@ def train(data, save_dir, *extra, max_update=4):
     return json_logs(run_r4f(data, save_dir, *extra, max_update=max_update).stdout)
 
 
+def reload_head(save_dir, data):
+    """checkpoint_last.pt of `save_dir` reloaded for inference through the hub; its classification head.
+    Toy words: no GPT-2 BPE (it would download)."""
+    hub = RobertaModel.from_pretrained(
+        str(save_dir),
+        checkpoint_file="checkpoint_last.pt",
+        data_name_or_path=str(data),
+        user_dir=str(REPO / "robustft"),
+        bpe=None,
+    )
+    hub.eval()
+    return hub, hub.model.classification_heads[HEAD]
+
+
 def load_state(path):
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
@@ -76,15 +90,7 @@ def test_train_resume_and_reload_for_inference(data, tmp_path, dense):
     resumed = train(data, tmp_path, *extra, max_update=6)  # fairseq's reference: KeyError ...out_proj.weight
     assert [int(r["num_updates"]) for r in resumed if "symm_kl" in r] == [5, 6]
 
-    hub = RobertaModel.from_pretrained(
-        str(tmp_path),
-        checkpoint_file="checkpoint_last.pt",
-        data_name_or_path=str(data),
-        user_dir=str(REPO / "robustft"),
-        bpe=None,
-    )  # toy words: no GPT-2 BPE (it would download)
-    hub.eval()
-    head = hub.model.classification_heads[HEAD]
+    hub, head = reload_head(tmp_path, data)
     assert is_spectral_normed(head.out_proj) and is_spectral_normed(head.dense) == dense
     state = load_state(tmp_path / "checkpoint_last.pt")
     for name in normalised:
@@ -200,14 +206,7 @@ def test_dense_flag_reaches_the_head_under_hydra_and_resumes_exactly(data, tmp_p
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
-    hub = RobertaModel.from_pretrained(
-        str(tmp_path / "resumed"),
-        checkpoint_file="checkpoint_last.pt",
-        data_name_or_path=str(data),
-        user_dir=str(REPO / "robustft"),
-        bpe=None,
-    )
-    head = hub.model.classification_heads[HEAD]
+    _, head = reload_head(tmp_path / "resumed", data)
     assert is_spectral_normed(head.dense) and is_spectral_normed(head.out_proj)
 
 
@@ -329,14 +328,7 @@ def test_init_only_rescales_the_restored_head_at_the_start_and_not_on_resume(dat
     assert "divided by its largest singular values" not in resumed
     after = load_state(run / "checkpoint_last.pt")
     assert not torch.equal(after[PREFIX + "dense.weight"], state[PREFIX + "dense.weight"])  # trained on
-    hub = RobertaModel.from_pretrained(
-        str(run),
-        checkpoint_file="checkpoint_last.pt",
-        data_name_or_path=str(data),
-        user_dir=str(REPO / "robustft"),
-        bpe=None,
-    )  # inference: the trained plain head as saved, no rescale (no Trainer)
-    head = hub.model.classification_heads[HEAD]
+    _, head = reload_head(run, data)  # inference: the trained plain head as saved, no rescale (no Trainer)
     for name in ("dense", "out_proj"):
         assert not is_spectral_normed(getattr(head, name))
         assert torch.equal(getattr(head, name).weight, after[PREFIX + f"{name}.weight"])
