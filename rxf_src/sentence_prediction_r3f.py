@@ -19,7 +19,6 @@ from robustft_common.sentence_prediction import RobustSentencePredictionCriterio
 from robustft_common.spectral_norm_heads import (
     check_dense_normalised,
     check_init_only,
-    is_spectral_normed,
     rescale_to_unit_sigma,
     trained_sigmas,
 )
@@ -92,7 +91,6 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         self._init_only = bool(cfg.r4f_spectral_norm_init_only)
         self._check_head = bool(cfg.r4f_spectral_norm_dense) or self._init_only
         self._training_started = False  # the init-only head is rescaled when the trainer has loaded
-        self._log_head_sigma: bool | None = None  # R4F or its ablation: decided at the first training step
         self._explain_regression_kl(cfg)
 
     def _explain_regression_kl(self, cfg) -> None:
@@ -133,13 +131,8 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
 
     def _head_sigma_logs(self, model) -> dict:
         """R4F logs `head_sigma_<matrix>` for each normalised head matrix, its init-only ablation for both plain
-        ones (the mean over the log interval of `spectral_norm_heads.trained_sigmas`): how far the
-        normalisation rescales R4F's head, and how far the ablation's head drifts from sigma 1."""
-        if self._log_head_sigma is None:
-            head = model.classification_heads[self.classification_head_name]
-            self._log_head_sigma = self._init_only or is_spectral_normed(head.out_proj)
-        if not self._log_head_sigma:
-            return {}
+        ones, plain R3F nothing (the mean over the log interval of `spectral_norm_heads.trained_sigmas`): how far
+        the normalisation rescales R4F's head, and how far the ablation's head drifts from sigma 1."""
         sigmas = trained_sigmas(model, self.classification_head_name, plain=self._init_only)
         logs = {f"head_sigma_{name}_num": sigma for name, sigma in sigmas.items()}
         return {**logs, **{f"head_sigma_{name}_den": 1 for name in sigmas}}
