@@ -23,7 +23,9 @@ and before a checkpoint is loaded into it.
 `--r4f-spectral-norm-init-only` (an ablation, not R4F) applies the normalisation once, when training starts:
 each head matrix is divided by its exact largest singular value and then trained plain. The head starts
 where R4F's does (sigma 1) without R4F's constraint during training, or the 1/sigma R4F's normalisation
-puts on the head's gradient.
+puts on the head's gradient. With `--r4f-init-only-scaled-steps` each matrix's optimizer step is then
+multiplied by 1/sigma (`scale_steps`): the step R4F's normalisation gives W = W_orig / sigma while sigma stays
+at its start, i.e. under Adam (whose step does not scale with the gradient) that matrix's lr x 1/sigma.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ logger = logging.getLogger(__name__)
 HEAD_MATRICES = ("dense", "out_proj")
 DENSE_FLAG = "r4f_spectral_norm_dense"
 INIT_ONLY_FLAG = "r4f_spectral_norm_init_only"
+SCALED_STEPS_FLAG = "r4f_init_only_scaled_steps"
 _SN_SUFFIXES = ("_orig", "_u", "_v")
 
 
@@ -204,6 +207,22 @@ def rescale_to_unit_sigma(model, head_name: str) -> dict:
             weight.copy_((weight.double() / sigma).to(weight.dtype))
         sigmas[name] = sigma.item()
     return sigmas
+
+
+def head_weights(model, head_name: str) -> dict:
+    """Copies of the head matrices' weights: where an update starts, for `scale_steps`."""
+    head = model.classification_heads[head_name]
+    return {name: getattr(head, name).weight.detach().clone() for name in HEAD_MATRICES}
+
+
+def scale_steps(model, head_name: str, start: dict, scales: dict) -> None:
+    """After an optimizer step: W <- start + scale * (W - start) for each head matrix, in place, i.e. the step
+    the optimizer took on W times `scales[name]` (biases keep their step: R4F normalises weights only)."""
+    head = model.classification_heads[head_name]
+    with torch.no_grad():
+        for name, scale in scales.items():
+            weight = getattr(head, name).weight
+            weight.sub_(start[name]).mul_(scale).add_(start[name])
 
 
 def check_dense_normalised(model, head_name: str) -> None:

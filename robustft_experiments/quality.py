@@ -166,6 +166,18 @@ CONTROLS: dict[str, Control] = {
             comparisons=(("r4f_head_only", "r4f_head_init_only"),),
         ),
         Control(
+            "r4f_head_scaled_steps",
+            "R4F's head, normalised at init, steps x 1/sigma (control)",
+            "r4f",
+            ("--r3f-lambda", "0", "--r4f-spectral-norm-init-only", None, "--r4f-init-only-scaled-steps", None),
+            "r4f_head_init_only with each head matrix's optimizer step multiplied by 1/sigma, its sigma at the start: "
+            "R4F's head with sigma frozen where it starts, i.e. under Adam the plain head with a 1/sigma larger lr "
+            "per matrix (r4f_head_sigma: R4F's sigma stays near its start). If it scores like r4f_head_only, the "
+            "step size is what R4F's normalisation adds to its starting scale; if like r4f_head_init_only, it is "
+            "the constraint or the gradient through sigma",
+            comparisons=(("r4f_head_only", "r4f_head_scaled_steps"), ("r4f_head_scaled_steps", "r4f_head_init_only")),
+        ),
+        Control(
             "sage_own_lr",
             "SAGE at its own lr (control)",
             "sage",

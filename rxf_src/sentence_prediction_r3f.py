@@ -7,6 +7,7 @@ train mode (independent dropout), gradients through both; eval runs the clean pa
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from fairseq.criterions import register_criterion
 from fairseq.criterions.sentence_prediction import SentencePredictionConfig
 from fairseq.dataclass import ChoiceEnum
@@ -19,7 +20,9 @@ from robustft_common.sentence_prediction import RobustSentencePredictionCriterio
 from robustft_common.spectral_norm_heads import (
     check_dense_normalised,
     check_init_only,
+    head_weights,
     rescale_to_unit_sigma,
+    scale_steps,
     trained_sigmas,
 )
 from robustft_common.utils import unwrap_model
@@ -72,6 +75,14 @@ class SentencePredictionR3FConfig(SentencePredictionConfig, HypeConfig, MixoutCo
             "starting scale without its constraint during training)"
         },
     )
+    r4f_init_only_scaled_steps: bool = field(
+        default=False,
+        metadata={
+            "help": "with --r4f-spectral-norm-init-only, also multiply each head matrix's optimizer step by "
+            "1/sigma (the value it was divided by when training started): the step R4F's normalisation gives the "
+            "head while its sigma stays at the start (under Adam, that matrix's lr x 1/sigma); fp32 only"
+        },
+    )
 
 
 @register_criterion("sentence_prediction_r3f", dataclass=SentencePredictionR3FConfig)
@@ -91,6 +102,14 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         self._init_only = bool(cfg.r4f_spectral_norm_init_only)
         self._check_head = bool(cfg.r4f_spectral_norm_dense) or self._init_only
         self._training_started = False  # the init-only head is rescaled when the trainer has loaded
+        self._scaled_steps = bool(cfg.r4f_init_only_scaled_steps)
+        require(
+            not self._scaled_steps or self._init_only,
+            "--r4f-init-only-scaled-steps",
+            "scales the steps of the init-only ablation's head; also pass --r4f-spectral-norm-init-only",
+        )
+        self._step_scales: dict | None = None  # {matrix: 1 / sigma at the start}, checkpointed (robustft_state_dict)
+        self._step_start: dict | None = None  # the head's weights before this update's optimizer step
         self._explain_regression_kl(cfg)
 
     def _explain_regression_kl(self, cfg) -> None:
@@ -122,6 +141,8 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
                     "Trainer.load_checkpoint",
                 )
                 self._check_head = False
+        if model.training and self._scaled_steps and self._step_start is None:  # first forward of this update
+            self._step_start = head_weights(unwrap_model(model), self.classification_head_name)
         with hype_forward(model, self.cfg) as hype:  # counts HyPe's noise in both passes
             loss, sample_size, logging_output = super().forward(model, sample, reduce)
         logging_output.update(hype.logging_output)
@@ -139,17 +160,56 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
 
     def robustft_after_checkpoint_load(self, model, num_updates: int) -> None:
         """`--r4f-spectral-norm-init-only`: at update 0 (after --restore-file is loaded, before the optimizer
-        exists) divide the head's matrices by their largest singular values; a resumed run keeps its head."""
+        exists) divide the head's matrices by their largest singular values; a resumed run keeps its head (and,
+        with --r4f-init-only-scaled-steps, the step scales its checkpoint saved)."""
         if not self._init_only:
             return
+        self._step_start = None
         if num_updates == 0:
             sigmas = rescale_to_unit_sigma(unwrap_model(model), self.classification_head_name)
             logger.info(
-                "--r4f-spectral-norm-init-only: head %r divided by its largest singular values (%s) before training",
+                "--r4f-spectral-norm-init-only: head %r divided by its largest singular values (%s) before training%s",
                 self.classification_head_name,
                 ", ".join(f"{name} {sigma:.4g}" for name, sigma in sigmas.items()),
+                "; its steps are multiplied by 1/sigma (--r4f-init-only-scaled-steps)" if self._scaled_steps else "",
             )
+            if self._scaled_steps:
+                self._step_scales = {name: 1.0 / sigma for name, sigma in sigmas.items()}
+        if self._scaled_steps:
+            self._check_scaled_steps(unwrap_model(model), num_updates)
         self._training_started = True
+
+    def _check_scaled_steps(self, model, num_updates: int) -> None:
+        head = model.classification_heads[self.classification_head_name]
+        require(
+            all(getattr(head, name).weight.dtype == torch.float32 for name in self._step_scales or ()),
+            "--r4f-init-only-scaled-steps",
+            "scales the step on the model's weights, which must be fp32: under --fp16 / --bf16 fairseq steps "
+            "fp32 copies of them and would overwrite the scaled step; run in fp32",
+        )
+        require(
+            self._step_scales is not None,
+            "--r4f-init-only-scaled-steps",
+            f"resuming at update {num_updates} needs the step scales the run's checkpoint saves (extra_state "
+            "'robustft_criterion'); this checkpoint has none (saved without the flag, or --reset-optimizer with "
+            "updates kept): restart from update 0",
+        )
+
+    def robustft_after_update(self, model, num_updates: int) -> None:
+        """`--r4f-init-only-scaled-steps`: the optimizer has stepped (fairseq's Trainer.set_num_updates); scale
+        the head's step."""
+        if self._step_start is None:
+            return
+        assert self._step_scales is not None, "known since training started (robustft_after_checkpoint_load)"
+        scale_steps(model, self.classification_head_name, self._step_start, self._step_scales)
+        self._step_start = None
+
+    def robustft_state_dict(self) -> dict:
+        return {"r4f_head_step_scales": self._step_scales} if self._step_scales else {}
+
+    def robustft_load_state_dict(self, state: dict) -> None:
+        if self._scaled_steps and "r4f_head_step_scales" in state:
+            self._step_scales = dict(state["r4f_head_step_scales"])
 
     def extra_terms(self, model, sample, logits, targets):
         logging_output = {}

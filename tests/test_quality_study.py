@@ -291,6 +291,21 @@ def test_head_init_only_control_is_r4f_head_only_plus_one_switch_and_is_compared
     )
 
 
+def test_scaled_steps_control_is_the_init_only_control_plus_one_switch_and_sits_between_the_two_heads(tmp_path):
+    init_only, control = quality.study_flags("r4f_head_init_only"), quality.study_flags("r4f_head_scaled_steps")
+    assert control == init_only + ["--r4f-init-only-scaled-steps"]
+    methods = ("vanilla", "r4f_head_only", "r4f_head_init_only", "r4f_head_scaled_steps")
+    per_seed = {1: (80, 84, 80, 83), 2: (81, 85, 82, 85), 3: (82, 86, 81, 84)}
+    lines = _main_report(tmp_path, "SST-2", "accuracy", {s: dict(zip(methods, v)) for s, v in per_seed.items()})
+    scaled = "R4F's head, normalised at init, steps x 1/sigma (control)"
+    # head only - scaled steps: 1, 0, 2 -> mean 1, sd 1, half-width 4.3027 / sqrt(3) = 2.48
+    assert "+1.00 [-1.48, +3.48], wins 2/3" in _line(lines, f"| R4F's head, no R3F term (control) − {scaled} |")
+    # scaled steps - init only: 3, 3, 3 -> mean 3, sd 0
+    assert "+3.00 [+3.00, +3.00], wins 3/3" in _line(
+        lines, f"| {scaled} − R4F's head, normalised at init only (control) |"
+    )
+
+
 def test_an_lr_cell_reads_not_run_before_its_groups_runs_start_and_pending_after(tmp_path):
     protocol = dict(quality.PROTOCOL, lr_grid={"adam": (1e-5, 2e-5, 4e-5)}, grid_seeds=(101,))
     grid = tmp_path / "runs" / "grid" / "CoLA"

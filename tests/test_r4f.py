@@ -352,3 +352,61 @@ def test_r4f_logs_the_sigma_its_head_divides_by_and_plain_r3f_logs_none(data, tm
     plain.train()
     _, _, logs = plain_criterion(plain, sample)
     assert not any(k.startswith("head_sigma") for k in logs)
+
+
+SCALED_STEPS = "--r4f-init-only-scaled-steps"
+
+
+@pytest.mark.e2e
+def test_scaled_steps_move_the_init_only_head_one_over_sigma_as_far_and_resume_exactly(data, tmp_path):
+    """From the same restored head (divided by sigma when training starts), one update with the flag moves each
+    head matrix 1/sigma as far as one without it and every other parameter identically; the checkpoint keeps
+    the scales, so a run resumed at update 2 equals a straight one bit for bit."""
+    base = tmp_path / "base"
+    train_sentence_prediction(data, base, criterion="sentence_prediction_r3f", max_update=2)
+    restored = load_state(base / "checkpoint_last.pt")
+    sigma = {n: largest_singular_value(restored[PREFIX + f"{n}.weight"]) for n in ("dense", "out_proj")}
+    restore = ("--restore-file", base / "checkpoint_last.pt", "--reset-optimizer", "--reset-dataloader")
+    flags = ("--r4f-spectral-norm-dense", INIT_ONLY, *restore, "--reset-meters")
+    run_r4f(data, tmp_path / "plain_steps", *flags, max_update=1)
+    assert "multiplied by 1/sigma" in run_r4f(data, tmp_path / "scaled", *flags, SCALED_STEPS, max_update=1).stdout
+    plain_steps, scaled = (load_state(tmp_path / run / "checkpoint_last.pt") for run in ("plain_steps", "scaled"))
+    assert plain_steps.keys() == scaled.keys()
+    head_weights = {PREFIX + f"{n}.weight": n for n in sigma}
+    for key in plain_steps.keys() - head_weights.keys():
+        assert torch.equal(plain_steps[key], scaled[key]), key
+    for key, name in head_weights.items():
+        start = (restored[key].double() / sigma[name]).float().double()
+        step = plain_steps[key].double() - start
+        assert step.abs().max() > 1e-4
+        np.testing.assert_allclose(scaled[key].double() - start, step / sigma[name], rtol=1e-4, atol=1e-8)
+
+    straight = tmp_path / "straight"
+    run_r4f(data, straight, *flags, SCALED_STEPS, "--save-interval-updates", "2", max_update=4)
+    (at_2,) = straight.glob("checkpoint_*_2.pt")
+    saved = torch.load(at_2, map_location="cpu", weights_only=False)["extra_state"]["robustft_criterion"]
+    assert saved["r4f_head_step_scales"] == pytest.approx({n: 1 / s for n, s in sigma.items()}, rel=1e-6)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(at_2, resumed / "checkpoint_last.pt")
+    second = run_r4f(data, resumed, "--r4f-spectral-norm-dense", INIT_ONLY, SCALED_STEPS, max_update=4).stdout
+    assert "@ 2 updates" in second and "divided by its largest singular values" not in second
+    a, b = (load_state(run / "checkpoint_last.pt") for run in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_scaled_steps_need_the_init_only_ablation_fp32_and_their_saved_scales(data, tmp_path):
+    with pytest.raises(ValueError, match=f"{SCALED_STEPS}: .*also pass {INIT_ONLY}"):
+        seeded_build(data, tmp_path, *R4F_HEAD, SCALED_STEPS)
+    model, criterion, _, _ = seeded_build(data, tmp_path, *R4F_HEAD, INIT_ONLY, SCALED_STEPS)
+    with pytest.raises(ValueError, match=f"{SCALED_STEPS}: resuming at update 3 .*restart from update 0"):
+        criterion.robustft_after_checkpoint_load(model, 3)
+    scales = {"dense": 2.5, "out_proj": 1.5}
+    criterion.robustft_load_state_dict({"r4f_head_step_scales": scales})
+    criterion.robustft_after_checkpoint_load(model, 3)
+    assert criterion.robustft_state_dict() == {"r4f_head_step_scales": scales}
+    with pytest.raises(ValueError, match=f"{SCALED_STEPS}: .*must be fp32"):
+        criterion.robustft_after_checkpoint_load(model.half(), 0)
+    _, plain_criterion, _, _ = seeded_build(data, tmp_path, *R4F_HEAD, INIT_ONLY)
+    plain_criterion.robustft_load_state_dict({"r4f_head_step_scales": scales})  # a checkpoint's, unused
+    assert plain_criterion.robustft_state_dict() == {}
