@@ -42,7 +42,6 @@ logger = logging.getLogger(__name__)
 HEAD_MATRICES = ("dense", "out_proj")
 DENSE_FLAG = "r4f_spectral_norm_dense"
 INIT_ONLY_FLAG = "r4f_spectral_norm_init_only"
-SCALED_STEPS_FLAG = "r4f_init_only_scaled_steps"
 _SN_SUFFIXES = ("_orig", "_u", "_v")
 
 

@@ -191,8 +191,7 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
             self._step_scales is not None,
             "--r4f-init-only-scaled-steps",
             f"resuming at update {num_updates} needs the step scales the run's checkpoint saves (extra_state "
-            "'robustft_criterion'); this checkpoint has none (saved without the flag, or --reset-optimizer with "
-            "updates kept): restart from update 0",
+            "'robustft_criterion'); this checkpoint was saved without the flag: restart from update 0",
         )
 
     def robustft_after_update(self, model, num_updates: int) -> None:
