@@ -129,3 +129,15 @@ def test_head_scale_first_forward_sigma_is_one_power_iteration(tiny):
     assert hs.first_forward_sigma(linear, seed=4) <= hs.sigma(linear.weight) * (1 + 1e-6)  # power iteration: below
     assert hs.sigma(linear.weight) == pytest.approx(float(torch.linalg.svdvals(w)[0]))
     assert not hasattr(linear, "weight_orig")  # the model's layer is untouched
+
+
+def test_head_scale_fresh_head_sigmas_are_fairseqs_default_init_at_random_matrix_theory_scale():
+    """nn.Linear's default init draws U(-1/sqrt(n), 1/sqrt(n)), std 1/sqrt(3n): the largest singular value of a
+    k x n such matrix is about (sqrt(n) + sqrt(k)) / sqrt(3n), i.e. 2/sqrt(3) = 1.155 for a square one."""
+    hs = _script("head_scale")
+    sigmas = hs.fresh_head_sigmas(256, 256, 2, seeds=(1, 2))
+    assert len(sigmas["dense"]) == len(sigmas["out_proj"]) == 2 and sigmas["dense"][0] != sigmas["dense"][1]
+    for value in sigmas["dense"]:
+        assert value == pytest.approx(2 / math.sqrt(3), rel=0.05)
+    for value in sigmas["out_proj"]:
+        assert value == pytest.approx((16 + math.sqrt(2)) / math.sqrt(3 * 256), rel=0.1)

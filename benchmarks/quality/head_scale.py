@@ -11,7 +11,10 @@ and fp32:
 - the head's output on dev sentences, plain and normalised (exact sigma): mean |logit|, the RMS of `dense`'s
   output before its tanh and the share of tanh outputs above 0.9 in size, and the spectral norm of the head's
   Jacobian d logits / d features (how strongly the head passes the loss gradient to the encoder), averaged
-  over sentences.
+  over sentences;
+- for comparison, the same sigmas for the fresh heads fairseq registers on the R4F paper's RoBERTa-large and on
+  RoBERTa-base (no pooler: both matrices at nn.Linear's default init; `fresh_head_sigmas`, seeds 1-5), where
+  the normalisation's factors differ from this model's.
 
     python benchmarks/quality/head_scale.py --work-dir /work/qwork/study --task CoLA \
         --out benchmarks/results/quality/head_scale
@@ -59,6 +62,25 @@ def first_forward_sigma(linear: torch.nn.Linear, seed: int = 1) -> float:
         layer(torch.zeros(1, layer.in_features))  # one power iteration, as a training step's forward
     w, w_orig = layer.weight.detach(), layer.weight_orig.detach()
     return float(w_orig.norm() / w.norm())
+
+
+# (label, input dim, inner dim, classes): the heads `fairseq-train --task sentence_prediction` registers on the
+# R4F paper's model (roberta.large, 1024) and on roberta.base (768), binary GLUE tasks
+FRESH_HEADS = (("RoBERTa-large", 1024, 1024, 2), ("RoBERTa-base", 768, 768, 2))
+
+
+def fresh_head_sigmas(input_dim: int, inner_dim: int, num_classes: int, seeds=(1, 2, 3, 4, 5)) -> dict:
+    """sigma of each matrix of fairseq's RobertaClassificationHead as `register_classification_head` builds it
+    (after the model's init_bert_params, so at nn.Linear's default init), one head per seed: {matrix: [sigma]}."""
+    from fairseq.models.roberta.model import RobertaClassificationHead
+
+    sigmas: dict = {name: [] for name in HEAD_MATRICES}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        head = RobertaClassificationHead(input_dim, inner_dim, num_classes, "tanh", 0.0)
+        for name in HEAD_MATRICES:
+            sigmas[name].append(sigma(getattr(head, name).weight))
+    return sigmas
 
 
 def head_pass(head, features: torch.Tensor, scales: dict) -> dict:
@@ -117,12 +139,14 @@ def main(argv=None) -> int:
         )
     plain = measure(model, samples, {m["matrix"]: 1.0 for m in matrices})
     normalised = measure(model, samples, {m["matrix"]: m["factor"] for m in matrices})
+    fresh = {label: fresh_head_sigmas(i, d, k) for label, i, d, k in FRESH_HEADS}
     result = {
         "command": ns.command_line("head_scale.py", argv),
         "task": args.task,
         "dev_sentences": sum(int(s["nsentences"]) for s in samples),
         "matrices": matrices,
         "heads": {"plain": plain, "normalised": normalised},
+        "fresh_heads": fresh,
     }
     lines = [
         f"# R4F's spectral-norm head against the plain head: all-MiniLM-L6-v2, {args.task} dev "
@@ -156,6 +180,21 @@ def main(argv=None) -> int:
             f"| {label} | {r['mean_abs_logit']:.4g} | {r['rms_pre_activation']:.4g} | "
             f"{100 * r['share_saturated']:.1f} % | {r['mean_jacobian_norm']:.4g} |"
         )
+    lines += [
+        "",
+        "For comparison, the fresh heads fairseq registers on RoBERTa (no pooler: `dense` and `out_proj` at "
+        "nn.Linear's default init), 2 classes, seeds 1-5: sigma min-max and the factor 1 / sigma at the mean.",
+        "",
+        "| model | matrix | shape | sigma | factor 1 / sigma |",
+        "|---|---|---|---|---|",
+    ]
+    for label, i, d, k in FRESH_HEADS:
+        for name, shape in (("dense", (d, i)), ("out_proj", (k, d))):
+            values = fresh[label][name]
+            lines.append(
+                f"| {label} | {name} | {shape[0]} x {shape[1]} | {min(values):.4f}-{max(values):.4f} | "
+                f"{len(values) / sum(values):.3f} |"
+            )
     ns.write_outputs(args.out, result, lines)
     return 0
 
