@@ -310,7 +310,8 @@ CRITERION_STATE_KEY = "robustft_criterion"  # the checkpoint's extra_state entry
 
 def criterion_update_hooks() -> None:
     """Criterions can act after every optimizer update and keep state in checkpoints (SMART's Bregman
-    teacher); a criterion without the hook methods below changes nothing.
+    teacher; R4F's scaled-steps ablation, which rescales the head's step and saves the scales); a criterion
+    without the hook methods below changes nothing.
 
     fairseq tells a criterion nothing about updates, and saves its state only when it has parameters
     (fairseq/trainer.py:410-414), which also makes the Trainer wrap it in DDP (trainer.py:241; torch's DDP refuses
