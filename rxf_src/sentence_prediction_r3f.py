@@ -18,6 +18,7 @@ from robustft_common.mixout import MixoutConfig
 from robustft_common.refusals import RefusedNeftuneFlags, check_refused
 from robustft_common.sentence_prediction import RobustSentencePredictionCriterion
 from robustft_common.spectral_norm_heads import (
+    HEAD_MATRICES,
     check_dense_normalised,
     check_init_only,
     head_weights,
@@ -180,18 +181,18 @@ class SentencePredictionR3FCriterion(RobustSentencePredictionCriterion):
         self._training_started = True
 
     def _check_scaled_steps(self, model, num_updates: int) -> None:
-        head = model.classification_heads[self.classification_head_name]
-        require(
-            all(getattr(head, name).weight.dtype == torch.float32 for name in self._step_scales or ()),
-            "--r4f-init-only-scaled-steps",
-            "scales the step on the model's weights, which must be fp32: under --fp16 / --bf16 fairseq steps "
-            "fp32 copies of them and would overwrite the scaled step; run in fp32",
-        )
         require(
             self._step_scales is not None,
             "--r4f-init-only-scaled-steps",
             f"resuming at update {num_updates} needs the step scales the run's checkpoint saves (extra_state "
             "'robustft_criterion'); this checkpoint was saved without the flag: restart from update 0",
+        )
+        head = model.classification_heads[self.classification_head_name]
+        require(
+            all(getattr(head, name).weight.dtype == torch.float32 for name in HEAD_MATRICES),
+            "--r4f-init-only-scaled-steps",
+            "scales the step on the model's weights, which must be fp32: under --fp16 / --bf16 fairseq steps "
+            "fp32 copies of them and would overwrite the scaled step; run in fp32",
         )
 
     def robustft_after_update(self, model, num_updates: int) -> None:
