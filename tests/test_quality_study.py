@@ -405,3 +405,42 @@ def test_results_md_and_json_name_the_same_commit(tmp_path, monkeypatch):
     lines = _main_report(tmp_path, "SST-2", "accuracy", {1: {"vanilla": 80, "r3f": 81}})
     assert "Commit: abc1234; written" in _line(lines, "Commit:")
     assert json.loads((tmp_path / "results" / "results.json").read_text())["commit"] == "abc1234"
+
+
+def test_ten_epoch_controls_change_only_the_schedule_and_are_compared_on_it(tmp_path, monkeypatch):
+    assert quality.run_protocol("r3f") is quality.PROTOCOL and quality.run_protocol("r3f_10ep")["epochs"] == 10
+    for control, base in (("vanilla_10ep", "vanilla"), ("r3f_10ep", "r3f"), ("r4f_10ep", "r4f")):
+        assert quality.study_flags(control) == quality.study_flags(base)
+    data = tmp_path / "main-bin"
+    (data / "label").mkdir(parents=True)
+    (data / "label" / "train.label").write_text("1\n" * 1000)
+    pretrained = {"model": tmp_path / "m" / "model.pt", "train_args": []}
+    monkeypatch.setattr(quality, "prepare_data", lambda *a, **k: data)  # no binarization in this unit test
+    lrs = {"SST-2": {"adam": 1e-4}}
+    runs = quality.main_runs(
+        tmp_path, tmp_path / "runs", tmp_path, ["SST-2"], ["r3f", "r3f_10ep"], [1], lrs, pretrained
+    )
+    study, longer = (r["cmd"] for r in runs)
+    for flag, value in (("--max-epoch", "10"), ("--max-update", "630"), ("--total-num-update", "630")):
+        assert longer[longer.index(flag) + 1] == value
+    assert longer[longer.index("--warmup-updates") + 1] == "63" and study[study.index("--max-update") + 1] == "189"
+
+    def rest(c):
+        c = list(c)
+        for flag in ("--max-epoch", "--max-update", "--total-num-update", "--warmup-updates", "--save-dir"):
+            del c[c.index(flag) : c.index(flag) + 2]
+        return c
+
+    assert rest(longer) == rest(study)  # the same method, lr and seed; only the schedule differs
+
+    methods = ("vanilla", "r3f", "r4f", "vanilla_10ep", "r3f_10ep", "r4f_10ep")
+    per_seed = {1: (80, 80, 81, 79, 82, 82), 2: (81, 82, 82, 78, 80, 81), 3: (82, 81, 83, 80, 83, 85)}
+    lines = _main_report(tmp_path, "SST-2", "accuracy", {s: dict(zip(methods, v)) for s, v in per_seed.items()})
+    # vs vanilla at 10 epochs, not at 3: 3, 2, 3 -> mean 2.67, sd 0.577, half-width 4.3027 * 0.577 / sqrt(3) = 1.43
+    assert "+2.67 [+1.23, +4.10], wins 3/3 (vs Vanilla, 10 epochs (control))" in _line(
+        lines, "| R3F, 10 epochs (control) |"
+    )
+    # the reference itself is compared with vanilla at 3 epochs: -1, -3, -2 -> mean -2, sd 1, half-width 2.48
+    assert "-2.00 [-4.48, +0.48], wins 0/3 (vs Vanilla)" in _line(lines, "| Vanilla, 10 epochs (control) |")
+    # R4F - R3F at 10 epochs: 0, 1, 2 -> mean 1, sd 1
+    assert "+1.00 [-1.48, +3.48], wins 2/3" in _line(lines, "| R4F, 10 epochs (control) − R3F, 10 epochs (control) |")
