@@ -36,6 +36,14 @@ def _line(lines: list[str], prefix: str) -> str:
     return next(line for line in lines if line.startswith(prefix))
 
 
+def _without_schedule(cmd: list) -> list:
+    """A run's command without the flags a schedule change (and the run's folder) set."""
+    cmd = list(cmd)
+    for flag in ("--max-epoch", "--max-update", "--total-num-update", "--warmup-updates", "--save-dir"):
+        del cmd[cmd.index(flag) : cmd.index(flag) + 2]
+    return cmd
+
+
 def _only_value_differs(control: list, base: list, flag: str, value: str) -> int:
     """Asserts that `control` is `base` with `flag`'s value (given once, in the same place) set to `value`."""
     i = base.index(flag)
@@ -132,13 +140,7 @@ def test_diagnostic_runs_change_only_the_protocol_they_name_and_score_on_held_ou
     assert cmd[cmd.index("--warmup-updates") + 1] == "63"
 
     # everything else is the study's command of the same run
-    def rest(c):
-        c = list(c)
-        for flag in ("--max-epoch", "--max-update", "--total-num-update", "--warmup-updates", "--save-dir"):
-            del c[c.index(flag) : c.index(flag) + 2]
-        return c
-
-    assert rest(cmd) == rest(study) and cmd[cmd.index("--lr") + 1] == f"{lr:g}"
+    assert _without_schedule(cmd) == _without_schedule(study) and cmd[cmd.index("--lr") + 1] == f"{lr:g}"
     assert runs[1]["dir"] == tmp_path / "runs" / "diagnostics" / task / name / method / "seed101"
 
 
@@ -425,13 +427,9 @@ def test_ten_epoch_controls_change_only_the_schedule_and_are_compared_on_it(tmp_
         assert longer[longer.index(flag) + 1] == value
     assert longer[longer.index("--warmup-updates") + 1] == "63" and study[study.index("--max-update") + 1] == "189"
 
-    def rest(c):
-        c = list(c)
-        for flag in ("--max-epoch", "--max-update", "--total-num-update", "--warmup-updates", "--save-dir"):
-            del c[c.index(flag) : c.index(flag) + 2]
-        return c
-
-    assert rest(longer) == rest(study)  # the same method, lr and seed; only the schedule differs
+    assert _without_schedule(longer) == _without_schedule(
+        study
+    )  # the same method, lr and seed; only the schedule differs
 
     methods = ("vanilla", "r3f", "r4f", "vanilla_10ep", "r3f_10ep", "r4f_10ep")
     per_seed = {1: (80, 80, 81, 79, 82, 82), 2: (81, 82, 82, 78, 80, 81), 3: (82, 81, 83, 80, 83, 85)}
