@@ -103,6 +103,11 @@ class Control:
     def baseline(self) -> str:
         return self.reference or get_method(self.base).baseline or self.base
 
+    def protocol(self, protocol=PROTOCOL) -> dict:
+        """The protocol this control's runs train with (as `Diagnostic.protocol`, without extra flags: a
+        control's flags are `extra`)."""
+        return {**protocol, **dict(self.changes)} if self.changes else protocol
+
     @property
     def optimizer_family(self) -> str:
         return get_method(self.base).optimizer_family
@@ -253,8 +258,7 @@ def spec_of(name: str):
 
 def run_protocol(method: str, protocol=PROTOCOL) -> dict:
     """The protocol `method`'s main runs train with: the study's, with a control's `changes` applied."""
-    control = CONTROLS.get(method)
-    return {**protocol, **dict(control.changes)} if control and control.changes else protocol
+    return CONTROLS[method].protocol(protocol) if method in CONTROLS else protocol
 
 
 def lr_group(name: str) -> str:

@@ -426,10 +426,8 @@ def test_ten_epoch_controls_change_only_the_schedule_and_are_compared_on_it(tmp_
     for flag, value in (("--max-epoch", "10"), ("--max-update", "630"), ("--total-num-update", "630")):
         assert longer[longer.index(flag) + 1] == value
     assert longer[longer.index("--warmup-updates") + 1] == "63" and study[study.index("--max-update") + 1] == "189"
-
-    assert _without_schedule(longer) == _without_schedule(
-        study
-    )  # the same method, lr and seed; only the schedule differs
+    # the same method, lr and seed; only the schedule differs
+    assert _without_schedule(longer) == _without_schedule(study)
 
     methods = ("vanilla", "r3f", "r4f", "vanilla_10ep", "r3f_10ep", "r4f_10ep")
     per_seed = {1: (80, 80, 81, 79, 82, 82), 2: (81, 82, 82, 78, 80, 81), 3: (82, 81, 83, 80, 83, 85)}
