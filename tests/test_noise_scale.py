@@ -92,6 +92,133 @@ def test_noisytune_is_measured_on_a_copy_with_the_papers_scale(tiny):
     assert got["representation_change"] > 0 and got["logit_change"] > 0
 
 
+def _with_delta(model, delta):
+    """A forward hook adding delta to the token embeddings' output (the tiny RoBERTa's embed_scale is 1)."""
+    emb = model.encoder.sentence_encoder.embed_tokens
+    assert getattr(model.encoder.sentence_encoder, "embed_scale", 1.0) in (None, 1.0)
+    return emb.register_forward_hook(lambda m, args, out: out + delta)
+
+
+def _hand_ascent(model, ns, sample, delta, steps, loss_of, step):
+    for _ in range(steps):
+        delta = delta.detach().requires_grad_()
+        handle = _with_delta(model, delta)
+        try:
+            out = ns.logits(model, sample)
+        finally:
+            handle.remove()
+        (grad,) = torch.autograd.grad(loss_of(out), delta)
+        delta = step(delta.detach(), grad)
+    return delta.detach()
+
+
+@pytest.mark.parametrize("factor", [1.0, 100.0])
+def test_freelb_delta_is_its_ascent_on_the_gold_labels_by_hand(tiny, factor):
+    ns = _noise_scale()
+    model, samples = tiny
+    sample = samples[0]
+    src = sample["net_input"]["src_tokens"]
+    keep = src.ne(1).unsqueeze(-1).float()  # the tiny dictionary's pad is 1
+    dim = model.encoder.sentence_encoder.embed_tokens.embedding_dim
+    lr, init, bound = (
+        float(ns.flag("freelb", f)) * factor for f in ("--freelb-adv-lr", "--freelb-init-mag", "--freelb-max-norm")
+    )
+    torch.manual_seed(5)
+    got, got_keep = ns.adversarial_delta(model, sample, "freelb", factor)
+    assert torch.equal(got_keep, keep)
+
+    # by hand: delta_0 = U(-1, 1) * init / sqrt(L_i d) on the non-pad tokens, then K steps of
+    # delta + lr g / ||g|| (per sentence), rescaled onto the l2 ball of radius `bound`
+    torch.manual_seed(5)
+    delta = (torch.rand(*src.shape, dim) * 2 - 1) * keep * init / (keep.sum(dim=(1, 2), keepdim=True) * dim).sqrt()
+    with torch.no_grad():
+        target = model.get_targets(sample, [ns.logits(model, sample)]).view(-1)
+
+    def step(d, g):
+        d = d + lr * g / g.flatten(1).norm(dim=1).view(-1, 1, 1)
+        size = d.flatten(1).norm(dim=1).view(-1, 1, 1)
+        return torch.where(size > bound, d * bound / size, d)
+
+    loss_of = lambda out: torch.nn.functional.cross_entropy(out, target, reduction="sum")  # noqa: E731
+    want = _hand_ascent(model, ns, sample, delta, int(ns.flag("freelb", "--freelb-steps")), loss_of, step)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * factor)
+    norms = got.flatten(1).norm(dim=1)
+    assert bool((norms <= bound * (1 + 1e-5)).all())
+    assert float((got * (1 - keep)).abs().max()) == 0  # nothing on the pads
+    # it is an adversary: the gold labels' loss rises
+    with torch.no_grad():
+        clean = loss_of(ns.logits(model, sample))
+        handle = _with_delta(model, got)
+        try:
+            adv = loss_of(ns.logits(model, sample))
+        finally:
+            handle.remove()
+    assert float(adv) > float(clean)
+
+
+def test_smart_delta_is_its_linf_ascent_on_the_symmetric_kl_by_hand(tiny):
+    ns = _noise_scale()
+    model, samples = tiny
+    sample = samples[1]
+    src = sample["net_input"]["src_tokens"]
+    keep = src.ne(1).unsqueeze(-1).float()
+    dim = model.encoder.sentence_encoder.embed_tokens.embedding_dim
+    factor = 1000.0
+    eta, sigma, eps = (
+        float(ns.flag("smart", f)) * factor for f in ("--smart-step-size", "--smart-noise-std", "--smart-eps")
+    )
+    torch.manual_seed(7)
+    got, _ = ns.adversarial_delta(model, sample, "smart", factor)
+
+    torch.manual_seed(7)
+    delta = torch.randn(*src.shape, dim) * sigma * keep
+    with torch.no_grad():
+        p_clean = torch.log_softmax(ns.logits(model, sample), -1)
+
+    def loss_of(out):  # mt-dnn's symmetric KL: only KL(sg P || Q) reaches the perturbed side Q
+        return (p_clean.exp() * (p_clean - torch.log_softmax(out, -1))).sum()
+
+    def step(d, g):
+        # a pad token's gradient is 0: it gets no step (the kernel's division guard)
+        top = g.abs().amax(-1, keepdim=True)
+        return (d + eta * torch.where(top > 0, g / top, 0.0)).clamp(-eps, eps) * keep
+
+    want = _hand_ascent(model, ns, sample, delta, int(ns.flag("smart", "--smart-steps")), loss_of, step)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * eps)
+    assert float(got.abs().max()) <= eps * (1 + 1e-6)
+
+
+def test_measure_adversarial_reports_the_deltas_it_applies(tiny):
+    ns = _noise_scale()
+    model, samples = tiny
+    got = ns.measure_adversarial(model, samples, "freelb", 10.0, seed=3)
+    # the same deltas again, drawn in the same order from the same seed
+    torch.manual_seed(3)
+    emb = model.encoder.sentence_encoder.embed_tokens
+    n2 = x2 = count = 0.0
+    changed = total = 0
+    for sample in samples:
+        delta, keep = ns.adversarial_delta(model, sample, "freelb", 10.0)
+        with torch.no_grad():
+            x2 += float((emb(sample["net_input"]["src_tokens"]) * keep).pow(2).sum())
+            clean = ns.logits(model, sample)
+            handle = _with_delta(model, delta)
+            try:
+                adv = ns.logits(model, sample)
+            finally:
+                handle.remove()
+        n2 += float(delta.pow(2).sum())
+        count += float(keep.sum()) * delta.size(-1)
+        changed += int((adv.argmax(-1) != clean.argmax(-1)).sum())
+        total += clean.size(0)
+    assert got["rms_noise"] == pytest.approx(math.sqrt(n2 / count), rel=1e-5)
+    assert got["rms_perturbed"] == pytest.approx(math.sqrt(x2 / count), rel=1e-5)
+    assert got["predictions_changed"] == pytest.approx(changed / total)
+    assert got["logit_change"] > 0
+    # the model is left as it was: no hook, no gradient
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_head_scale_rebuilds_the_head_and_its_jacobian(tiny):
     hs = _script("head_scale")
     model, samples = tiny

@@ -3,8 +3,9 @@
 For the converted all-MiniLM-L6-v2 and a task's dev sentences (the quality study's binarized data), this
 measures, in eval mode (no dropout) and fp32:
 - the RMS of what each method perturbs: every Transformer layer's input (HyPe), the token embeddings (R3F,
-  NEFTune, SMART's initial delta), every weight (NoisyTune, applied once before training);
-- the RMS of the method's noise at the registry's recipe value, and their ratio;
+  NEFTune, SMART and FreeLB), every weight (NoisyTune, applied once before training);
+- the RMS of the method's noise at the registry's recipe value, and their ratio; for SMART and FreeLB the
+  adversarial delta their training pass sees after their ascent steps (`adversarial_delta`);
 - the effect on the sentence representation the classifier reads (the last layer's output at the first
   token): RMS of its change over its RMS;
 - the effect on the classifier: mean |logit change| over mean |logit| and the share of dev predictions that
@@ -176,6 +177,83 @@ def measure_noisytune(model, samples, noise_lambda: float, seed: int = 1):
     return {"rms_perturbed": rms_x, "rms_noise": rms_n, "noise_over_signal": rms_n / rms_x, **effect}
 
 
+def adversarial_delta(model, sample, method: str, factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta, keep): the token-embedding perturbation a training pass of `method` sees, from the plugin's own
+    kernels at the registry's recipe values with every size (random start, step, bound) x `factor`. FreeLB:
+    its last pass's delta, after `--freelb-steps` ascent steps on the task loss of the gold labels
+    (baselines_src/freelb.py); SMART: delta after `--smart-steps` ascent steps on the symmetric KL to the
+    clean prediction (baselines_src/smart.py). Eval mode: no dropout, so the ascent is deterministic given
+    the random start (global RNG)."""
+    from baselines_src import freelb, smart
+    from rxf_src.embedding_noise import EncoderEmbeddingNoise, transformer_encoder
+
+    src = sample["net_input"]["src_tokens"]
+    encoder = transformer_encoder(model, method)
+    keep = src.ne(encoder.padding_idx).unsqueeze(-1).float()
+    dim = encoder.embed_tokens.embedding_dim
+    with torch.no_grad():
+        clean = logits(model, sample)
+    if method == "freelb":
+        steps = int(flag("freelb", "--freelb-steps"))
+        lr, init, bound = (
+            float(flag("freelb", f)) * factor for f in ("--freelb-adv-lr", "--freelb-init-mag", "--freelb-max-norm")
+        )
+        delta = freelb.initial_delta(keep, dim, init, "l2")
+        target = model.get_targets(sample, [clean]).view(-1)
+
+        def loss_of(out):
+            return torch.nn.functional.cross_entropy(out, target, reduction="sum")
+
+        def step(d, g):
+            return freelb.ascent_step(d, g, lr, bound, "l2")
+    else:
+        steps = int(flag("smart", "--smart-steps"))
+        eta, sigma, eps = (
+            float(flag("smart", f)) * factor for f in ("--smart-step-size", "--smart-noise-std", "--smart-eps")
+        )
+        delta = torch.randn((*src.shape, dim)) * sigma * keep
+
+        def loss_of(out):
+            return smart.mtdnn_symmetric_kl(clean, out).sum()
+
+        def step(d, g):
+            return smart.ascent_step(d, g, eta, eps, "linf") * keep
+
+    for _ in range(steps):
+        delta.requires_grad_()
+        with EncoderEmbeddingNoise(model, src, method=method, delta=delta):
+            out = logits(model, sample)
+        (grad,) = torch.autograd.grad(loss_of(out), delta)
+        delta = step(delta.detach(), grad)
+    return delta.detach(), keep
+
+
+def measure_adversarial(model, samples, method: str, factor: float = 1.0, seed: int = 1) -> dict:
+    """`measure`'s figures for FreeLB's and SMART's adversarial delta (`adversarial_delta`): RMS over the
+    non-pad token-embedding entries, where delta lives."""
+    from rxf_src.embedding_noise import EncoderEmbeddingNoise
+
+    torch.manual_seed(seed)
+    sums = {"x2": 0.0, "n2": 0.0, "count": 0.0}
+    emb = model.encoder.sentence_encoder.embed_tokens
+
+    def adversarial_pass(sample):
+        with torch.enable_grad():
+            delta, keep = adversarial_delta(model, sample, method, factor)
+        src = sample["net_input"]["src_tokens"]
+        with torch.no_grad():
+            sums["x2"] += float((emb(src).float() * keep).pow(2).sum())
+        sums["n2"] += float(delta.pow(2).sum())
+        sums["count"] += float(keep.sum()) * delta.size(-1)
+        with EncoderEmbeddingNoise(model, src, method=method, delta=delta):
+            return forward(model, sample)
+
+    effect = compare(lambda sample: forward(model, sample), adversarial_pass, samples)
+    rms_x = math.sqrt(sums["x2"] / sums["count"])
+    rms_n = math.sqrt(sums["n2"] / sums["count"])
+    return {"rms_perturbed": rms_x, "rms_noise": rms_n, "noise_over_signal": rms_n / rms_x, **effect}
+
+
 # shared by the measurement scripts beside this one (head_scale.py): one CLI, one model, one output format
 def parse_cli(doc: str, argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -225,6 +303,14 @@ def main(argv=None) -> int:
             row.update(measure(model, samples, kind, base * factor))
             rows.append(row)
             print(json.dumps(row), flush=True)
+    # the scale column of the adversaries: their bound (SMART: per token, linf; FreeLB: per sentence, l2)
+    bounds = {"smart": float(flag("smart", "--smart-eps")), "freelb": float(flag("freelb", "--freelb-max-norm"))}
+    for method, factors in (("smart", (1, 10, 100, 1000, 10000)), ("freelb", (1, 10, 100))):
+        for factor in factors:
+            row = {"method": method, "scale": bounds[method] * factor, "x_recipe": factor}
+            row.update(measure_adversarial(model, samples, method, factor))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     noisytune_lambda = float(flag("noisytune", "--noisytune-lambda"))
     for factor in (0.01, 0.1, 1):
         row = {"method": "noisytune", "scale": noisytune_lambda * factor, "x_recipe": factor}
@@ -249,7 +335,11 @@ def main(argv=None) -> int:
         "representation change = RMS of the change of the last layer's output at the first token (what the "
         "head reads) over its RMS; logit change = mean |logit(noisy) - logit(clean)| / mean |logit(clean)|; "
         "predictions changed = share of dev sentences whose argmax changes. The pretrained model with the "
-        "study's fresh classification head (pooler-initialised), before fine-tuning.",
+        "study's fresh classification head (pooler-initialised), before fine-tuning. SMART and FreeLB: the "
+        "adversarial delta their training pass sees after their ascent steps (SMART: on the symmetric KL to the "
+        "clean prediction; FreeLB: on the loss of the gold labels), every size of the recipe (random start, "
+        "step, bound) x the factor; noise scale = the bound (SMART: per token, linf; FreeLB: per sentence, l2); "
+        "RMS over the non-pad token-embedding entries, where delta lives.",
         "",
         "| method | noise scale | x recipe | RMS perturbed | RMS noise | noise / signal | representation change | "
         "logit change | predictions changed |",
