@@ -36,8 +36,12 @@ from robustft_common import atomic_files, glue_tasks  # noqa: E402
 from robustft_common.methods import get_method  # noqa: E402
 
 
-def flag(method: str, name: str) -> str:
+def flag(method: str, name: str, default=None) -> str:
+    """The registry's value of `name` for `method`; `default` (the config dataclass's) where the registry
+    leaves the flag unset."""
     flags = get_method(method).flags
+    if name not in flags and default is not None:
+        return str(default)
     return flags[flags.index(name) + 1]
 
 
@@ -198,26 +202,28 @@ def adversarial_delta(model, sample, method: str, factor: float = 1.0) -> tuple[
         lr, init, bound = (
             float(flag("freelb", f)) * factor for f in ("--freelb-adv-lr", "--freelb-init-mag", "--freelb-max-norm")
         )
-        delta = freelb.initial_delta(keep, dim, init, "l2")
+        norm = flag("freelb", "--freelb-norm", freelb.SentencePredictionFreeLBConfig.freelb_norm)
+        delta = freelb.initial_delta(keep, dim, init, norm)
         target = model.get_targets(sample, [clean]).view(-1)
 
         def loss_of(out):
             return torch.nn.functional.cross_entropy(out, target, reduction="sum")
 
         def step(d, g):
-            return freelb.ascent_step(d, g, lr, bound, "l2")
+            return freelb.ascent_step(d, g, lr, bound, norm)
     else:
         steps = int(flag("smart", "--smart-steps"))
         eta, sigma, eps = (
             float(flag("smart", f)) * factor for f in ("--smart-step-size", "--smart-noise-std", "--smart-eps")
         )
+        norm = flag("smart", "--smart-norm", smart.SentencePredictionSmartConfig.smart_norm)
         delta = torch.randn((*src.shape, dim)) * sigma * keep
 
         def loss_of(out):
             return smart.mtdnn_symmetric_kl(clean, out).sum()
 
         def step(d, g):
-            return smart.ascent_step(d, g, eta, eps, "linf") * keep
+            return smart.ascent_step(d, g, eta, eps, norm) * keep
 
     for _ in range(steps):
         delta.requires_grad_()
