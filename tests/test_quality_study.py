@@ -248,6 +248,15 @@ def test_vanilla_own_lr_control_is_vanilla_choosing_again_among_multiples():
     assert quality.grid_candidates("vanilla_own_lr", {"adam": 1e-4}, protocol) == ("vanilla", (1e-4, 2e-4, 5e-4))
 
 
+@pytest.mark.parametrize("base", ["mixout", "childtuning_f", "childtuning_d"])
+def test_the_masked_gradient_methods_own_lr_controls_are_their_base_choosing_among_multiples(base):
+    control = f"{base}_own_lr"
+    assert quality.study_flags(control) == quality.study_flags(base)
+    assert quality.lr_group(control) == control and quality.spec_of(control).baseline == "vanilla"
+    assert quality.grid_candidates(control, {"adam": 1e-4}, quality.PROTOCOL) == (base, (1e-4, 2e-4, 5e-4))
+    assert (control, base) in quality.CONTROLS[control].comparisons
+
+
 def test_an_lr_fixed_elsewhere_is_not_marked_as_a_grid_edge(tmp_path):
     protocol = dict(quality.PROTOCOL, lr_grid={"adam": (1e-5, 2e-5, 4e-5)})
     text = quality.write_report(
