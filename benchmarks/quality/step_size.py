@@ -78,6 +78,9 @@ def short_run(work: Path, task: str, method: str, seed: int, lr: float, updates:
     if done.returncode != 0:
         raise SystemExit(f"{method}: fairseq-train failed:\n{done.stderr[-3000:]}")
     state = torch.load(out_dir / "checkpoints" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    done_updates = state["optimizer_history"][-1]["num_updates"]
+    if done_updates != updates:  # the appended --max-update must win over the study's
+        raise SystemExit(f"{method}: the run stopped after {done_updates} updates, not --updates {updates}")
     start = torch.load(pretrained["model"], map_location="cpu", weights_only=False)["model"]
     return layer_weights(start), layer_weights(state["model"]), mean_logged_loss(done.stdout + done.stderr)
 
