@@ -247,21 +247,26 @@ CONTROLS: dict[str, Control] = {
             lr_factors=(1, 2, 5),
             comparisons=(("sage_own_lr", "vanilla_adamax_own_lr"),),
         ),
-        # Under Adam a gradient multiplied by an unbiased random mask m/q (E = 1) keeps its first moment and
-        # has its second moment multiplied by 1/q, so each step shrinks by about sqrt(q): ChildTuning-F's
-        # q = reserve p (0.3: x0.55), Mixout's q = 1 - p for its mixed weights (p 0.9: x0.32). ChildTuning-D's
-        # fixed mask has no rescale and shrinks nothing. These controls test whether a larger lr, chosen on the
-        # held-out split as SAGE's, recovers what the family's lr loses.
+        # Under Adam a gradient multiplied by an unbiased random mask m/q (E = 1) keeps its mean and has its
+        # second moment multiplied by 1/q, so the part of each step that follows the mean gradient shrinks by
+        # about sqrt(q): ChildTuning-F's q = reserve p (0.3: x0.55), Mixout's q = 1 - p for its mixed weights
+        # (p 0.9: x0.32). The mask's own randomness adds steps that move the weights without fitting, so the
+        # weights need not move less: benchmarks/quality/step_size.py measures both (SST-2, 189 updates:
+        # displacement 0.86-0.87 x vanilla's for Mixout, 1.01-1.03 for ChildTuning-F, training loss about
+        # 1.5-2 x vanilla's for both). ChildTuning-D's fixed mask has no rescale and freezes the entries
+        # outside its child. These controls test whether a larger lr, chosen on the held-out split as SAGE's,
+        # recovers what the family's lr loses; each is also paired with vanilla_own_lr (the same choice).
         Control(
             "mixout_own_lr",
             "Mixout at its own lr (control)",
             "mixout",
             (),
             "Mixout's mixed weights see a gradient x mask/(1-p) (E = 1), whose second moment is 1/(1-p) = 10 "
-            "times the plain one at p 0.9: under Adam about 0.32 x the step at the same lr. Given the same "
-            "second choice as vanilla_own_lr (x1/x2/x5 the family's lr, held-out), does Mixout stop losing?",
+            "times the plain one at p 0.9: under Adam the mean-gradient part of the step is about 0.32 x "
+            "vanilla's at the same lr. Given the same second choice as vanilla_own_lr (x1/x2/x5 the family's "
+            "lr, held-out), does Mixout stop losing?",
             lr_factors=(1, 2, 5),
-            comparisons=(("mixout_own_lr", "mixout"),),
+            comparisons=(("mixout_own_lr", "mixout"), ("mixout_own_lr", "vanilla_own_lr")),
         ),
         Control(
             "childtuning_f_own_lr",
@@ -269,10 +274,11 @@ CONTROLS: dict[str, Control] = {
             "childtuning_f",
             (),
             "ChildTuning-F multiplies each gradient entry by Bernoulli(p)/p before Adam: the same mean, 1/p the "
-            "second moment, so about sqrt(p) = 0.55 x the step at p 0.3. Given the same second choice as "
-            "vanilla_own_lr (x1/x2/x5 the family's lr, held-out), does it stop losing?",
+            "second moment, so the mean-gradient part of the step is about sqrt(p) = 0.55 x vanilla's at p 0.3. "
+            "Given the same second choice as vanilla_own_lr (x1/x2/x5 the family's lr, held-out), does it stop "
+            "losing?",
             lr_factors=(1, 2, 5),
-            comparisons=(("childtuning_f_own_lr", "childtuning_f"),),
+            comparisons=(("childtuning_f_own_lr", "childtuning_f"), ("childtuning_f_own_lr", "vanilla_own_lr")),
         ),
         Control(
             "childtuning_d_own_lr",
@@ -280,10 +286,10 @@ CONTROLS: dict[str, Control] = {
             "childtuning_d",
             (),
             "ChildTuning-D's fixed mask (no rescale) leaves its child's steps as vanilla's and freezes the rest: "
-            "the contrast to childtuning_f_own_lr, where the step shrinks. Given the same second choice (x1/x2/x5 "
-            "the family's lr, held-out), does it move?",
+            "the contrast to childtuning_f_own_lr, whose random mask shrinks the mean-gradient part of the step. "
+            "Given the same second choice (x1/x2/x5 the family's lr, held-out), does it move?",
             lr_factors=(1, 2, 5),
-            comparisons=(("childtuning_d_own_lr", "childtuning_d"),),
+            comparisons=(("childtuning_d_own_lr", "childtuning_d"), ("childtuning_d_own_lr", "vanilla_own_lr")),
         ),
     )
 }

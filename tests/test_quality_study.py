@@ -255,6 +255,7 @@ def test_the_masked_gradient_methods_own_lr_controls_are_their_base_choosing_amo
     assert quality.lr_group(control) == control and quality.spec_of(control).baseline == "vanilla"
     assert quality.grid_candidates(control, {"adam": 1e-4}, quality.PROTOCOL) == (base, (1e-4, 2e-4, 5e-4))
     assert (control, base) in quality.CONTROLS[control].comparisons
+    assert (control, "vanilla_own_lr") in quality.CONTROLS[control].comparisons  # both given the same choice
 
 
 def test_an_lr_fixed_elsewhere_is_not_marked_as_a_grid_edge(tmp_path):
