@@ -360,6 +360,14 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
             changes=(("epochs", 10),),
         ),
         Diagnostic(
+            "noisytune_10_epochs",
+            ("vanilla_adamax", "noisytune"),
+            "Does NoisyTune's one-off perturbation (4 % of the weights' RMS, moving the representation by 11 %) "
+            "cost only updates? At 3 epochs it loses to vanilla Adamax on every CoLA seed with the same training "
+            "loss, and is level on SST-2, where the encoder learns; 3.3x the updates say whether CoLA recovers.",
+            changes=(("epochs", 10),),
+        ),
+        Diagnostic(
             "r3f_10_epochs",
             ("vanilla", "r3f"),
             "Does R3F's term help at its recipe's 10 epochs (fairseq examples/rxf README, RTE: r3f.md §2.3), where "

@@ -118,7 +118,11 @@ def test_a_control_with_lr_factors_chooses_its_own_lr_among_multiples_of_its_fam
 
 @pytest.mark.parametrize(
     "name, task, lrs",
-    [("pats_10_epochs", "CoLA", {"adamax": 2e-4, "adam": 5e-5}), ("r3f_10_epochs", "SST-2", {"adam": 1e-4})],
+    [
+        ("pats_10_epochs", "CoLA", {"adamax": 2e-4, "adam": 5e-5}),
+        ("noisytune_10_epochs", "CoLA", {"adamax": 2e-4, "adam": 5e-5}),
+        ("r3f_10_epochs", "SST-2", {"adam": 1e-4}),
+    ],
 )
 def test_diagnostic_runs_change_only_the_protocol_they_name_and_score_on_held_out_train(
     tmp_path, monkeypatch, name, task, lrs
