@@ -368,6 +368,13 @@ DIAGNOSTICS: dict[str, Diagnostic] = {
             changes=(("epochs", 10),),
         ),
         Diagnostic(
+            "noisytune_3_epochs",
+            ("vanilla_adamax", "noisytune"),
+            "The control for noisytune_10_epochs: the same pair on the same held-out split at the study's 3 "
+            "epochs. Only if NoisyTune loses here as it does on CoLA dev does a level result at 10 epochs mean "
+            "that the updates recover its perturbation.",
+        ),
+        Diagnostic(
             "r3f_10_epochs",
             ("vanilla", "r3f"),
             "Does R3F's term help at its recipe's 10 epochs (fairseq examples/rxf README, RTE: r3f.md §2.3), where "

@@ -116,6 +116,13 @@ def test_a_control_with_lr_factors_chooses_its_own_lr_among_multiples_of_its_fam
     assert header == "SAGE at its own lr (control): lr (grid x1, x2, x5 of the adamax lr)"
 
 
+def test_noisytune_epoch_diagnostics_differ_only_in_epochs():
+    # the 3-epoch run is the control that makes the 10-epoch one readable: same pair, same split, study epochs
+    short, long = quality.DIAGNOSTICS["noisytune_3_epochs"], quality.DIAGNOSTICS["noisytune_10_epochs"]
+    assert short.methods == long.methods == ("vanilla_adamax", "noisytune")
+    assert dict(short.changes) == {} and dict(long.changes) == {"epochs": 10}
+
+
 @pytest.mark.parametrize(
     "name, task, lrs",
     [
