@@ -247,6 +247,17 @@ CONTROLS: dict[str, Control] = {
             lr_factors=(1, 2, 5),
             comparisons=(("sage_own_lr", "vanilla_adamax_own_lr"),),
         ),
+        Control(
+            "noisytune_own_lr",
+            "NoisyTune at its own lr (control)",
+            "noisytune",
+            (),
+            "NoisyTune loses to vanilla Adamax on CoLA at the family's lr with the same training loss, and "
+            "plain Adamax gains from a second held-out choice (x1/x2/x5); given that same choice, does "
+            "NoisyTune still lose?",
+            lr_factors=(1, 2, 5),
+            comparisons=(("noisytune_own_lr", "noisytune"), ("noisytune_own_lr", "vanilla_adamax_own_lr")),
+        ),
         # Under Adam a gradient multiplied by an unbiased random mask m/q (E = 1) keeps its mean and has its
         # second moment multiplied by 1/q, so the part of each step that follows the mean gradient shrinks by
         # about sqrt(q): ChildTuning-F's q = reserve p (0.3: x0.55), Mixout's q = 1 - p for its mixed weights

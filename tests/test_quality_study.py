@@ -269,6 +269,18 @@ def test_the_masked_gradient_methods_own_lr_controls_are_their_base_choosing_amo
     assert (control, "vanilla_own_lr") in quality.CONTROLS[control].comparisons  # both given the same choice
 
 
+def test_noisytune_own_lr_control_is_noisytune_given_plain_adamaxs_second_choice():
+    assert quality.study_flags("noisytune_own_lr") == quality.study_flags("noisytune")
+    assert quality.spec_of("noisytune_own_lr").baseline == "vanilla_adamax"
+    # the same lrs as plain Adamax's second choice, so the pair with vanilla_adamax_own_lr is like for like
+    assert quality.grid_candidates("noisytune_own_lr", {"adamax": 2e-4}, quality.PROTOCOL) == (
+        "noisytune",
+        (2e-4, 4e-4, 1e-3),
+    )
+    assert quality.grid_candidates("vanilla_adamax_own_lr", {"adamax": 2e-4}, quality.PROTOCOL)[1] == (2e-4, 4e-4, 1e-3)
+    assert ("noisytune_own_lr", "vanilla_adamax_own_lr") in quality.CONTROLS["noisytune_own_lr"].comparisons
+
+
 def test_an_lr_fixed_elsewhere_is_not_marked_as_a_grid_edge(tmp_path):
     protocol = dict(quality.PROTOCOL, lr_grid={"adam": (1e-5, 2e-5, 4e-5)})
     text = quality.write_report(
